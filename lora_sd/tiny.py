@@ -1,0 +1,180 @@
+"""Tiny Stable Diffusion 1.x / 2.x models built in code, for tests and the demo.
+
+No network: every component is constructed from a config here, weights from a
+seed. The shapes are small but the module structure is SD's: cross-attention
+transformer blocks, resnets with 3x3 convs and a conv_shortcut, down- and
+up-samplers, a VAE with SD's 8x downscale, a CLIP text encoder and a CLIP BPE
+tokenizer whose vocabulary files are generated here.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Words the tiny tokenizer knows as single tokens (everything else falls back
+# to byte-level pieces, as in CLIP).
+_WORDS = (
+    "a photo of cat dog sks girl boy man woman person style painting drawing "
+    "red blue green white black shirt hat in on the with and best quality "
+    "masterpiece portrait landscape tree house sky sun night day anime"
+).split()
+
+TINY_VERSIONS = ("sd1", "sd2")
+
+
+def _bytes_to_unicode():
+    """CLIP's reversible byte -> printable unicode map (the GPT-2 table)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tiny_tokenizer_files(folder):
+    """Write vocab.json / merges.txt / configs of a small CLIP BPE tokenizer.
+
+    Layout as the real CLIP vocabulary: 256 byte characters, the same with
+    `</w>`, one token per merge, then <|startoftext|> and <|endoftext|>.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars]
+    merges = []
+    known = set(vocab)
+    for word in _WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            if merged not in known:
+                merges.append(f"{pieces[0]} {pieces[1]}")
+                vocab.append(merged)
+                known.add(merged)
+            pieces = [merged] + pieces[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return len(vocab)
+
+
+@dataclass
+class TinySD:
+    """The components of a tiny pipeline, as `StableDiffusionPipeline` takes them."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    version: str
+
+    def pipeline(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+def unet_config(version="sd1"):
+    v2 = version == "sd2"
+    return dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4) if v2 else 2,
+        use_linear_projection=v2,
+        norm_num_groups=4,
+    )
+
+
+def vae_config():
+    # Four levels: the same 8x downscale as SD's VAE, so bucket sizes carry over.
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4, 4, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+
+
+def text_encoder_config(version, vocab_size):
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu" if version == "sd2" else "quick_gelu",
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        projection_dim=32,
+    )
+
+
+def scheduler_config(version="sd1"):
+    return dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        prediction_type="v_prediction" if version == "sd2" else "epsilon",
+    )
+
+
+def tiny_tokenizer(version="sd1", folder=None):
+    """A CLIPTokenizer over generated vocab files (SD2 pads with `!`, SD1 with EOS)."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder or tempfile.mkdtemp(prefix="tiny_tok_"))
+    write_tiny_tokenizer_files(folder)
+    pad = "!" if version == "sd2" else "<|endoftext|>"
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad, model_max_length=77)
+
+
+def build_tiny_sd(version="sd1", seed=0):
+    """Build a deterministic tiny SD1 ('sd1') or SD2 v-prediction ('sd2') model."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if version not in TINY_VERSIONS:
+        raise ValueError(f"tiny version must be one of {TINY_VERSIONS}, got {version!r}")
+    tokenizer = tiny_tokenizer(version)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config(version))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**vae_config())
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(version, len(tokenizer))))
+    scheduler = DDIMScheduler(**scheduler_config(version))
+    for m in (unet, vae, text_encoder):
+        m.eval()
+    return TinySD(unet, vae, text_encoder, tokenizer, scheduler, version)
+
+
+def save_tiny_diffusers(path, version="sd1", seed=0):
+    """Write a tiny model as a diffusers folder (what `from_pretrained` loads)."""
+    build_tiny_sd(version, seed).pipeline().save_pretrained(str(path))
+    return Path(path)
