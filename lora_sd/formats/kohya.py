@@ -1,0 +1,87 @@
+"""The kohya single-file format (what sd-scripts, AUTOMATIC1111 and ComfyUI read).
+
+Keys: `<kohya name>.lora_down.weight`, `.lora_up.weight`, `.alpha` (0-d).
+diffusers' `convert_state_dict_to_kohya` is not used for writing: it writes
+alpha = rank (the real alpha is lost) and misnames text-encoder keys.
+"""
+
+import json
+
+import torch
+
+from lora_sd.errors import FormatError
+from lora_sd.formats.metadata import modelspec_metadata, with_hashes
+from lora_sd.formats.names import KOHYA_PREFIXES, key_from_kohya, kohya_name
+from lora_sd.lora_weights import LoraModule, LoraWeights
+
+_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+def is_kohya(state_dict) -> bool:
+    return any(k.startswith(tuple(KOHYA_PREFIXES)) and k.endswith(_SUFFIXES) for k in state_dict)
+
+
+def lora_from_kohya(state_dict, metadata=None, source="") -> LoraWeights:
+    """Read a kohya state dict. A missing `.alpha` means alpha = rank."""
+    parts = {}
+    for key, tensor in state_dict.items():
+        for suffix in _SUFFIXES:
+            if key.endswith(suffix):
+                parts.setdefault(key[: -len(suffix)], {})[suffix] = tensor
+                break
+        else:
+            raise FormatError(f"{source}: key {key!r} is not a kohya LoRA tensor (lora_down/lora_up/alpha)")
+    lora = LoraWeights(metadata=dict(metadata or {}))
+    for name, p in parts.items():
+        if ".lora_down.weight" not in p or ".lora_up.weight" not in p:
+            raise FormatError(f"{source}: module {name} has no {'lora_down' if '.lora_up.weight' in p else 'lora_up'} weight")
+        down, up = p[".lora_down.weight"], p[".lora_up.weight"]
+        alpha = float(p[".alpha"].float().item()) if ".alpha" in p else float(down.shape[0])
+        lora.modules[key_from_kohya(name, source)] = LoraModule(down, up, alpha)
+    return lora
+
+
+def kohya_state_dict(lora: LoraWeights, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    state = {}
+    for key, m in lora.modules.items():
+        name = kohya_name(key)
+        state[f"{name}.lora_down.weight"] = m.down.detach().to("cpu", dtype).contiguous()
+        state[f"{name}.lora_up.weight"] = m.up.detach().to("cpu", dtype).contiguous()
+        # sd-scripts saves its alpha buffer in the save dtype too
+        state[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
+    return state
+
+
+def kohya_metadata(lora: LoraWeights, version="sd1", v_parameterization=False, title=None) -> dict[str, str]:
+    """The metadata a kohya file gets: the LoRA's own, with the network keys filled in."""
+    meta = dict(lora.metadata)
+    ranks = [m.rank for k, m in lora.modules.items() if m.down.dim() == 2 or m.down.shape[-1] == 1]
+    conv = [m for m in lora.modules.values() if m.down.dim() == 4 and m.down.shape[-1] > 1]
+    first = next(iter(lora.modules.values()))
+    meta.setdefault("ss_network_module", "networks.lora")
+    meta.setdefault("ss_network_dim", str(max(ranks) if ranks else first.rank))
+    meta.setdefault("ss_network_alpha", str(_alpha_str(lora, conv=False) or first.alpha))
+    if conv and "ss_network_args" not in meta:
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv[0].rank), "conv_alpha": str(conv[0].alpha)})
+    meta.setdefault("ss_base_model_version", {"sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(version, "sd_v1"))
+    meta.setdefault("ss_v2", str(version == "sd2"))
+    for k, v in modelspec_metadata(version, v_parameterization, title).items():
+        meta.setdefault(k, v)
+    return meta
+
+
+def _alpha_str(lora, conv):
+    for m in lora.modules.values():
+        if (m.down.dim() == 4 and m.down.shape[-1] > 1) == conv:
+            return _num(m.alpha)
+    return None
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def kohya_file_contents(lora, dtype=torch.float32, **meta_kwargs):
+    """(tensors, metadata with sshs hashes) of the kohya file for this LoRA."""
+    state = kohya_state_dict(lora, dtype)
+    return state, with_hashes(state, kohya_metadata(lora, **meta_kwargs))

@@ -1,0 +1,179 @@
+"""LoraWeights: the one in-memory form of a LoRA.
+
+Every file format reads into and writes from this; merge, SVD merge,
+extraction and conversion are functions on it. A module is keyed by its
+diffusers path with the component first (`unet.down_blocks.0...to_q`,
+`text_encoder.text_model.encoder.layers.0.mlp.fc1`): the transformers-4 path,
+which is what files use. transformers 5 dropped `text_model.` from
+CLIPTextModel's module names; `model_module_name` / `key_for_module` are the
+one place that maps between the two.
+"""
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+
+from lora_sd.errors import ModelMismatchError
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TE_PREFIX = "text_model."
+
+
+@dataclass
+class LoraModule:
+    """One adapted module. delta W = up @ down * alpha / rank."""
+
+    down: torch.Tensor  # [rank, in] or [rank, in, k, k]
+    up: torch.Tensor  # [out, rank] or [out, rank, 1, 1]
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self, dtype=torch.float32) -> torch.Tensor:
+        """The full weight delta, shaped like the module's weight."""
+        down, up = self.down.to(dtype), self.up.to(dtype)
+        if down.dim() == 2:
+            return up.flatten(1) @ down * self.scale
+        out_ch = up.shape[0]
+        w = up.flatten(1) @ down.flatten(1)  # [out, in*k*k]
+        return (w * self.scale).reshape(out_ch, *down.shape[1:])
+
+
+@dataclass
+class LoraWeights:
+    """All adapted modules of a LoRA, plus the file metadata it came with."""
+
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def component(self, name: str) -> dict[str, LoraModule]:
+        """{module path inside the component: module} for 'unet', 'text_encoder', ..."""
+        prefix = name + "."
+        return {k[len(prefix):]: m for k, m in self.modules.items() if k.startswith(prefix)}
+
+    @property
+    def components(self) -> list[str]:
+        return [c for c in COMPONENTS if any(k.startswith(c + ".") for k in self.modules)]
+
+    def to(self, dtype) -> "LoraWeights":
+        mods = {k: LoraModule(m.down.to(dtype), m.up.to(dtype), m.alpha) for k, m in self.modules.items()}
+        return LoraWeights(mods, dict(self.metadata))
+
+    # --- PEFT models ------------------------------------------------------------
+
+    @classmethod
+    def from_peft_models(cls, adapter_name="default", **models) -> "LoraWeights":
+        """Read the adapter `adapter_name` from PEFT-adapted models, e.g. unet=..., text_encoder=..."""
+        lora = cls()
+        for component, model in models.items():
+            if model is None:
+                continue
+            state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+            for name, layer in model.named_modules():
+                if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
+                    continue
+                down = state[f"{name}.lora_A.weight"].detach().clone()
+                up = state[f"{name}.lora_B.weight"].detach().clone()
+                key = key_for_module(component, name)
+                lora.modules[key] = LoraModule(down, up, float(layer.lora_alpha[adapter_name]))
+        return lora
+
+    def peft_config(self, component: str, model=None) -> LoraConfig:
+        """A LoraConfig that recreates this LoRA's modules, ranks and alphas."""
+        mods = {model_module_name(component, n, model): m for n, m in self.component(component).items()}
+        if not mods:
+            raise ModelMismatchError(f"the LoRA has no modules for the {component}")
+        rank = Counter(m.rank for m in mods.values()).most_common(1)[0][0]
+        alpha = Counter(m.alpha for m in mods.values()).most_common(1)[0][0]
+        return LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=sorted(mods),
+            rank_pattern={n: m.rank for n, m in mods.items() if m.rank != rank},
+            alpha_pattern={n: m.alpha for n, m in mods.items() if m.alpha != alpha},
+        )
+
+    def peft_state_dict(self, component: str, model=None) -> dict[str, torch.Tensor]:
+        """{`<module>.lora_A.weight`: down, `...lora_B.weight`: up} in the model's own names.
+
+        With a model, each module is checked to exist and to fit, and 2-D/4-D
+        proj_in/proj_out weights are reshaped to the model's layer (SD2 files
+        have either, depending on what sd-scripts trained from).
+        """
+        state = {}
+        named = dict(model.named_modules()) if model is not None else None
+        for name, m in self.component(component).items():
+            mname = model_module_name(component, name, model)
+            down, up = m.down, m.up
+            if named is not None:
+                down, up = _fit_to_layer(named, component, mname, down, up)
+            state[f"{mname}.lora_A.weight"] = down
+            state[f"{mname}.lora_B.weight"] = up
+        return state
+
+    def apply_to(self, adapter_name="default", **models):
+        """Inject this LoRA into models (unet=..., text_encoder=...) as a PEFT adapter."""
+        for component in self.components:
+            model = models.get(component)
+            if model is None:
+                raise ModelMismatchError(f"the LoRA has {component} modules but no {component} was given")
+            state = self.peft_state_dict(component, model)  # checks fit before touching the model
+            model.add_adapter(self.peft_config(component, model), adapter_name=adapter_name)
+            result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+            unexpected = getattr(result, "unexpected_keys", None)
+            if unexpected:
+                raise ModelMismatchError(f"{component}: could not load {unexpected[0]}")
+            if hasattr(model, "set_adapter"):
+                model.set_adapter(adapter_name)
+
+
+def key_for_module(component: str, module_name: str) -> str:
+    """LoraWeights key for a module name as the in-memory model spells it."""
+    if component.startswith("text_encoder") and not module_name.startswith(TE_PREFIX):
+        module_name = TE_PREFIX + module_name
+    return f"{component}.{module_name}"
+
+
+def model_module_name(component: str, path: str, model=None) -> str:
+    """The model's own module name for a path inside a LoraWeights component."""
+    if component.startswith("text_encoder") and path.startswith(TE_PREFIX):
+        if model is None or not hasattr(model, "text_model"):
+            return path[len(TE_PREFIX):]
+    return path
+
+
+def _fit_to_layer(named, component, mname, down, up):
+    layer = named.get(mname)
+    if isinstance(layer, LoraLayer):
+        layer = layer.get_base_layer()
+    if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+        raise ModelMismatchError(f"LoRA module {component}.{mname} does not exist in the model")
+    if isinstance(layer, torch.nn.Linear):
+        want_down, want_up = (down.shape[0], layer.in_features), (layer.out_features, up.shape[-1 if up.dim() == 2 else 1])
+        if down.dim() == 4 and down.shape[2:] == (1, 1):
+            down = down.flatten(1)
+        if up.dim() == 4 and up.shape[2:] == (1, 1):
+            up = up.flatten(1)
+    else:
+        k = layer.kernel_size
+        if down.dim() == 2 and k == (1, 1):
+            down = down[:, :, None, None]
+        if up.dim() == 2:
+            up = up[:, :, None, None]
+        want_down = (down.shape[0], layer.in_channels, *k)
+        want_up = (layer.out_channels, up.shape[1], 1, 1)
+    if tuple(down.shape) != tuple(want_down) or tuple(up.shape) != tuple(want_up) or up.shape[1] != down.shape[0]:
+        raise ModelMismatchError(
+            f"LoRA module {component}.{mname} does not fit the model: down {tuple(down.shape)}, "
+            f"up {tuple(up.shape)}; the layer needs down {tuple(want_down)}, up {tuple(want_up)}"
+        )
+    return down, up
