@@ -1,0 +1,49 @@
+"""Shared test helpers: random non-zero LoRAs on the tiny models."""
+
+import torch
+
+from lora_sd.lora_weights import LoraWeights
+from lora_sd.targets import NetworkSpec, lora_configs
+
+
+def random_lora(tiny, network_dim=4, network_alpha=2, conv_dim=None, conv_alpha=1, seed=0,
+                train_unet=True, train_text_encoder=True, scale=0.1) -> LoraWeights:
+    """A LoRA with random lora_A/lora_B on copies of tiny's U-Net and text encoder.
+
+    The models in `tiny` are left untouched (adapters go on deep copies).
+    """
+    import copy
+
+    unet, te = copy.deepcopy(tiny.unet), copy.deepcopy(tiny.text_encoder)
+    spec = NetworkSpec(network_dim, network_alpha, conv_dim, conv_alpha)
+    configs = lora_configs(unet, te, spec, train_unet, train_text_encoder)
+    models = {"unet": unet, "text_encoder": te}
+    gen = torch.Generator().manual_seed(seed)
+    for name, config in configs.items():
+        models[name].add_adapter(config)
+        with torch.no_grad():
+            for pname, p in models[name].named_parameters():
+                if "lora_" in pname:
+                    p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return LoraWeights.from_peft_models(**{n: models[n] for n in configs})
+
+
+def text_ids(tiny, prompt="a photo of a cat"):
+    return tiny.tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+
+def model_outputs(tiny_or_parts, unet=None, text_encoder=None, seed=0):
+    """(text-encoder hidden states, U-Net output) on a fixed input.
+
+    The U-Net is fed the same fixed conditioning for every model, so the two
+    outputs compare the two parts independently.
+    """
+    unet = unet if unet is not None else tiny_or_parts.unet
+    text_encoder = text_encoder if text_encoder is not None else tiny_or_parts.text_encoder
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    cond = torch.randn(1, 77, 32, generator=gen)
+    with torch.no_grad():
+        te = text_encoder(text_ids(tiny_or_parts))[0]
+        out = unet(x, torch.tensor([10]), cond).sample
+    return te, out
