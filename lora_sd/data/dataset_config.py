@@ -1,0 +1,310 @@
+"""Dataset config: sd-scripts' `[general]` / `[[datasets]]` / `[[datasets.subsets]]`.
+
+Values are inherited general -> dataset -> subset (the nearest one wins), as
+in sd-scripts' config_util. Unlike sd-scripts, unknown keys and impossible
+values are errors that name the key and the file; all of them are reported
+together in one line.
+
+Also the DreamBooth folder convention without a TOML: `train_data_dir/10_sks dog/`
+(10 repeats, class tokens "sks dog"), `reg_data_dir/1_dog/`.
+"""
+
+import dataclasses
+import difflib
+import logging
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_sd.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SubsetConfig:
+    """One image folder (DreamBooth style) or one metadata file (fine-tuning style)."""
+
+    image_dir: str | None = None
+    metadata_file: str | None = None  # fine-tuning JSON: image key -> {"caption", "tags"}
+    is_reg: bool = False
+    class_tokens: str | None = None
+    num_repeats: int = 1
+    caption_extension: str = ".caption"
+    shuffle_caption: bool = False
+    caption_separator: str = ","
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+    cache_info: bool = False  # accepted for sd-scripts configs; headers are read anyway
+
+    @property
+    def name(self) -> str:
+        """What sd-scripts' metadata calls this subset (ss_dataset_dirs, ss_tag_frequency)."""
+        return Path(self.metadata_file or self.image_dir or "").name
+
+
+@dataclass
+class DatasetConfig:
+    """Images sharing one resolution, batch size and bucket settings."""
+
+    resolution: tuple[int, int] = (512, 512)  # (width, height)
+    batch_size: int = 1
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    network_multiplier: float = 1.0
+    subsets: list[SubsetConfig] = field(default_factory=list)
+
+
+_SUBSET_KEYS = {f.name for f in dataclasses.fields(SubsetConfig)}
+_DATASET_KEYS = {f.name for f in dataclasses.fields(DatasetConfig)} - {"subsets"}
+# sd-scripts keys we read but do not implement: accepted only at their default.
+_REFUSED = {
+    "face_crop_aug_range": None,
+    "token_warmup_min": 1,
+    "token_warmup_step": 0,
+    "alpha_mask": False,
+    "conditioning_data_dir": None,
+}
+_KNOWN = _SUBSET_KEYS | _DATASET_KEYS | set(_REFUSED)
+# Only meaningful per subset: sd-scripts does not let them be inherited.
+_SUBSET_ONLY = {"image_dir", "metadata_file", "is_reg"}
+
+
+def _field_types(cls):
+    return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+_TYPES = {**_field_types(SubsetConfig), **_field_types(DatasetConfig)}
+
+
+class _Errors:
+    """Collects problems so that one message lists them all."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.items: list[str] = []
+
+    def add(self, key: str, msg: str):
+        self.items.append(f"`{key}` {msg}")
+
+    def raise_if_any(self):
+        if self.items:
+            raise ConfigError(f"{self.where}: " + "; ".join(self.items))
+
+
+def _check_unknown(table: dict, allowed: set, section: str, errors: _Errors):
+    for key in sorted(set(table) - allowed):
+        close = difflib.get_close_matches(key, sorted(allowed), n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        errors.add(f"{section}.{key}", f"is not a known key{hint}")
+
+
+def _check_refused(table: dict, section: str, errors: _Errors):
+    for key, default in _REFUSED.items():
+        if key in table and table[key] != default:
+            errors.add(f"{section}.{key}", "is not supported by lora-sd; remove it")
+
+
+def _coerce(key: str, value, section: str, errors: _Errors):
+    """Check a TOML value against the field's type; returns the converted value."""
+    typ = _TYPES.get(key)
+    label = f"{section}.{key}"
+    if key == "resolution":
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = (value, value)
+        if not (isinstance(value, (list, tuple)) and len(value) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+            errors.add(label, f"must be a positive int or [width, height], got {value!r}")
+            return None
+        return tuple(value)
+    if typ is bool:
+        ok = isinstance(value, bool)
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typ is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:  # str or str | None
+        ok = isinstance(value, str)
+    if not ok:
+        errors.add(label, f"must be {getattr(typ, '__name__', 'a string')}, got {value!r}")
+        return None
+    return value
+
+
+def _check_values(ds: DatasetConfig, label: str, errors: _Errors):
+    """Impossible values, named by key; `label` says which dataset/subset."""
+    w, h = ds.resolution
+    if ds.batch_size < 1:
+        errors.add(f"{label}.batch_size", f"must be >= 1, got {ds.batch_size}")
+    if ds.bucket_reso_steps < 8 or ds.bucket_reso_steps % 8:
+        errors.add(f"{label}.bucket_reso_steps",
+                   f"must be a positive multiple of 8 (latents are 1/8 size), got {ds.bucket_reso_steps}")
+    if ds.enable_bucket and not ds.bucket_no_upscale:
+        if ds.min_bucket_reso > ds.max_bucket_reso:
+            errors.add(f"{label}.min_bucket_reso", f"({ds.min_bucket_reso}) is above `max_bucket_reso` "
+                       f"({ds.max_bucket_reso}): no bucket is possible")
+        elif min(w, h) < ds.min_bucket_reso:
+            errors.add(f"{label}.min_bucket_reso", f"({ds.min_bucket_reso}) is above the resolution's "
+                       f"smaller side ({min(w, h)}): no bucket fits")
+        elif max(w, h) > ds.max_bucket_reso:
+            errors.add(f"{label}.max_bucket_reso", f"({ds.max_bucket_reso}) is below the resolution's "
+                       f"larger side ({max(w, h)}): no bucket fits")
+    for i, sub in enumerate(ds.subsets):
+        where = f"{label}.subsets[{i}]"
+        if sub.image_dir is None and sub.metadata_file is None:
+            errors.add(f"{where}.image_dir", "is required (or `metadata_file` for fine-tuning style)")
+        if sub.num_repeats < 1:
+            errors.add(f"{where}.num_repeats", f"must be >= 1, got {sub.num_repeats}")
+        if sub.keep_tokens < 0:
+            errors.add(f"{where}.keep_tokens", f"must be >= 0, got {sub.keep_tokens}")
+        for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+            rate = getattr(sub, key)
+            if not 0.0 <= rate <= 1.0:
+                errors.add(f"{where}.{key}", f"must be in [0, 1], got {rate}")
+        if sub.caption_dropout_every_n_epochs < 0:
+            errors.add(f"{where}.caption_dropout_every_n_epochs", "must be >= 0")
+        if sub.is_reg and sub.metadata_file:
+            errors.add(f"{where}.is_reg", "is for DreamBooth-style folders, not `metadata_file` subsets")
+
+
+def _typed(table: dict, section: str, errors: _Errors) -> dict:
+    """Type-check one table where it is written, so each error names its own section."""
+    out = {}
+    for key, value in table.items():
+        if key in _TYPES and key != "subsets" and value is not None:
+            value = _coerce(key, value, section, errors)
+            if value is not None:
+                out[key] = value
+    return out
+
+
+def _resolve(fallbacks: list[dict], cls, skip=()):
+    """Build `cls` from the nearest (already typed) table that sets each field."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        table = next((t for t in fallbacks if f.name in t), None)
+        if f.name not in skip and table is not None:
+            values[f.name] = table[f.name]
+    return cls(**values)
+
+
+def _relative_to(path: str | None, base: Path | None) -> str | None:
+    if path is None or base is None or Path(path).is_absolute():
+        return path
+    return str(base / path)
+
+
+def load_dataset_config(source, *, path_for_errors=None, defaults: dict | None = None,
+                        base_dir=None) -> list[DatasetConfig]:
+    """Read a dataset TOML file (or its already-parsed dict) into DatasetConfigs.
+
+    `defaults` are the lowest-priority values (e.g. `resolution` from the
+    training config, as sd-scripts' command line fills them). Relative
+    `image_dir`/`metadata_file` are taken as given (relative to the working
+    directory, as in sd-scripts) unless `base_dir` is set.
+    """
+    if isinstance(source, dict):
+        raw, where = source, str(path_for_errors or "dataset config")
+    else:
+        path = Path(source)
+        where = str(path_for_errors or path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: dataset config file not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{where}: not a valid TOML file ({e})") from None
+    errors = _Errors(where)
+    _check_unknown(raw, {"general", "datasets"}, "", errors)
+    general = raw.get("general", {}) or {}
+    _check_unknown(general, _KNOWN - _SUBSET_ONLY, "general", errors)
+    _check_refused(general, "general", errors)
+    general_typed = _typed(general, "general", errors)
+    defaults_typed = _typed(defaults or {}, "defaults", errors)
+    datasets_raw = raw.get("datasets", [])
+    if not isinstance(datasets_raw, list) or not datasets_raw:
+        errors.add("datasets", "must hold at least one [[datasets]] table")
+        errors.raise_if_any()
+    base = Path(base_dir) if base_dir is not None else None
+    out = []
+    for d, ds_raw in enumerate(datasets_raw):
+        label = f"datasets[{d}]"
+        _check_unknown(ds_raw, (_KNOWN - _SUBSET_ONLY) | {"subsets"}, label, errors)
+        _check_refused(ds_raw, label, errors)
+        fallbacks = [_typed(ds_raw, label, errors), general_typed, defaults_typed]
+        ds = _resolve(fallbacks, DatasetConfig, skip={"subsets"})
+        subsets_raw = ds_raw.get("subsets", [])
+        if not subsets_raw:
+            errors.add(f"{label}.subsets", "must hold at least one [[datasets.subsets]] table")
+        for s, sub_raw in enumerate(subsets_raw):
+            where_s = f"{label}.subsets[{s}]"
+            _check_unknown(sub_raw, _SUBSET_KEYS | set(_REFUSED), where_s, errors)
+            _check_refused(sub_raw, where_s, errors)
+            sub = _resolve([_typed(sub_raw, where_s, errors)] + fallbacks, SubsetConfig)
+            sub.image_dir = _relative_to(sub.image_dir, base)
+            sub.metadata_file = _relative_to(sub.metadata_file, base)
+            if sub.caption_extension and not sub.caption_extension.startswith("."):
+                sub.caption_extension = "." + sub.caption_extension
+            ds.subsets.append(sub)
+        kinds = {s.metadata_file is not None for s in ds.subsets}
+        if len(kinds) > 1:
+            errors.add(f"{label}.subsets", "mixes DreamBooth (image_dir) and fine-tuning (metadata_file) "
+                       "subsets; split them into two [[datasets]]")
+        _check_values(ds, label, errors)
+        out.append(ds)
+    errors.raise_if_any()
+    return out
+
+
+def _parse_folder_name(name: str) -> tuple[int, str] | None:
+    """`10_sks dog` -> (10, "sks dog"); None when the name has no repeat count."""
+    head, _, rest = name.partition("_")
+    try:
+        return int(head), rest
+    except ValueError:
+        return None
+
+
+def _folder_subsets(root: str, is_reg: bool) -> list[dict]:
+    root_path = Path(root)
+    if not root_path.is_dir():
+        kind = "reg_data_dir" if is_reg else "train_data_dir"
+        raise DataError(f"`{kind}` {root} is not a folder")
+    subsets = []
+    for child in sorted(p for p in root_path.iterdir() if p.is_dir()):
+        parsed = _parse_folder_name(child.name)
+        if parsed is None:
+            logger.warning("ignoring %s: its name does not start with a repeat count like `10_`", child)
+            continue
+        repeats, tokens = parsed
+        subsets.append({"image_dir": str(child), "num_repeats": repeats,
+                        "class_tokens": tokens or None, "is_reg": is_reg})
+    if not subsets:
+        raise DataError(f"{root}: no subfolder named like `10_sks dog` (repeats_class tokens)")
+    return subsets
+
+
+def dreambooth_dataset_config(train_data_dir, reg_data_dir=None, **general_options) -> list[DatasetConfig]:
+    """The folder convention: one dataset, a subset per `N_tokens` subfolder.
+
+    `general_options` are any `[general]` keys (resolution, enable_bucket, ...).
+    """
+    subsets = _folder_subsets(str(train_data_dir), is_reg=False)
+    if reg_data_dir is not None:
+        subsets += _folder_subsets(str(reg_data_dir), is_reg=True)
+    raw = {"general": general_options, "datasets": [{"subsets": subsets}]}
+    return load_dataset_config(raw, path_for_errors=f"train_data_dir {train_data_dir}")

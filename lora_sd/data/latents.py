@@ -1,0 +1,141 @@
+"""Latent cache: each training image encoded once by the VAE, then reused.
+
+Where it lives (`cache_latents_to_disk`): `datasets` tables under
+`<cache_dir>/<vae tag>/shard-*` (default cache_dir: the `datasets` cache,
+`~/.cache/huggingface/datasets/lora_sd_latents`), not safetensors beside the
+images as sd-scripts does. Why: image folders stay read-only and clean (they
+may be shared, or on a read-only mount), several runs or datasets with other
+buckets can share one cache, and `datasets` gives memory-mapped reads that
+data-loader workers share. An entry's key hashes the image's bytes, its bucket
+and resized size, the flip setting and the VAE id, so a changed image, bucket
+or VAE simply misses and is re-encoded; stale entries are never read. Each
+caching pass appends one shard (written atomically), so nothing is rewritten.
+
+Without `cache_latents_to_disk` the same entries live in memory for the run.
+"""
+
+import hashlib
+import logging
+import uuid
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lora_sd.data.transforms import load_pixels
+from lora_sd.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+_FEATURES = datasets.Features({
+    "key": datasets.Value("string"),
+    "shape": datasets.List(datasets.Value("int32")),  # [4, H/8, W/8]
+    "latents": datasets.List(datasets.Value("float32")),
+    "latents_flipped": datasets.List(datasets.Value("float32")),  # empty without flip_aug
+})
+
+
+def default_cache_dir() -> Path:
+    return Path(datasets.config.HF_DATASETS_CACHE) / "lora_sd_latents"
+
+
+_file_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path) -> str:
+    """sha256 of the file's bytes, remembered per (path, size, mtime) within a process."""
+    st = Path(path).stat()
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo not in _file_hashes:
+        _file_hashes[memo] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return _file_hashes[memo]
+
+
+def latent_key(row: dict, flip: bool, vae_id: str) -> str:
+    """What an entry depends on: image bytes, bucket, resized size, flip, VAE."""
+    parts = [file_digest(row["image_path"]), row["bucket_w"], row["bucket_h"], row["resized_w"],
+             row["resized_h"], int(flip), vae_id]
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
+
+
+class LatentCache:
+    """key -> latents [4, h, w] (and the flipped image's latents), in memory or in `datasets` shards."""
+
+    def __init__(self, root: Path | None, vae_id: str):
+        self.vae_id = vae_id
+        self.memory: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.root = None if root is None else Path(root) / hashlib.sha256(vae_id.encode()).hexdigest()[:16]
+        self.shards: list[datasets.Dataset] = []
+        self.where: dict[str, tuple[int, int]] = {}  # key -> (shard, row)
+        if self.root is not None and self.root.is_dir():
+            for shard_dir in sorted(self.root.glob("shard-*")):
+                self._add_shard(datasets.load_from_disk(str(shard_dir)))
+
+    def _add_shard(self, shard: datasets.Dataset):
+        self.shards.append(shard.with_format("numpy"))
+        for i, key in enumerate(shard["key"]):
+            self.where[key] = (len(self.shards) - 1, i)
+
+    def __contains__(self, key) -> bool:
+        return key in self.memory or key in self.where
+
+    def get(self, key: str, flipped: bool = False) -> torch.Tensor:
+        if key in self.memory:
+            latents, latents_flipped = self.memory[key]
+            return latents_flipped if flipped else latents
+        shard, i = self.where[key]
+        entry = self.shards[shard][i]
+        flat = entry["latents_flipped"] if flipped else entry["latents"]
+        return torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(tuple(entry["shape"])))
+
+    def fill(self, items: list[tuple[str, dict, bool]], encode_fn, batch_size: int = 4):
+        """Encode the (key, index row, flip_aug) items not cached yet; returns how many were encoded."""
+        todo = {key: (row, flip) for key, row, flip in items if key not in self}
+        if not todo:
+            logger.info("latent cache: all %d images cached", len(items))
+            return 0
+        # batches of one bucket (the VAE needs one shape per batch)
+        by_bucket: dict[tuple, list] = {}
+        for key, (row, flip) in todo.items():
+            by_bucket.setdefault((row["bucket_w"], row["bucket_h"], flip), []).append((key, row))
+        batches = [(flip, group[i:i + batch_size]) for (_, _, flip), group in by_bucket.items()
+                   for i in range(0, len(group), batch_size)]
+        new = {"key": [], "shape": [], "latents": [], "latents_flipped": []}
+        for flip, batch in tqdm(batches, desc="caching latents", smoothing=1):
+            encoded = self._encode(batch, flip, encode_fn)
+            for (key, _), (latents, latents_flipped) in zip(batch, encoded):
+                if self.root is None:
+                    self.memory[key] = (latents, latents_flipped)
+                    continue
+                new["key"].append(key)
+                new["shape"].append(list(latents.shape))
+                new["latents"].append(latents.flatten().numpy())
+                new["latents_flipped"].append(
+                    latents_flipped.flatten().numpy() if latents_flipped is not None else np.zeros(0, np.float32))
+        if self.root is not None:
+            self._write_shard(new)
+        return len(todo)
+
+    @staticmethod
+    def _encode(batch, flip, encode_fn):
+        def run(flipped):
+            pixels = torch.stack([
+                load_pixels(row["image_path"], (row["bucket_w"], row["bucket_h"]),
+                            (row["resized_w"], row["resized_h"]), flip=flipped)[0]
+                for _, row in batch])
+            with torch.no_grad():
+                return encode_fn(pixels).detach().float().cpu()
+
+        latents = run(False)
+        flipped = run(True) if flip else [None] * len(batch)
+        return list(zip(latents, flipped))
+
+    def _write_shard(self, columns: dict):
+        shard = datasets.Dataset.from_dict(columns, features=_FEATURES)
+        target = self.root / f"shard-{uuid.uuid4().hex}"
+        with atomic_path(target) as tmp:
+            shard.save_to_disk(str(tmp))
+        self._add_shard(datasets.load_from_disk(str(target)))
+        logger.info("latent cache: %d new entries in %s", len(shard), target)

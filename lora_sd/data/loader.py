@@ -1,0 +1,203 @@
+"""build_train_data: dataset configs -> index -> buckets -> sampler -> DataLoader (+ latent cache).
+
+A batch is a dict:
+  "latents" [B, 4, h, w] (cached) or "pixel_values" [B, 3, H, W] in [-1, 1];
+  "captions" list[str] after shuffle/dropout ("" when dropped);
+  "loss_weights" [B]: 1.0, or prior_loss_weight for regularization images;
+  "network_multipliers" [B]; "image_paths"; "flipped";
+  "original_sizes_hw", "crop_top_lefts", "target_sizes_hw" [B, 2] (SDXL conditioning).
+"""
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lora_sd.data.captions import process_caption, tag_counts
+from lora_sd.data.index import build_index
+from lora_sd.data.latents import LatentCache, default_cache_dir, latent_key
+from lora_sd.data.sampler import BucketBatchSampler
+from lora_sd.data.transforms import load_pixels
+from lora_sd.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+class TrainImages(Dataset):
+    """Index rows -> training samples. Items are (row, sample_seed, epoch) from the sampler."""
+
+    def __init__(self, rows: list[dict], configs, prior_loss_weight: float, cache: LatentCache | None,
+                 keys: list[str | None]):
+        self.rows = rows
+        self.configs = configs
+        self.prior_loss_weight = prior_loss_weight
+        self.cache = cache
+        self.keys = keys
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, item):
+        index, seed, epoch = item
+        row = self.rows[index]
+        ds = self.configs[row["dataset"]]
+        sub = ds.subsets[row["subset"]]
+        rng = random.Random(seed)
+        flipped = sub.flip_aug and rng.random() < 0.5
+        bucket, resized = (row["bucket_w"], row["bucket_h"]), (row["resized_w"], row["resized_h"])
+        sample = {"image_path": row["image_path"], "flipped": flipped,
+                  "loss_weight": self.prior_loss_weight if row["is_reg"] else 1.0,
+                  "network_multiplier": ds.network_multiplier,
+                  "original_size_hw": (row["height"], row["width"]), "target_size_hw": (bucket[1], bucket[0])}
+        if self.keys[index] is not None:
+            sample["latents"] = self.cache.get(self.keys[index], flipped)
+            box = _center_box(resized, bucket)
+        else:
+            sample["pixel_values"], box = load_pixels(
+                row["image_path"], bucket, resized, flip=flipped,
+                crop_rng=rng if sub.random_crop else None, color_rng=rng if sub.color_aug else None)
+        left = resized[0] - box[2] if flipped else box[0]  # the crop as seen in the flipped image
+        sample["crop_top_left"] = (box[1], left)
+        sample["caption"] = process_caption(row["caption"], sub, rng, epoch)
+        return sample
+
+
+def _center_box(resized, bucket):
+    left, top = (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
+    return left, top, left + bucket[0], top + bucket[1]
+
+
+def collate(samples: list[dict]) -> dict:
+    """Samples of one bucket -> one batch dict (top-level so that workers can pickle it)."""
+    batch = {"captions": [s["caption"] for s in samples],
+             "image_paths": [s["image_path"] for s in samples],
+             "flipped": [s["flipped"] for s in samples],
+             "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
+             "network_multipliers": torch.tensor([s["network_multiplier"] for s in samples], dtype=torch.float32)}
+    for key in ("original_size_hw", "crop_top_left", "target_size_hw"):
+        batch[key.replace("size_hw", "sizes_hw").replace("top_left", "top_lefts")] = torch.tensor(
+            [s[key] for s in samples], dtype=torch.long)
+    for key in ("latents", "pixel_values"):
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])
+    return batch
+
+
+@dataclass
+class TrainData:
+    """What training needs from the data: the loader and the numbers for metadata."""
+
+    dataloader: DataLoader
+    sampler: BucketBatchSampler
+    index: "object"  # datasets.Dataset
+    configs: list
+    num_train_images: int
+    num_reg_images: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int):
+        """The next pass over `dataloader` yields this epoch's batches (shuffle from seed + epoch)."""
+        self.sampler.choose_epoch(epoch)
+
+    def _subsets(self):
+        for ds in self.configs:
+            yield from ds.subsets
+
+    def dataset_dirs_info(self) -> dict:
+        """sd-scripts' ss_dataset_dirs: {folder or metadata name: {n_repeats, img_count}}."""
+        counts = {}
+        for d, s in zip(self.index["dataset"], self.index["subset"]):
+            counts[(d, s)] = counts.get((d, s), 0) + 1
+        info = {}
+        for d, ds in enumerate(self.configs):
+            for s, sub in enumerate(ds.subsets):
+                info[sub.name] = {"n_repeats": sub.num_repeats, "img_count": counts.get((d, s), 0)}
+        return info
+
+    def tag_frequency(self) -> dict:
+        """sd-scripts' ss_tag_frequency: {folder or metadata name: {tag: count}}."""
+        texts: dict[str, list[str]] = {}
+        for d, s, text in zip(self.index["dataset"], self.index["subset"], self.index["tag_text"]):
+            texts.setdefault(self.configs[d].subsets[s].name, []).append(text)
+        return {name: tag_counts(captions) for name, captions in texts.items()}
+
+    def bucket_info(self) -> dict:
+        """sd-scripts' ss_bucket_info: {"buckets": {i: {resolution, count}}, "mean_img_ar_error"}.
+
+        Counts include repeats; several datasets are summed per resolution.
+        """
+        counts: dict[tuple[int, int], int] = {}
+        errors = []
+        for row in self.index:
+            if row["num_repeats"] == 0:
+                continue
+            reso = (row["bucket_w"], row["bucket_h"])
+            counts[reso] = counts.get(reso, 0) + row["num_repeats"]
+            errors.append(abs(reso[0] / reso[1] - row["width"] / row["height"]))
+        buckets = {i: {"resolution": list(reso), "count": counts[reso]} for i, reso in enumerate(sorted(counts))}
+        return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
+
+
+def _latent_cache(index_rows, configs, *, cache_latents, cache_latents_to_disk, encode_fn, vae_id, cache_dir):
+    """The cache and each row's key (None = no cached latents: pixels are loaded per step)."""
+    keys = [None] * len(index_rows)
+    if not (cache_latents or cache_latents_to_disk):
+        return None, keys
+    blocking = [f"{sub.name} ({'color_aug' if sub.color_aug else 'random_crop'})"
+                for ds in configs for sub in ds.subsets if sub.color_aug or sub.random_crop]
+    if blocking:
+        logger.warning("latent caching is off: color_aug and random_crop change the pixels every step, "
+                       "so latents cannot be cached (as in sd-scripts); subsets: %s", ", ".join(blocking))
+        return None, keys
+    if encode_fn is None:
+        raise ConfigError("`cache_latents` needs the VAE: build_train_data(..., encode_fn=...) was not given one")
+    root = (cache_dir or default_cache_dir()) if cache_latents_to_disk else None
+    cache = LatentCache(root, vae_id)
+    items = []
+    for i, row in enumerate(index_rows):
+        if row["num_repeats"] > 0:
+            flip = configs[row["dataset"]].subsets[row["subset"]].flip_aug
+            keys[i] = latent_key(row, flip, vae_id)
+            items.append((keys[i], row, flip))
+    cache.fill(items, encode_fn)
+    return cache, keys
+
+
+def default_workers() -> int:
+    """sd-scripts' default max_data_loader_n_workers: min(8, cpus - 1)."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def build_train_data(datasets, *, seed: int, prior_loss_weight: float = 1.0,
+                     max_data_loader_n_workers: int | None = None, persistent_data_loader_workers: bool = False,
+                     cache_latents: bool = False, cache_latents_to_disk: bool = False, encode_fn=None,
+                     vae_id: str = "", cache_dir=None, skip_bad_images: bool = False) -> TrainData:
+    """Index the images, bucket them, cache latents if asked, and make the DataLoader.
+
+    `encode_fn(pixels [B,3,H,W] in [-1,1]) -> latents [B,4,H/8,W/8]` (unscaled) is
+    called only for images not cached yet; `vae_id` names the VAE weights so
+    that a different VAE misses the disk cache.
+    """
+    index = build_index(datasets, skip_bad_images=skip_bad_images)
+    rows = index.to_list()
+    cache, keys = _latent_cache(rows, datasets, cache_latents=cache_latents,
+                                cache_latents_to_disk=cache_latents_to_disk, encode_fn=encode_fn,
+                                vae_id=vae_id, cache_dir=cache_dir)
+    sampler = BucketBatchSampler([r["dataset"] for r in rows], [(r["bucket_w"], r["bucket_h"]) for r in rows],
+                                 [r["num_repeats"] for r in rows], [ds.batch_size for ds in datasets], seed)
+    workers = default_workers() if max_data_loader_n_workers is None else max_data_loader_n_workers
+    dataloader = DataLoader(TrainImages(rows, datasets, prior_loss_weight, cache, keys), batch_sampler=sampler,
+                            collate_fn=collate, num_workers=workers,
+                            persistent_workers=persistent_data_loader_workers and workers > 0)
+    num_train = sum(r["num_repeats"] for r in rows if not r["is_reg"])
+    # sd-scripts reports reg images with their own repeats, before balancing
+    num_reg = sum(datasets[r["dataset"]].subsets[r["subset"]].num_repeats for r in rows if r["is_reg"])
+    logger.info("%d training images with repeats, %d regularization images, %d batches per epoch",
+                num_train, num_reg, len(sampler))
+    return TrainData(dataloader, sampler, index, list(datasets), num_train, num_reg)

@@ -1,0 +1,115 @@
+"""The latent cache: encoded once, reused across runs, invalidated by image/bucket/VAE changes."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lora_sd.data import build_train_data, load_dataset_config
+from lora_sd.errors import ConfigError
+
+
+class CountingEncoder:
+    """A stand-in VAE: 8x8 average pooling, plus a 4th channel; counts calls and images."""
+
+    def __init__(self):
+        self.calls = 0
+        self.images = 0
+
+    def __call__(self, pixels):
+        assert pixels.ndim == 4 and pixels.shape[1] == 3
+        self.calls += 1
+        self.images += pixels.shape[0]
+        pooled = F.avg_pool2d(pixels, 8)  # [B, 3, H/8, W/8]
+        return torch.cat([pooled, pooled.mean(1, keepdim=True)], dim=1)
+
+
+def dataset(tmp_path, **subset):
+    folder = tmp_path / "images"
+    if not folder.exists():
+        folder.mkdir()
+        for i, size in enumerate([(64, 64), (128, 64), (64, 64), (64, 128)]):
+            img = Image.new("RGB", size, (30 * i, 100, 200))
+            img.paste((255, 0, 0), (0, 0, size[0] // 3, size[1]))  # asymmetric, so flips differ
+            img.save(folder / f"img{i}.png")
+    general = {"resolution": 64, "enable_bucket": True, "min_bucket_reso": 32, "max_bucket_reso": 128,
+               "bucket_reso_steps": 8, "batch_size": 2}
+    return load_dataset_config({"general": general,
+                                "datasets": [{"subsets": [{"image_dir": str(folder), "num_repeats": 2, **subset}]}]})
+
+
+def build(tmp_path, encoder, vae_id="vae-a", seed=0, **kw):
+    kw.setdefault("cache_latents", True)
+    kw.setdefault("cache_latents_to_disk", True)
+    return build_train_data(dataset(tmp_path, **kw.pop("subset", {})), seed=seed, max_data_loader_n_workers=0,
+                            encode_fn=encoder, vae_id=vae_id, cache_dir=tmp_path / "cache", **kw)
+
+
+def test_second_run_makes_no_vae_call(tmp_path):
+    first = CountingEncoder()
+    data = build(tmp_path, first)
+    assert first.images == 4 and first.calls >= 3  # one call per bucket batch (3 buckets)
+    second = CountingEncoder()
+    data = build(tmp_path, second)
+    assert second.calls == 0
+    batch = next(iter(data.dataloader))
+    assert "latents" in batch and "pixel_values" not in batch
+    h, w = batch["latents"].shape[2:]
+    assert batch["latents"].shape[1] == 4 and (h * 8, w * 8) in {(64, 64), (40, 88), (88, 40)}
+
+
+def test_changed_image_bucket_or_vae_is_reencoded(tmp_path):
+    build(tmp_path, CountingEncoder())
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "images" / "img2.png")  # same size, new pixels
+    encoder = CountingEncoder()
+    build(tmp_path, encoder)
+    assert encoder.images == 1
+    Image.new("RGB", (128, 128), (1, 2, 3)).save(tmp_path / "images" / "img2.png")  # same bucket, new size
+    encoder = CountingEncoder()
+    build(tmp_path, encoder)
+    assert encoder.images == 1
+    encoder = CountingEncoder()
+    build(tmp_path, encoder, vae_id="vae-b")
+    assert encoder.images == 4
+
+
+def test_flip_aug_caches_both_and_matches_uncached(tmp_path):
+    encoder = CountingEncoder()
+    cached = build(tmp_path, encoder, seed=7, subset={"flip_aug": True})
+    assert encoder.images == 8  # every image plain and flipped
+    again = CountingEncoder()
+    build(tmp_path, again, seed=7, subset={"flip_aug": True})
+    assert again.calls == 0
+    plain = build(tmp_path, CountingEncoder(), seed=7, subset={"flip_aug": True},
+                  cache_latents=False, cache_latents_to_disk=False)
+    flips = 0
+    for with_cache, without in zip(cached.dataloader, plain.dataloader):
+        assert with_cache["image_paths"] == without["image_paths"]
+        assert with_cache["flipped"] == without["flipped"]
+        flips += sum(with_cache["flipped"])
+        torch.testing.assert_close(with_cache["latents"], encoder(without["pixel_values"]))
+    assert flips > 0
+
+
+def test_in_memory_cache_encodes_once_per_run(tmp_path):
+    encoder = CountingEncoder()
+    data = build(tmp_path, encoder, cache_latents_to_disk=False)
+    assert encoder.images == 4 and not (tmp_path / "cache").exists()
+    for _ in range(2):
+        assert sum(len(b["latents"]) for b in data.dataloader) == 8
+    assert encoder.images == 4
+
+
+def test_color_aug_or_random_crop_disable_caching(tmp_path, caplog):
+    encoder = CountingEncoder()
+    with caplog.at_level(logging.WARNING):
+        data = build(tmp_path, encoder, subset={"random_crop": True})
+    assert encoder.calls == 0 and "latent caching is off" in caplog.text and "random_crop" in caplog.text
+    assert "pixel_values" in next(iter(data.dataloader))
+
+
+def test_cache_latents_needs_encode_fn(tmp_path):
+    with pytest.raises(ConfigError, match="encode_fn"):
+        build(tmp_path, None)

@@ -1,0 +1,82 @@
+"""recipes/resize_images_to_resolution.py on generated images."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lora_sd.data.resize import fit_to_area, resize_image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes"))
+import resize_images_to_resolution as recipe  # noqa: E402
+
+
+@pytest.fixture
+def src(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    Image.new("RGB", (1000, 600), (200, 10, 10)).save(folder / "big.png")
+    Image.new("RGB", (203, 101), (10, 200, 10)).save(folder / "small.jpg")
+    Image.new("RGBA", (700, 700), (1, 2, 3, 128)).save(folder / "alpha.webp")
+    (folder / "big.caption").write_text("a big red image", encoding="utf-8")
+    (folder / "big.txt").write_text("red", encoding="utf-8")
+    (folder / "readme.md").write_text("notes", encoding="utf-8")
+    return folder
+
+
+def sizes(folder):
+    return {p.name: Image.open(p).size for p in folder.iterdir() if p.suffix in (".png", ".jpg")}
+
+
+def test_names_areas_and_no_enlargement(src, tmp_path):
+    dst = tmp_path / "dst"
+    recipe.main([str(src), str(dst), "--max_resolution", "512x512,256x256"])
+    got = sizes(dst)
+    assert set(got) == {f"{stem}+{res}.jpg" for stem in ("big", "small", "alpha") for res in ("512x512", "256x256")}
+    for name, (w, h) in got.items():
+        area = 512 * 512 if "+512x512" in name else 256 * 256
+        assert w * h <= area
+    # 1000x600 -> scale sqrt(262144 / 600000): int(660.99) x int(396.59)
+    assert got["big+512x512.jpg"] == (660, 396)
+    assert got["big+256x256.jpg"] == (330, 198)
+    assert got["small+512x512.jpg"] == (203, 101) == got["small+256x256.jpg"]  # never enlarged
+    assert (dst / "readme.md").read_text() == "notes" and (dst / "big.caption").exists()
+    assert not (dst / "big+512x512.caption").exists()  # only with --copy_associated_files
+    with Image.open(dst / "big+512x512.jpg") as im:
+        assert im.format == "JPEG" and abs(im.getpixel((300, 200))[0] - 200) <= 2  # quality 100
+
+
+def test_divisible_by_png_and_associated_files(src, tmp_path):
+    dst = tmp_path / "dst"
+    recipe.main([str(src), str(dst), "--max_resolution", "384x384", "--divisible_by", "64", "--save_as_png",
+                 "--copy_associated_files", "--interpolation", "lanczos4"])
+    got = sizes(dst)
+    assert got == {"big+384x384.png": (448, 256), "small+384x384.png": (192, 64), "alpha+384x384.png": (384, 384)}
+    assert (dst / "big+384x384.caption").read_text() == "a big red image"
+    assert (dst / "big+384x384.txt").read_text() == "red"
+    assert not list(dst.glob("small+384x384.*[!g]"))  # small has no associated files
+
+
+def test_fit_to_area_and_filters():
+    assert fit_to_area(1000, 600, 512 * 512) == ((660, 396), (660, 396))
+    assert fit_to_area(1000, 600, 512 * 512, 8) == ((660, 396), (656, 392))
+    assert fit_to_area(100, 50, 512 * 512, 16) == ((100, 50), (96, 48))
+    img = Image.new("L", (4, 1))
+    img.putdata([0, 255, 0, 255])
+    assert list(resize_image(img, (2, 1), "area").getdata()) == [128, 128]  # area averages
+    assert list(resize_image(img, (2, 1), "nearest").getdata()) in ([0, 0], [255, 255])
+
+
+def test_bad_arguments_exit_2_with_one_line(src, tmp_path):
+    run = [sys.executable, str(REPO / "recipes" / "resize_images_to_resolution.py")]
+    out = subprocess.run(run + [str(src), str(tmp_path / "d"), "--max_resolution", "512by512"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: `--max_resolution`: '512by512' is not WIDTHxHEIGHT (e.g. 512x512)"]
+    from lora_sd.cli import run_main
+    assert run_main(recipe.main, [str(tmp_path / "missing"), str(tmp_path / "d")]) == 2
+    (src / "broken.png").write_bytes(b"not a png")
+    assert run_main(recipe.main, [str(src), str(tmp_path / "d")]) == 2
