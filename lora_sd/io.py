@@ -61,13 +61,13 @@ def read_tensor_file(path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+        if "Unsupported global" in str(e):  # a class or function the file wants called
             raise FormatError(
                 f"{path}: this pickle needs code to load (not plain tensors); refusing it for safety. "
                 "Convert it to .safetensors with a tool you trust"
             ) from None
-        raise FormatError(f"{path}: not a readable torch file ({_first_line(e)})") from None
+        # torch's own text here advises weights_only=False, which we never do
+        raise FormatError(f"{path}: not a safetensors or torch file, or truncated (unreadable pickle)") from None
     except Exception as e:  # torch.load raises many types on junk (KeyError, RuntimeError, ...)
         raise FormatError(f"{path}: not a safetensors or torch file, or truncated ({_first_line(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

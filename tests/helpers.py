@@ -12,6 +12,13 @@ def random_lora(tiny, network_dim=4, network_alpha=2, conv_dim=None, conv_alpha=
 
     The models in `tiny` are left untouched (adapters go on deep copies).
     """
+    return random_adapted(tiny, network_dim, network_alpha, conv_dim, conv_alpha, seed,
+                          train_unet, train_text_encoder, scale)[0]
+
+
+def random_adapted(tiny, network_dim=4, network_alpha=2, conv_dim=None, conv_alpha=1, seed=0,
+                   train_unet=True, train_text_encoder=True, scale=0.1):
+    """(LoraWeights, adapted U-Net copy, adapted text-encoder copy): the in-process reference."""
     import copy
 
     unet, te = copy.deepcopy(tiny.unet), copy.deepcopy(tiny.text_encoder)
@@ -25,7 +32,7 @@ def random_lora(tiny, network_dim=4, network_alpha=2, conv_dim=None, conv_alpha=
             for pname, p in models[name].named_parameters():
                 if "lora_" in pname:
                     p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return LoraWeights.from_peft_models(**{n: models[n] for n in configs})
+    return LoraWeights.from_peft_models(**{n: models[n] for n in configs}), unet, te
 
 
 def text_ids(tiny, prompt="a photo of a cat"):

@@ -1,0 +1,46 @@
+"""Convert a LoRA between the kohya single file, diffusers' LoRA file and PEFT adapter folders.
+
+    python recipes/convert_lora.py --to peft  char.safetensors  char_peft/
+    python recipes/convert_lora.py --to kohya char_peft/        char-kohya.safetensors
+
+The input format is detected. Nothing is lost in a round trip: ranks, alphas
+(per module) and kohya metadata travel.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lora_sd.cli import run_main  # noqa: E402
+from lora_sd.formats import FORMATS, detect_format, load_lora, save_lora  # noqa: E402
+
+logger = logging.getLogger("convert_lora")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    p.add_argument("input", help="kohya/diffusers .safetensors (.ckpt/.pt) file or PEFT folder")
+    p.add_argument("output", help="output file (kohya, diffusers) or folder (peft)")
+    p.add_argument("--save_precision", default="float", choices=["float", "fp16", "bf16"])
+    p.add_argument("--v2", action="store_true", help="SD 2.x LoRA (metadata of kohya output, when the input has none)")
+    p.add_argument("--v_parameterization", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    fmt_in = detect_format(args.input)
+    lora = load_lora(args.input)
+    v2 = args.v2 or lora.metadata.get("ss_v2") == "True"
+    v_param = args.v_parameterization or lora.metadata.get("modelspec.prediction_type") == "v"
+    out = save_lora(lora, args.output, args.to, args.save_precision,
+                    version="sd2" if v2 else "sd1", v_parameterization=v_param)
+    logger.info("%s (%s, %d modules) -> %s (%s)", args.input, fmt_in, len(lora.modules), out, args.to)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
