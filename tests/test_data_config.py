@@ -62,6 +62,8 @@ def test_parsed_dict_and_defaults():
     (ds,) = load_dataset_config(raw, defaults={"resolution": [512, 768], "flip_aug": True, "unrelated": 1})
     assert ds.resolution == (512, 768) and ds.subsets[0].flip_aug
     assert ds.subsets[0].caption_extension == ".caption"
+    (ds,) = load_dataset_config(raw, defaults={"resolution": "768,512"})  # sd-scripts' --resolution form
+    assert ds.resolution == (768, 512)
 
 
 def test_example_config_loads():
@@ -102,6 +104,7 @@ def test_unknown_key_suggests_close_match(tmp_path):
     ("enable_bucket = true\nmin_bucket_reso = 1024\nmax_bucket_reso = 512", "", "min_bucket_reso"),
     ("enable_bucket = true\nmin_bucket_reso = 640", "", "min_bucket_reso"),
     ("enable_bucket = true\nresolution = [1280, 512]", "", "max_bucket_reso"),
+    ("enable_bucket = true\nresolution = 64\nbucket_reso_steps = 128", "", "bucket_reso_steps"),
     ("face_crop_aug_range = [2.0, 4.0]", "", "face_crop_aug_range"),
 ])
 def test_impossible_values_are_one_line_errors(tmp_path, dataset, subset, key):

@@ -132,6 +132,34 @@ def test_workers_and_flip_aug(tmp_path):
         assert left_white != flipped
 
 
+def test_random_crop_and_color_aug_vary_pixels(tmp_path):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    img = Image.new("RGB", (128, 64))
+    for x in range(128):
+        img.paste((x * 2, 255 - x * 2, 60), (x, 0, x + 1, 64))  # a horizontal gradient
+    img.save(folder / "wide.png")
+    cfg = config([{"image_dir": str(folder), "num_repeats": 12, "random_crop": True, "color_aug": True}],
+                 resolution=64, enable_bucket=False, batch_size=12)
+    (batch,) = batches(build_train_data(cfg, seed=0, max_data_loader_n_workers=0))
+    pixels = batch["pixel_values"]
+    assert pixels.shape == (12, 3, 64, 64)
+    lefts = {int(t) for t in batch["crop_top_lefts"][:, 1]}
+    assert len(lefts) > 3 and max(lefts) <= 64  # random horizontal crops of the 128x64 image
+    uniq = {tuple(p[:, 0, 0].tolist()) for p in pixels}
+    assert len(uniq) > 3
+
+
+def test_color_aug_changes_a_third_of_the_images():
+    import random
+
+    from lora_sd.data.transforms import color_aug
+
+    img = Image.new("RGB", (8, 8), (200, 80, 40))
+    changed = sum(color_aug(img, random.Random(s)).getpixel((0, 0)) != (200, 80, 40) for s in range(300))
+    assert 60 < changed < 140  # p = 0.33 (a tiny shift can round back to the same color)
+
+
 # ---- bad input: each is one line naming what is wrong ----
 
 def one_line_error(cfg, match, **kw):

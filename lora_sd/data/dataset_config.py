@@ -12,6 +12,7 @@ Also the DreamBooth folder convention without a TOML: `train_data_dir/10_sks dog
 import dataclasses
 import difflib
 import logging
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +110,7 @@ def _check_unknown(table: dict, allowed: set, section: str, errors: _Errors):
     for key in sorted(set(table) - allowed):
         close = difflib.get_close_matches(key, sorted(allowed), n=1)
         hint = f" (did you mean `{close[0]}`?)" if close else ""
-        errors.add(f"{section}.{key}", f"is not a known key{hint}")
+        errors.add(f"{section}.{key}" if section else key, f"is not a known key{hint}")
 
 
 def _check_refused(table: dict, section: str, errors: _Errors):
@@ -123,6 +124,12 @@ def _coerce(key: str, value, section: str, errors: _Errors):
     typ = _TYPES.get(key)
     label = f"{section}.{key}"
     if key == "resolution":
+        if isinstance(value, str):  # sd-scripts' command line form: "512" or "768,512"
+            try:
+                numbers = [int(part) for part in value.split(",")]
+                value = numbers[0] if len(numbers) == 1 else numbers
+            except ValueError:
+                pass  # reported below
         if isinstance(value, int) and not isinstance(value, bool):
             value = (value, value)
         if not (isinstance(value, (list, tuple)) and len(value) == 2
@@ -153,7 +160,10 @@ def _check_values(ds: DatasetConfig, label: str, errors: _Errors):
     if ds.bucket_reso_steps < 8 or ds.bucket_reso_steps % 8:
         errors.add(f"{label}.bucket_reso_steps",
                    f"must be a positive multiple of 8 (latents are 1/8 size), got {ds.bucket_reso_steps}")
-    if ds.enable_bucket and not ds.bucket_no_upscale:
+    if ds.enable_bucket and ds.bucket_reso_steps > math.sqrt(w * h):
+        errors.add(f"{label}.bucket_reso_steps", f"({ds.bucket_reso_steps}) is above the resolution's side "
+                   f"({int(math.sqrt(w * h))}): no bucket fits")
+    elif ds.enable_bucket and not ds.bucket_no_upscale:
         if ds.min_bucket_reso > ds.max_bucket_reso:
             errors.add(f"{label}.min_bucket_reso", f"({ds.min_bucket_reso}) is above `max_bucket_reso` "
                        f"({ds.max_bucket_reso}): no bucket is possible")

@@ -127,9 +127,9 @@ def _balance_reg(train_images: int, reg_rows: list[dict]):
         logger.warning("%d regularization images are not used: there are more than training images", unused)
 
 
-def _header_rows(rows, assigner, steps, skip_bad_images):
+def _header_rows(rows, assigner, steps, skip_bad_images, desc):
     kept = []
-    for row in rows:
+    for row in tqdm(rows, desc=desc, leave=False):
         path = Path(row["image_path"])
         try:
             w, h = image_size(path)
@@ -153,9 +153,9 @@ def build_index(configs, *, skip_bad_images: bool = False) -> datasets.Dataset:
     for d, ds in enumerate(configs):
         assigner = BucketAssigner(BucketSettings.of(ds))
         train_images, reg_rows = 0, []
-        for s, sub in enumerate(tqdm(ds.subsets, desc=f"indexing dataset {d}", leave=False)):
+        for s, sub in enumerate(ds.subsets):
             rows = _metadata_rows(sub) if sub.metadata_file else _dreambooth_rows(sub)
-            rows = _header_rows(rows, assigner, ds.bucket_reso_steps, skip_bad_images)
+            rows = _header_rows(rows, assigner, ds.bucket_reso_steps, skip_bad_images, f"reading {sub.name}")
             if not rows:
                 raise DataError(f"`image_dir` {sub.image_dir}: no readable images left")
             for row in rows:

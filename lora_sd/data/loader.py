@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lora_sd.data.buckets import crop_box
 from lora_sd.data.captions import process_caption, tag_counts
 from lora_sd.data.index import build_index
 from lora_sd.data.latents import LatentCache, default_cache_dir, latent_key
@@ -54,7 +55,7 @@ class TrainImages(Dataset):
                   "original_size_hw": (row["height"], row["width"]), "target_size_hw": (bucket[1], bucket[0])}
         if self.keys[index] is not None:
             sample["latents"] = self.cache.get(self.keys[index], flipped)
-            box = _center_box(resized, bucket)
+            box = crop_box(resized, bucket)  # cached latents are always center crops
         else:
             sample["pixel_values"], box = load_pixels(
                 row["image_path"], bucket, resized, flip=flipped,
@@ -63,11 +64,6 @@ class TrainImages(Dataset):
         sample["crop_top_left"] = (box[1], left)
         sample["caption"] = process_caption(row["caption"], sub, rng, epoch)
         return sample
-
-
-def _center_box(resized, bucket):
-    left, top = (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
-    return left, top, left + bucket[0], top + bucket[1]
 
 
 def collate(samples: list[dict]) -> dict:
@@ -134,17 +130,18 @@ class TrainData:
         """
         counts: dict[tuple[int, int], int] = {}
         errors = []
-        for row in self.index:
-            if row["num_repeats"] == 0:
+        columns = [self.index[c] for c in ("bucket_w", "bucket_h", "width", "height", "num_repeats")]
+        for bucket_w, bucket_h, width, height, repeats in zip(*columns):
+            if repeats == 0:
                 continue
-            reso = (row["bucket_w"], row["bucket_h"])
-            counts[reso] = counts.get(reso, 0) + row["num_repeats"]
-            errors.append(abs(reso[0] / reso[1] - row["width"] / row["height"]))
+            counts[(bucket_w, bucket_h)] = counts.get((bucket_w, bucket_h), 0) + repeats
+            errors.append(abs(bucket_w / bucket_h - width / height))
         buckets = {i: {"resolution": list(reso), "count": counts[reso]} for i, reso in enumerate(sorted(counts))}
         return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
 
 
-def _latent_cache(index_rows, configs, *, cache_latents, cache_latents_to_disk, encode_fn, vae_id, cache_dir):
+def _latent_cache(index_rows, configs, *, cache_latents, cache_latents_to_disk, encode_fn, vae_id, cache_dir,
+                  vae_batch_size):
     """The cache and each row's key (None = no cached latents: pixels are loaded per step)."""
     keys = [None] * len(index_rows)
     if not (cache_latents or cache_latents_to_disk):
@@ -165,7 +162,7 @@ def _latent_cache(index_rows, configs, *, cache_latents, cache_latents_to_disk, 
             flip = configs[row["dataset"]].subsets[row["subset"]].flip_aug
             keys[i] = latent_key(row, flip, vae_id)
             items.append((keys[i], row, flip))
-    cache.fill(items, encode_fn)
+    cache.fill(items, encode_fn, vae_batch_size)
     return cache, keys
 
 
@@ -177,18 +174,23 @@ def default_workers() -> int:
 def build_train_data(datasets, *, seed: int, prior_loss_weight: float = 1.0,
                      max_data_loader_n_workers: int | None = None, persistent_data_loader_workers: bool = False,
                      cache_latents: bool = False, cache_latents_to_disk: bool = False, encode_fn=None,
-                     vae_id: str = "", cache_dir=None, skip_bad_images: bool = False) -> TrainData:
+                     vae_id: str = "", cache_dir=None, vae_batch_size: int = 1,
+                     skip_bad_images: bool = False) -> TrainData:
     """Index the images, bucket them, cache latents if asked, and make the DataLoader.
 
     `encode_fn(pixels [B,3,H,W] in [-1,1]) -> latents [B,4,H/8,W/8]` (unscaled) is
     called only for images not cached yet; `vae_id` names the VAE weights so
-    that a different VAE misses the disk cache.
+    that a different VAE misses the disk cache; `vae_batch_size` images of
+    one bucket are encoded per call (sd-scripts' option). `skip_bad_images`
+    drops unreadable images with a warning instead of stopping.
+    With several processes, build on the main process first
+    (`accelerator.main_process_first()`) so the others find the disk cache filled.
     """
     index = build_index(datasets, skip_bad_images=skip_bad_images)
     rows = index.to_list()
     cache, keys = _latent_cache(rows, datasets, cache_latents=cache_latents,
                                 cache_latents_to_disk=cache_latents_to_disk, encode_fn=encode_fn,
-                                vae_id=vae_id, cache_dir=cache_dir)
+                                vae_id=vae_id, cache_dir=cache_dir, vae_batch_size=vae_batch_size)
     sampler = BucketBatchSampler([r["dataset"] for r in rows], [(r["bucket_w"], r["bucket_h"]) for r in rows],
                                  [r["num_repeats"] for r in rows], [ds.batch_size for ds in datasets], seed)
     workers = default_workers() if max_data_loader_n_workers is None else max_data_loader_n_workers
