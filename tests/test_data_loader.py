@@ -205,3 +205,25 @@ def test_metadata_file_errors(tmp_path):
     one_line_error(config([sub]), "meta.json does not exist")
     (tmp_path / "meta.json").write_text(json.dumps({"nothere": {"caption": "x"}}))
     one_line_error(config([sub]), "no image for key 'nothere'")
+
+
+def test_accelerate_prepare_resume_and_skip_first_batches(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    make_images(tmp_path / "a", [(64, 64)] * 3 + [(128, 64)] * 3)
+    data = build_train_data(config([{"image_dir": str(tmp_path / "a"), "num_repeats": 2}]), seed=1,
+                            max_data_loader_n_workers=0)
+    rows = data.index["image_path"]
+    expected = [[rows[row] for row, _, _ in batch] for batch in data.sampler.batches(3)]
+    try:
+        accelerator = Accelerator(cpu=True)
+        loader = accelerator.prepare(data.dataloader)
+        list(loader)  # accelerate's own pass counter must not decide our epoch
+        data.set_epoch(3)
+        assert [b["image_paths"] for b in loader] == expected
+        data.set_epoch(3)  # resume mid-epoch 3
+        skipped = accelerator.skip_first_batches(loader, 4)
+        assert [b["image_paths"] for b in skipped] == expected[4:]
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
