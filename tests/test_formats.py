@@ -151,3 +151,15 @@ def test_conv_delta_shapes():
     assert d.shape == (5, 3, 3, 3)
     ref = torch.einsum("or,rikl->oikl", m.up[:, :, 0, 0], m.down) * 0.5
     assert torch.allclose(d, ref, atol=1e-6)
+
+
+def test_sdxl_text_encoder_names_readable(tiny_sd1, tmp_path):
+    lora, _, _ = random_adapted(tiny_sd1)
+    tensors = safetensors.torch.load_file(save_lora(lora, tmp_path / "x.safetensors"))
+    xl = {k.replace("lora_te_", "lora_te1_"): v for k, v in tensors.items()}
+    xl["lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(4, 32)
+    xl["lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(37, 4)
+    safetensors.torch.save_file(xl, tmp_path / "xl.safetensors")
+    back = load_lora(tmp_path / "xl.safetensors")
+    assert set(back.component("text_encoder")) == set(lora.component("text_encoder"))
+    assert set(back.component("text_encoder_2")) == {"text_model.encoder.layers.0.mlp.fc1"}
