@@ -161,3 +161,33 @@ def test_dreambooth_folder_errors(tmp_path):
     (tmp_path / "train" / "0_x").mkdir()
     with pytest.raises(LoraSdError, match="num_repeats"):
         dreambooth_dataset_config(tmp_path / "train")
+
+
+def test_sd_scripts_config_with_its_other_keys_loads(tmp_path):
+    path = write_toml(tmp_path, """
+[general]
+enable_bucket = true
+caption_separator = ","
+keep_tokens_separator = "|||"
+caption_prefix = "masterpiece"
+cache_info = true
+token_warmup_step = 0
+face_crop_aug_range = []
+
+[[datasets]]
+resolution = "768,512"
+network_multiplier = 0.5
+caption_dropout_every_n_epochs = 3
+  [[datasets.subsets]]
+  image_dir = "a"
+  secondary_separator = ";;;"
+  enable_wildcard = true
+""")
+    with pytest.raises(ConfigError, match="face_crop_aug_range"):
+        load_dataset_config(path)  # an empty range is still a range we do not implement
+    path.write_text(path.read_text().replace("face_crop_aug_range = []\n", ""))
+    (ds,) = load_dataset_config(path)
+    sub = ds.subsets[0]
+    assert ds.resolution == (768, 512) and ds.network_multiplier == 0.5
+    assert (sub.keep_tokens_separator, sub.caption_prefix, sub.caption_dropout_every_n_epochs) == ("|||", "masterpiece", 3)
+    assert sub.enable_wildcard and sub.secondary_separator == ";;;"
