@@ -26,15 +26,9 @@ TINY_VERSIONS = ("sd1", "sd2")
 
 def _bytes_to_unicode():
     """CLIP's reversible byte -> printable unicode map (the GPT-2 table)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+    from lora_sd.models.tokenizer import bytes_to_unicode
+
+    return bytes_to_unicode()
 
 
 def write_tiny_tokenizer_files(folder):
@@ -178,3 +172,37 @@ def save_tiny_diffusers(path, version="sd1", seed=0):
     """Write a tiny model as a diffusers folder (what `from_pretrained` loads)."""
     build_tiny_sd(version, seed).pipeline().save_pretrained(str(path))
     return Path(path)
+
+
+def save_tiny_model_config(folder, version="sd1", seed=0, tiny=None):
+    """Write the configs of a tiny model as a diffusers-layout folder without weights.
+
+    unet/, vae/, text_encoder/ config.json, tokenizer/ files and scheduler/:
+    what `load_base(..., model_config=folder)` needs to load a tiny single file.
+    """
+    tiny = tiny or build_tiny_sd(version, seed)
+    folder = Path(folder)
+    tiny.unet.save_config(str(folder / "unet"))
+    tiny.vae.save_config(str(folder / "vae"))
+    tiny.text_encoder.config.save_pretrained(str(folder / "text_encoder"))
+    tiny.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    tiny.scheduler.save_config(str(folder / "scheduler"))
+    return folder
+
+
+def save_tiny_single_file(path, version="sd1", seed=0, model_config=None, save_precision="float"):
+    """Write a tiny model as one file in the original SD layout (.safetensors or .ckpt).
+
+    Returns (file_path, model_config_folder); the folder (default: `<stem>_config`
+    beside the file) holds the configs and tokenizer that `load_base` needs.
+    The weights are those of `build_tiny_sd(version, seed)`, as in
+    `save_tiny_diffusers(path, version, seed)`.
+    """
+    from lora_sd.models import save_single_file
+
+    path = Path(path)
+    tiny = build_tiny_sd(version, seed)
+    config_folder = Path(model_config or path.with_name(path.stem + "_config"))
+    save_tiny_model_config(config_folder, version, seed, tiny)
+    save_single_file(tiny, path, save_precision=save_precision)
+    return path, config_folder

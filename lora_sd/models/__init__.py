@@ -1,0 +1,29 @@
+"""Stable Diffusion base models: load from a diffusers folder, a single file or a hub id; save back.
+
+- `load_base(path, v2=False, v_parameterization=False, model_config=None, torch_dtype=None)` -> SDModel
+- `save_single_file(model, path, save_precision="float", original_state_dict=None)`: original layout
+- `save_diffusers(model, folder)`: a diffusers folder
+"""
+
+from .load import (
+    SDModel,
+    load_base,
+    noise_scheduler,
+    original_layout_state_dict,
+    save_diffusers,
+    save_single_file,
+)
+from .state_dict_io import load_state_dict, save_state_dict
+from .tokenizer import load_clip_tokenizer
+
+__all__ = [
+    "SDModel",
+    "load_base",
+    "load_clip_tokenizer",
+    "load_state_dict",
+    "noise_scheduler",
+    "original_layout_state_dict",
+    "save_diffusers",
+    "save_single_file",
+    "save_state_dict",
+]

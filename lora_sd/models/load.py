@@ -1,0 +1,213 @@
+"""Load a Stable Diffusion base model from a diffusers folder, a single file or a hub id; save it back.
+
+`load_base` gives one `SDModel` whatever the source. Single files in the
+original layout load with no network: architecture configs are shipped
+(`sd_configs.py`) and the CLIP tokenizer is built from a PyPI package's BPE
+file (`tokenizer.py`). `save_single_file` writes the original layout again
+(`original_layout.py`), keeping keys the converter does not know (EMA
+weights, ...) from the user's file; `save_diffusers` writes a folder.
+"""
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import FormatError
+from ..io import atomic_path
+from . import sd_configs, single_file
+from .original_layout import to_original
+from .state_dict_io import load_state_dict, save_state_dict
+from .tokenizer import load_clip_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class SDModel:
+    """A Stable Diffusion 1.x / 2.x base model as diffusers / transformers components.
+
+    `scheduler` is the training noise scheduler (DDPM with SD's betas,
+    `v_prediction` when `v_parameterization`). `source` is what it was loaded
+    from and `source_format` one of 'diffusers', 'single_file', 'hub'; pass
+    `original_state_dict=model.source` to `save_single_file` to keep the
+    source file's extra keys.
+    """
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    version: str
+    v_parameterization: bool = False
+    source: str = ""
+    source_format: str = ""
+
+    def pipeline(self, scheduler=None):
+        """A StableDiffusionPipeline over these components (DDIM unless `scheduler` is given)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        if scheduler is None:
+            scheduler = DDIMScheduler.from_config(self.scheduler.config, set_alpha_to_one=False, steps_offset=1)
+        return StableDiffusionPipeline(
+            unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+
+def noise_scheduler(v_parameterization=False):
+    """SD's training noise scheduler: DDPM, scaled-linear betas 0.00085..0.012, 1000 steps."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        **sd_configs.SCHEDULER, prediction_type="v_prediction" if v_parameterization else "epsilon"
+    )
+
+
+def _version_of_text_config(config):
+    # OpenCLIP (SD 2.x) uses gelu, OpenAI CLIP (SD 1.x) quick_gelu: true of the real and the tiny models.
+    return "sd2" if getattr(config, "hidden_act", "quick_gelu") == "gelu" else "sd1"
+
+
+def _load_pretrained(source, local_files_only, torch_dtype, v2, v_parameterization, source_format):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = dict(local_files_only=local_files_only)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch_dtype, **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+    except (OSError, ValueError, EnvironmentError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FormatError(f"{source}: could not load a diffusers Stable Diffusion model: {msg}") from None
+    version = _version_of_text_config(text_encoder.config)
+    single_file.check_version(version, v2, source)
+    for m in (unet, vae, text_encoder):
+        m.eval()
+    return SDModel(unet, vae, text_encoder, tokenizer, noise_scheduler(v_parameterization), version,
+                   v_parameterization, str(source), source_format)
+
+
+def _load_single_file(path, v2, v_parameterization, model_config, torch_dtype, allow_pickle):
+    state_dict = load_state_dict(path, allow_pickle=allow_pickle)
+    version = single_file.detect_version(state_dict, path)
+    single_file.check_version(version, v2, path)
+    if model_config is not None:
+        configs = sd_configs.folder_configs(model_config)
+    else:
+        configs = sd_configs.shipped_configs(version, v_parameterization)
+        configs["unet"] = single_file.adapt_unet_config(configs["unet"], state_dict)
+    unet, vae, text_encoder = single_file.build_components(state_dict, version, configs, path, torch_dtype)
+    tokenizer = load_clip_tokenizer(version, sd_configs.tokenizer_folder(model_config))
+    if len(tokenizer) > text_encoder.config.vocab_size:
+        raise FormatError(f"{path}: tokenizer has {len(tokenizer)} tokens, the text encoder "
+                          f"{text_encoder.config.vocab_size}; give a model_config with the right tokenizer/")
+    return SDModel(unet, vae, text_encoder, tokenizer, noise_scheduler(v_parameterization), version,
+                   v_parameterization, str(path), "single_file")
+
+
+def load_base(path, v2=False, v_parameterization=False, model_config=None, torch_dtype=None, allow_pickle=False):
+    """Load an SD 1.x / 2.x base model -> SDModel.
+
+    `path`: a diffusers folder, a single file in the original layout
+    (.safetensors, or a .ckpt read with `weights_only=True`), or a hub id
+    (through diffusers, when a network is there). `v2`: True requires an SD 2.x
+    model; False (kohya's default, "not given") detects the version.
+    `model_config`: a diffusers-layout folder of configs (and optionally
+    `tokenizer/`) used instead of the shipped SD 1.5 / 2.1 configs for a single
+    file. Errors are one-line `FormatError`/`ConfigError`s naming the file.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "unet" / "config.json").is_file():
+            raise FormatError(f"{p}: not a diffusers model folder (no unet/config.json)")
+        return _load_pretrained(str(p), True, torch_dtype, v2, v_parameterization, "diffusers")
+    if p.is_file() or p.suffix in SINGLE_FILE_SUFFIXES:
+        return _load_single_file(p, v2, v_parameterization, model_config, torch_dtype, allow_pickle)
+    if _HUB_ID.match(str(path)):
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        return _load_pretrained(str(path), offline, torch_dtype, v2, v_parameterization, "hub")
+    raise FormatError(f"{path}: no such file or folder (and not a hub id)")
+
+
+def _configs_of(model):
+    return {
+        "unet": dict(model.unet.config),
+        "vae": dict(model.vae.config),
+        "text_encoder": model.text_encoder.config.to_dict(),
+    }
+
+
+def _original_reader(original, path):
+    """(keys, get(key)) over the user's file or dict, reading lazily from .safetensors."""
+    if original is None:
+        return [], None
+    if isinstance(original, dict):
+        return list(original), original.__getitem__
+    original = Path(original)
+    if original.resolve() == Path(path).resolve():
+        raise FormatError(f"{path}: refusing to overwrite the file whose keys are being kept; save to a new file")
+    if original.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            f = safe_open(str(original), framework="pt")
+        except Exception as e:
+            raise FormatError(f"{original}: not a readable .safetensors file: {e}") from None
+        return list(f.keys()), f.get_tensor
+    sd = load_state_dict(original)
+    return list(sd), sd.__getitem__
+
+
+def original_layout_state_dict(model, original_state_dict=None):
+    """The model's weights in the original single-file layout (a dict; nothing written).
+
+    Keys of `original_state_dict` (a dict or a file path) that the model does
+    not produce (EMA weights, OpenCLIP's last block, ...) are kept.
+    """
+    version = getattr(model, "version", None)
+    if version not in ("sd1", "sd2"):
+        raise FormatError(f"cannot write the original layout for model version {version!r}")
+    core, extras = to_original(
+        model.unet.state_dict(), model.vae.state_dict(), model.text_encoder.state_dict(), version, _configs_of(model)
+    )
+    keys, get = _original_reader(original_state_dict, path="")
+    known = set(keys)
+    for k, v in extras.items():
+        if k not in known:
+            core[k] = v
+    kept = [k for k in keys if k not in core]
+    if kept:
+        logger.info("keeping %d keys of the original file the model does not hold (e.g. %s)", len(kept), kept[0])
+    for k in kept:
+        core[k] = get(k)
+    return core
+
+
+def save_single_file(model, path, save_precision="float", original_state_dict=None):
+    """Write `model` (an SDModel, or anything with unet/vae/text_encoder/version) as one original-layout file.
+
+    `.safetensors` by extension, else a `.ckpt` pickle; `save_precision`
+    float | fp16 | bf16; atomic. `original_state_dict` (dict or path of the
+    user's file, e.g. `model.source`) supplies keys to keep.
+    """
+    if isinstance(original_state_dict, (str, os.PathLike)):
+        _original_reader(original_state_dict, path)  # refuse overwriting the source early
+    sd = original_layout_state_dict(model, original_state_dict)
+    return save_state_dict(sd, path, save_precision)
+
+
+def save_diffusers(model, folder):
+    """Write `model` as a diffusers folder (atomically), loadable by `from_pretrained` and `load_base`."""
+    with atomic_path(folder) as tmp:
+        model.pipeline().save_pretrained(str(tmp))
+    return Path(folder)

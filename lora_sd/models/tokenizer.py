@@ -1,0 +1,105 @@
+"""The real CLIP tokenizer, offline: built from the BPE file that openai-clip ships.
+
+diffusers' single-file loader would fetch `openai/clip-vit-large-patch14`'s
+tokenizer from a hub. The vocabulary is a fact we can rebuild: the PyPI
+package `openai-clip` ships `clip/bpe_simple_vocab_16e6.txt.gz`. We find it
+without importing `clip` (its `__init__` imports torchvision), write
+`vocab.json` / `merges.txt` once into the user's cache folder and load them
+with transformers' CLIPTokenizer.
+"""
+
+import gzip
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+from ..errors import FormatError
+from ..io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+# CLIP uses the first 49152 - 256 - 2 merge lines (after the header line).
+NUM_MERGES = 49152 - 256 - 2
+VOCAB_SIZE = 256 * 2 + NUM_MERGES + 2  # 49408
+MODEL_MAX_LENGTH = 77
+# SD 1.x pads with <|endoftext|>; SD 2.x (OpenCLIP) pads with "!" (id 0).
+PAD_TOKEN = {"sd1": "<|endoftext|>", "sd2": "!"}
+
+
+def cache_dir():
+    """The folder for files we build once: $LORA_SD_CACHE, else $XDG_CACHE_HOME/lora_sd."""
+    if os.environ.get("LORA_SD_CACHE"):
+        return Path(os.environ["LORA_SD_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lora_sd"
+
+
+def find_bpe_file():
+    """Path of openai-clip's BPE vocabulary, found without importing `clip`."""
+    spec = importlib.util.find_spec("clip")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / BPE_FILE
+        if path.is_file():
+            return path
+    raise FormatError(
+        f"the CLIP BPE vocabulary ({BPE_FILE}) was not found; install it with `pip install openai-clip`"
+    )
+
+
+def bytes_to_unicode():
+    """CLIP's reversible byte -> printable character table, in CLIP's order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_clip_tokenizer_files(folder, bpe_path=None):
+    """Write CLIP's vocab.json and merges.txt (49408 tokens) into `folder`."""
+    lines = gzip.open(bpe_path or find_bpe_file()).read().decode("utf-8").split("\n")
+    merges = lines[1 : NUM_MERGES + 1]
+    chars = bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == VOCAB_SIZE, len(vocab)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder
+
+
+def clip_tokenizer_folder(cache=None):
+    """The cached folder with CLIP's vocab.json / merges.txt, built on first use."""
+    folder = Path(cache or cache_dir()) / "clip_tokenizer"
+    if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
+        logger.info("building the CLIP tokenizer files in %s", folder)
+        with atomic_path(folder) as tmp:  # atomic: parallel first runs never see half a folder
+            write_clip_tokenizer_files(tmp)
+    return folder
+
+
+def load_clip_tokenizer(version="sd1", folder=None, cache=None):
+    """CLIPTokenizer for SD 1.x ("sd1") or 2.x ("sd2"), no network.
+
+    `folder` is a saved tokenizer (a diffusers model's `tokenizer/`, loaded
+    with its own settings); by default the real CLIP vocabulary, cached under
+    `cache` (default `cache_dir()`).
+    """
+    from transformers import CLIPTokenizer
+
+    if folder is not None:
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    folder = clip_tokenizer_folder(cache)
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"),
+        pad_token=PAD_TOKEN[version], model_max_length=MODEL_MAX_LENGTH,
+    )
