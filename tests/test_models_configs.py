@@ -110,3 +110,17 @@ def test_inpainting_in_channels_come_from_the_file():
 
     cfg = adapt_unet_config(sd_configs.UNET_SD1, {"model.diffusion_model.input_blocks.0.0.weight": torch.empty(320, 9, 3, 3)})
     assert cfg["in_channels"] == 9 and sd_configs.UNET_SD1["in_channels"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["sd1", "sd2"])
+def test_full_size_file_round_trip(version, tmp_path):
+    """Real random weights through a 4-5 GB file (benchmarks/single_file_roundtrip.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "single_file_roundtrip.py"
+    spec = importlib.util.spec_from_file_location("single_file_roundtrip", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.run(version, tmp_path)

@@ -99,6 +99,9 @@ def test_ckpt_loads_and_saves(tiny_files, tmp_path):
     ckpt, _ = save_tiny_single_file(tmp_path / "tiny.ckpt", "sd1", seed=3, model_config=tmp_path / "cfg")
     model = load_base(ckpt, model_config=config)
     _assert_same_state_dicts(load_state_dict(path), load_state_dict(ckpt))
+    legacy = tmp_path / "legacy.ckpt"  # the pre-zip pickle format old checkpoints use (cannot be mmapped)
+    torch.save({"state_dict": load_state_dict(path)}, legacy, _use_new_zipfile_serialization=False)
+    _assert_same_state_dicts(load_state_dict(path), load_state_dict(legacy))
     out = save_single_file(model, tmp_path / "out.ckpt", save_precision="fp16")
     raw = torch.load(out, weights_only=True)
     assert set(raw) == {"state_dict"}

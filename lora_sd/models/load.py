@@ -8,6 +8,7 @@ file (`tokenizer.py`). `save_single_file` writes the original layout again
 weights, ...) from the user's file; `save_diffusers` writes a folder.
 """
 
+import json
 import logging
 import os
 import re
@@ -76,11 +77,24 @@ def _version_of_text_config(config):
     return "sd2" if getattr(config, "hidden_act", "quick_gelu") == "gelu" else "sd1"
 
 
+def _warn_prediction_type(source, v_parameterization):
+    """A folder whose scheduler says v_prediction trained as epsilon is a silent mistake: say so."""
+    path = Path(source) / "scheduler" / "scheduler_config.json"
+    try:
+        prediction = json.loads(path.read_text(encoding="utf-8")).get("prediction_type", "epsilon")
+    except (OSError, ValueError):
+        return
+    if (prediction == "v_prediction") != bool(v_parameterization):
+        logger.warning("%s: its scheduler uses %s but v_parameterization=%s", source, prediction, v_parameterization)
+
+
 def _load_pretrained(source, local_files_only, torch_dtype, v2, v_parameterization, source_format):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     kw = dict(local_files_only=local_files_only)
+    # float32 unless asked: transformers 5 would otherwise keep a folder's saved dtype ("auto").
+    torch_dtype = torch_dtype or torch.float32
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **kw)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **kw)
@@ -91,6 +105,7 @@ def _load_pretrained(source, local_files_only, torch_dtype, v2, v_parameterizati
         raise FormatError(f"{source}: could not load a diffusers Stable Diffusion model: {msg}") from None
     version = _version_of_text_config(text_encoder.config)
     single_file.check_version(version, v2, source)
+    _warn_prediction_type(source, v_parameterization)
     for m in (unet, vae, text_encoder):
         m.eval()
     return SDModel(unet, vae, text_encoder, tokenizer, noise_scheduler(v_parameterization), version,

@@ -40,7 +40,12 @@ def _load_ckpt(path, allow_pickle):
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
         with torch.serialization.safe_globals(_HARMLESS_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:  # mmap: a 4 GB checkpoint is not read into memory twice
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # only the old (non-zip) format cannot be mapped
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):
