@@ -162,15 +162,13 @@ def _configs_of(model):
     }
 
 
-def _original_reader(original, path):
+def _original_reader(original):
     """(keys, get(key)) over the user's file or dict, reading lazily from .safetensors."""
     if original is None:
         return [], None
     if isinstance(original, dict):
         return list(original), original.__getitem__
     original = Path(original)
-    if original.resolve() == Path(path).resolve():
-        raise FormatError(f"{path}: refusing to overwrite the file whose keys are being kept; save to a new file")
     if original.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -195,7 +193,7 @@ def original_layout_state_dict(model, original_state_dict=None):
     core, extras = to_original(
         model.unet.state_dict(), model.vae.state_dict(), model.text_encoder.state_dict(), version, _configs_of(model)
     )
-    keys, get = _original_reader(original_state_dict, path="")
+    keys, get = _original_reader(original_state_dict)
     known = set(keys)
     for k, v in extras.items():
         if k not in known:
@@ -215,8 +213,9 @@ def save_single_file(model, path, save_precision="float", original_state_dict=No
     float | fp16 | bf16; atomic. `original_state_dict` (dict or path of the
     user's file, e.g. `model.source`) supplies keys to keep.
     """
-    if isinstance(original_state_dict, (str, os.PathLike)):
-        _original_reader(original_state_dict, path)  # refuse overwriting the source early
+    if isinstance(original_state_dict, (str, os.PathLike)) and Path(original_state_dict).resolve() == Path(path).resolve():
+        # the source's tensors may be memory-mapped from the file being replaced: write a new file
+        raise FormatError(f"{path}: refusing to overwrite the file whose keys are being kept; save to a new file")
     sd = original_layout_state_dict(model, original_state_dict)
     return save_state_dict(sd, path, save_precision)
 

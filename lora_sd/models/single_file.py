@@ -60,7 +60,8 @@ def check_version(detected, v2, path):
         raise FormatError(f"{path}: --v2 was given but the file looks like {VERSION_NAMES[detected]}; drop --v2")
     if v2 is False and detected == "sd2":
         # kohya's default is v2=False meaning "not given": detect instead of failing on shapes.
-        logger.info("%s: detected %s (v2 not given)", path, VERSION_NAMES[detected])
+        logger.info("%s: detected %s (v2 not given; 768-v models also need v_parameterization)",
+                    path, VERSION_NAMES[detected])
 
 
 def adapt_unet_config(unet_config, state_dict):
