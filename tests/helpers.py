@@ -54,3 +54,29 @@ def model_outputs(tiny_or_parts, unet=None, text_encoder=None, seed=0):
         te = text_encoder(text_ids(tiny_or_parts))[0]
         out = unet(x, torch.tensor([10]), cond).sample
     return te, out
+
+
+def outputs_with_loras(tiny, loras, weights, seed=0):
+    """model_outputs of copies of tiny's U-Net and text encoder with `loras` as PEFT adapters at `weights`.
+
+    The reference for merges: diffusers' own adapter weighting (`set_adapters`), not our arithmetic.
+    """
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    unet, te = copy.deepcopy(tiny.unet), copy.deepcopy(tiny.text_encoder)
+    pipe = StableDiffusionPipeline(unet=unet, vae=tiny.vae, text_encoder=te, tokenizer=tiny.tokenizer,
+                                   scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    names = []
+    for i, lora in enumerate(loras):
+        lora.apply_to(unet=unet, text_encoder=te, adapter_name=f"ref{i}")
+        names.append(f"ref{i}")
+    pipe.set_adapters(names, adapter_weights=list(weights))
+    return model_outputs(tiny, unet=unet, text_encoder=te, seed=seed)
+
+
+def max_diff(a, b):
+    """Largest absolute difference over two tuples of tensors."""
+    return max((x - y).abs().max().item() for x, y in zip(a, b))

@@ -1,0 +1,24 @@
+"""Functions on LoraWeights: merge (into a model, LoRA+LoRA), SVD merge, extraction.
+
+- `merge_loras(loras, ratios, mode="exact"|"kohya")`, `merge_into_models(loras, ratios, models)`
+- `svd_merge(loras, ratios, new_rank, new_conv_rank=None)`
+- `extract_lora(org_models, tuned_models, dim, conv_dim=None, min_diff=0.01)`
+- the `*_files` variants read and write files (what the recipes call)
+- `lowrank`: the tensor math under them
+"""
+
+from lora_sd.ops.extract import extract_lora, extract_lora_files
+from lora_sd.ops.merge import merge_into_model_file, merge_into_models, merge_lora_files, merge_loras, parse_ratios
+from lora_sd.ops.svd_merge import svd_merge, svd_merge_files
+
+__all__ = [
+    "extract_lora",
+    "extract_lora_files",
+    "merge_into_model_file",
+    "merge_into_models",
+    "merge_lora_files",
+    "merge_loras",
+    "parse_ratios",
+    "svd_merge",
+    "svd_merge_files",
+]

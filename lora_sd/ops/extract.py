@@ -1,0 +1,134 @@
+"""Extract a LoRA from two models: the truncated SVD of tuned - original, per module.
+
+The modules are those sd-scripts' networks.lora adapts (`lora_sd.targets`):
+Linear and 1x1 convs of the U-Net's transformer blocks and of the text
+encoder's attention and MLP at rank `dim`; with `conv_dim` also the resnet and
+sampler convs (3x3 at `conv_dim`, their Linear/1x1 at `dim`). The text encoder
+is left out when no weight differs by more than `min_diff` (sd-scripts' rule).
+Singular values go into `up` and alpha = rank (scale 1), as sd-scripts writes.
+"""
+
+import json
+import logging
+
+import torch
+
+from lora_sd.errors import ConfigError, ModelMismatchError
+from lora_sd.lora_weights import LoraModule, LoraWeights, key_for_module
+from lora_sd.ops.lowrank import as_matrix, max_rank, to_lora_shapes, truncated_svd
+from lora_sd.ops.svd_merge import check_rank, resolve_device
+from lora_sd.targets import TEXT_ENCODER_TARGET_CLASSES, UNET_CONV_TARGET_CLASSES, UNET_TARGET_CLASSES, find_targets
+
+logger = logging.getLogger(__name__)
+
+
+def _target_weights(component, org, tuned, with_conv):
+    """[(module name, is_3x3, original weight, tuned weight)] for sd-scripts' targets of a component."""
+    if component == "unet":
+        classes = UNET_TARGET_CLASSES + (UNET_CONV_TARGET_CLASSES if with_conv else ())
+    else:
+        classes = TEXT_ENCODER_TARGET_CLASSES
+    targets = find_targets(org, classes, with_conv=with_conv and component == "unet")
+    tuned_modules = dict(tuned.named_modules())
+    org_modules = dict(org.named_modules())
+    found = []
+    for name, is_conv in targets.items():
+        w_org = org_modules[name].weight
+        other = tuned_modules.get(name)
+        if other is None or not hasattr(other, "weight"):
+            raise ModelMismatchError(f"--model_tuned has no module {component}.{name}: the two models differ in structure")
+        if other.weight.shape != w_org.shape:
+            raise ModelMismatchError(
+                f"{component}.{name}: --model_org has shape {tuple(w_org.shape)}, --model_tuned "
+                f"{tuple(other.weight.shape)}: the two models are not the same architecture"
+            )
+        found.append((name, is_conv, w_org, other.weight))
+    return found
+
+
+def max_difference(pairs, device) -> float:
+    """The largest |tuned - original| over the given weight pairs."""
+    biggest = 0.0
+    with torch.no_grad():
+        for _, _, w_org, w_tuned in pairs:
+            diff = w_tuned.to(device, torch.float32) - w_org.to(device, torch.float32)
+            biggest = max(biggest, diff.abs().max().item())
+    return biggest
+
+
+def extract_lora(org: dict, tuned: dict, dim, conv_dim=None, min_diff=0.01, device="cpu", method="auto",
+                 progress=None) -> LoraWeights:
+    """A LoRA whose deltas approximate tuned - org, from {'unet': ..., 'text_encoder': ...} dicts of modules.
+
+    `dim` / `conv_dim`: ranks of Linear-and-1x1 / 3x3 modules (clamped to what
+    each module allows, reported). `method`: 'auto' | 'full' | 'randomized'
+    (see `lowrank.truncated_svd`). `progress(name)` is called per module.
+    """
+    dim = check_rank(dim, "--dim")
+    if conv_dim is not None:
+        conv_dim = check_rank(conv_dim, "--conv_dim")
+    dev = resolve_device(str(device))
+    lora = LoraWeights(metadata=_metadata(dim, conv_dim))
+    clamped = []
+    for component in ("text_encoder", "unet"):
+        if org.get(component) is None or tuned.get(component) is None:
+            continue
+        pairs = _target_weights(component, org[component], tuned[component], with_conv=conv_dim is not None)
+        if component == "text_encoder":
+            biggest = max_difference(pairs, dev)
+            if biggest <= min_diff:
+                logger.info("text encoder: largest weight difference %.3g is not above --min_diff %g: "
+                            "the text encoder is left out of the LoRA", biggest, min_diff)
+                continue
+            logger.info("text encoder: largest weight difference %.3g: extracting it", biggest)
+        for name, is_conv, w_org, w_tuned in pairs:
+            wanted = conv_dim if is_conv else dim
+            rank = min(wanted, max_rank(w_org.shape))
+            if rank < wanted:
+                clamped.append((f"{component}.{name}", rank))
+            with torch.no_grad():
+                diff = w_tuned.to(dev, torch.float32) - w_org.to(dev, torch.float32)
+                up, down = truncated_svd(as_matrix(diff), rank, method)
+            down, up = to_lora_shapes(up.cpu(), down.cpu(), tuple(w_org.shape))
+            lora.modules[key_for_module(component, name)] = LoraModule(down.contiguous(), up.contiguous(), float(rank))
+            if progress is not None:
+                progress(name)
+    if clamped:
+        logger.warning("%d module(s) allow less than the rank asked for and were clamped (e.g. %s to rank %d)",
+                       len(clamped), *clamped[0])
+    if not lora.modules:
+        raise ConfigError("nothing to extract: the models have no target modules")
+    return lora
+
+
+def _metadata(dim, conv_dim):
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(dim), "ss_network_alpha": str(dim)}
+    if conv_dim is not None:
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)})
+    return meta
+
+
+def extract_lora_files(model_org, model_tuned, save_to, dim, conv_dim=None, v2=False, device="cpu",
+                       save_precision="float", min_diff=0.01, model_config=None):
+    """extract_lora_from_models.py: two model files/folders -> a kohya LoRA file at `save_to`."""
+    from lora_sd.formats import precision_dtype, save_lora
+    from lora_sd.models import load_base
+
+    check_rank(dim, "--dim")
+    if conv_dim is not None:
+        check_rank(conv_dim, "--conv_dim")
+    resolve_device(device)
+    precision_dtype(save_precision)
+    org = load_base(model_org, v2=v2, model_config=model_config)
+    tuned = load_base(model_tuned, v2=v2, model_config=model_config)
+    if org.version != tuned.version:
+        raise ModelMismatchError(f"--model_org is {org.version} but --model_tuned is {tuned.version}")
+    lora = extract_lora({"unet": org.unet, "text_encoder": org.text_encoder},
+                        {"unet": tuned.unet, "text_encoder": tuned.text_encoder},
+                        dim, conv_dim, min_diff, device)
+    lora.metadata["ss_v2"] = str(org.version == "sd2")
+    lora.metadata["ss_base_model_version"] = "sd_v2" if org.version == "sd2" else "sd_v1"
+    save_lora(lora, save_to, save_precision=save_precision, version=org.version,
+              v_parameterization=org.v_parameterization)
+    logger.info("wrote %s: %d modules (%s)", save_to, len(lora.modules), ", ".join(lora.components))
+    return lora

@@ -1,0 +1,107 @@
+"""Low-rank math on weight deltas: tensors in, tensors out.
+
+A weight delta is a Linear weight [out, in] or a conv weight [out, in, k, k];
+convolutions are factorized as the matrix [out, in*k*k] (what a LoRA's
+down [r, in, k, k] / up [out, r, 1, 1] pair multiplies out to). The singular
+values go into `up`, as sd-scripts does: delta ~= up @ down at scale 1.
+
+Three ways to a truncated SVD, all returning the same factors:
+- `full`: `torch.linalg.svd`, the reference;
+- `randomized`: `torch.svd_lowrank` (Halko et al.) with oversampling and power
+  iterations, for a full matrix whose rank is much larger than the one kept
+  (extraction from two models);
+- `factorize_product`: exact and cheap when the matrix is given as a product
+  of thin factors (a sum of LoRAs): QR of each factor, then the SVD of a
+  small core matrix.
+"""
+
+import torch
+
+METHODS = ("auto", "full", "randomized")
+# Randomized SVD: rank + OVERSAMPLE_FACTOR * rank + OVERSAMPLE random directions and
+# POWER_ITERATIONS subspace iterations. Measured on 1280x11520 deltas (rank 64 + noise,
+# ranks 16..48 kept): error within 0.2% of the optimum; rank + 10 directions gave ~1%.
+OVERSAMPLE_FACTOR = 1
+OVERSAMPLE = 10
+POWER_ITERATIONS = 4
+
+
+def as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] for a Linear weight, [out, in*k*k] for a conv weight."""
+    return weight.flatten(1) if weight.dim() > 2 else weight
+
+
+def max_rank(weight_shape) -> int:
+    """The largest rank a delta of this shape can have."""
+    out_dim = weight_shape[0]
+    in_dim = 1
+    for d in weight_shape[1:]:
+        in_dim *= d
+    return min(out_dim, in_dim)
+
+
+def to_lora_shapes(up: torch.Tensor, down: torch.Tensor, weight_shape):
+    """(down, up) shaped for a module whose weight has `weight_shape` (convs: 4-D)."""
+    if len(weight_shape) == 4:
+        return down.reshape(down.shape[0], *weight_shape[1:]), up.reshape(*up.shape, 1, 1)
+    return down, up
+
+
+def _pad_rank(up, down, rank):
+    """Zero columns/rows up to `rank` (a delta of lower rank than asked for)."""
+    missing = rank - down.shape[0]
+    if missing <= 0:
+        return up[:, :rank], down[:rank]
+    up = torch.cat([up, up.new_zeros(up.shape[0], missing)], dim=1)
+    down = torch.cat([down, down.new_zeros(missing, down.shape[1])], dim=0)
+    return up, down
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int, method: str = "auto", niter: int = POWER_ITERATIONS):
+    """(up [out, rank], down [rank, in]) with up @ down the best rank-`rank` approximation.
+
+    `auto` uses the randomized SVD when the rank kept (plus oversampling) is
+    under half the matrix's smaller side, the full SVD otherwise.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    rank = min(rank, min(matrix.shape))
+    q = rank * (1 + OVERSAMPLE_FACTOR) + OVERSAMPLE
+    if method == "randomized" or (method == "auto" and q < min(matrix.shape) // 2):
+        q = min(q, min(matrix.shape))
+        u, s, v = torch.svd_lowrank(matrix, q=q, niter=niter)
+        vh = v.T
+    else:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank] * s[:rank], vh[:rank]
+
+
+def factorize_product(up: torch.Tensor, down: torch.Tensor, rank: int):
+    """Exact truncated SVD of `up @ down` (up [out, k], down [k, in]) without forming it.
+
+    QR of both thin factors, SVD of the small [k, k] core: the optimum of the
+    Eckart-Young theorem at O((out + in) k^2) instead of O(out * in * min(out, in)).
+    Returns (up [out, rank], down [rank, in]), padded with zeros when the product
+    has lower rank than asked for.
+    """
+    q_u, r_u = torch.linalg.qr(up)  # [out, k'], [k', k]
+    q_d, r_d = torch.linalg.qr(down.T)  # [in, k''], [k'', k]
+    u, s, vh = torch.linalg.svd(r_u @ r_d.T, full_matrices=False)
+    new_up = q_u @ (u * s)
+    new_down = vh @ q_d.T
+    return _pad_rank(new_up, new_down, rank)
+
+
+def approximation_error(matrix: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
+    """Frobenius norm of matrix - up @ down."""
+    return torch.linalg.matrix_norm(matrix.double() - up.double() @ down.double()).item()
+
+
+def optimal_error(matrix: torch.Tensor, rank: int) -> float:
+    """The smallest Frobenius error any rank-`rank` approximation can have (Eckart-Young).
+
+    Computed in float64: float32 singular values are not accurate enough for a
+    small tail under a large head.
+    """
+    s = torch.linalg.svdvals(matrix.double())
+    return s[rank:].square().sum().sqrt().item()

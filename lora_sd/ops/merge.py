@@ -1,0 +1,305 @@
+"""Merge LoRAs: into a model's weights, or into one LoRA.
+
+Into a model (what sd-scripts does too): W' = W + sum_i ratio_i * up_i @ down_i * alpha_i / rank_i,
+computed in the chosen precision, 3x3 convs included.
+
+LoRA + LoRA, two modes:
+- `exact` (the default): ranks concatenated, each up_i scaled by
+  ratio_i * alpha_i / rank_i, alpha = the total rank. The result's delta is
+  sum_i ratio_i * delta_i for every module, whatever the ranks and alphas.
+- `kohya`: sd-scripts' merge_lora.py without --concat. With base alpha = the
+  first file's alpha and s_i = sqrt(alpha_i / base_alpha) * ratio_i,
+  up = sum |s_i| up_i, down = sum s_i down_i, alpha = base alpha. That is not
+  sum_i ratio_i * delta_i (cross terms; one LoRA at ratio r comes out at
+  r * |r| * delta), but it keeps the rank. Refused when ranks or alphas differ.
+
+LoRAs made for different base models (SD 1.x and 2.x) are refused; a module
+in only some LoRAs is merged exactly (the others contribute nothing).
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lora_sd.errors import ConfigError, ModelMismatchError
+from lora_sd.lora_weights import LoraModule, LoraWeights, model_module_name
+
+logger = logging.getLogger(__name__)
+
+MODES = ("exact", "kohya")
+VERSION_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+def parse_ratios(models, ratios, option="--ratios") -> list[float]:
+    """One float per model; none given means 1.0 each. ConfigError on a count or value problem."""
+    if ratios is None or len(ratios) == 0:
+        return [1.0] * len(models)
+    if len(ratios) != len(models):
+        raise ConfigError(f"{option}: {len(ratios)} value(s) for {len(models)} model(s); give one per model")
+    values = []
+    for r in ratios:
+        try:
+            values.append(float(r))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{option}: {r!r} is not a number") from None
+        if not math.isfinite(values[-1]):
+            raise ConfigError(f"{option}: {r!r} is not a finite number")
+    return values
+
+
+def lora_version(lora: LoraWeights) -> str | None:
+    """'sd1', 'sd2', 'sdxl' from a LoRA's metadata, or None when it does not say."""
+    meta = lora.metadata
+    base = meta.get("ss_base_model_version", "")
+    arch = meta.get("modelspec.architecture", "")
+    if base.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
+        return "sdxl"
+    if base.startswith("sd_v2") or arch.startswith("stable-diffusion-v2") or meta.get("ss_v2") == "True":
+        return "sd2"
+    if base.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
+        return "sd1"
+    return None
+
+
+def common_version(loras, names) -> str | None:
+    """The base-model version all LoRAs agree on (None if none says); ConfigError if they differ."""
+    seen = {}
+    for lora, name in zip(loras, names):
+        version = lora_version(lora)
+        if version is not None:
+            seen.setdefault(version, name)
+    if len(seen) > 1:
+        (v1, n1), (v2, n2) = list(seen.items())[:2]
+        raise ConfigError(
+            f"{n1} is a LoRA for {VERSION_NAMES[v1]} but {n2} is for {VERSION_NAMES[v2]}: "
+            "LoRAs for different base models cannot be merged"
+        )
+    return next(iter(seen), None)
+
+
+def check_model_version(lora, name, model_version):
+    """ModelMismatchError when a LoRA's metadata names another base model than the model's."""
+    version = lora_version(lora)
+    if version is not None and model_version is not None and version != model_version:
+        raise ModelMismatchError(
+            f"{name} is a LoRA for {VERSION_NAMES.get(version, version)} but the model is "
+            f"{VERSION_NAMES.get(model_version, model_version)}"
+        )
+
+
+@dataclass
+class ModuleParts:
+    """One module as found in several LoRAs: [(ratio, module, file name)], 2-D views checked to agree."""
+
+    key: str
+    parts: list
+    shape: tuple  # the first LoRA's down shape minus the rank: (in,) or (in, k, k)
+
+    def downs(self, dtype=torch.float32):
+        return [m.down.to(dtype).flatten(1) for _, m, _ in self.parts]  # [rank_i, in*k*k]
+
+    def scaled_ups(self, dtype=torch.float32):
+        return [m.up.to(dtype).flatten(1) * (r * m.scale) for r, m, _ in self.parts]  # [out, rank_i]
+
+    def weight_shape(self, out_dim):
+        return (out_dim, *self.shape)
+
+    def as_module(self, up_2d, down_2d, alpha) -> LoraModule:
+        """A LoraModule from 2-D factors, shaped as this module's first LoRA has it."""
+        down = down_2d.reshape(down_2d.shape[0], *self.shape)
+        up = up_2d if len(self.shape) == 1 else up_2d[:, :, None, None]
+        return LoraModule(down.contiguous(), up.contiguous(), float(alpha))
+
+
+def gather_modules(loras, ratios, names) -> list[ModuleParts]:
+    """Every module key of the LoRAs, in order of first appearance, with the LoRAs that have it.
+
+    Shapes are checked across LoRAs (a 1x1 conv and a Linear of the same size
+    agree, as SD 2 files have either); a mismatch is a ConfigError naming the
+    module and both files. Modules or components found in only some LoRAs
+    are reported.
+    """
+    gathered: dict[str, ModuleParts] = {}
+    for lora, ratio, name in zip(loras, ratios, names):
+        for key, m in lora.modules.items():
+            entry = gathered.get(key)
+            if entry is None:
+                gathered[key] = ModuleParts(key, [(ratio, m, name)], tuple(m.down.shape[1:]))
+                continue
+            _, first, first_name = entry.parts[0]
+            if _flat_shape(m) != _flat_shape(first):
+                raise ConfigError(
+                    f"module {key}: {first_name} has {_describe(first)} but {name} has {_describe(m)}: "
+                    "these LoRAs are for different models (SD 1.x and 2.x?) and cannot be merged"
+                )
+            entry.parts.append((ratio, m, name))
+    _report_partial(gathered, loras, names)
+    return list(gathered.values())
+
+
+def _flat_shape(m: LoraModule):
+    kernel = tuple(m.down.shape[2:]) if m.down.dim() == 4 and m.down.shape[-1] > 1 else ()
+    return m.up.shape[0], m.down[0].numel(), kernel
+
+
+def _describe(m: LoraModule):
+    return f"down {tuple(m.down.shape)}, up {tuple(m.up.shape)}"
+
+
+def _report_partial(gathered, loras, names):
+    for component in {c for lora in loras for c in lora.components}:
+        missing = [n for lora, n in zip(loras, names) if component not in lora.components]
+        if missing:
+            logger.info("%s has no %s modules: the %s is merged from the other LoRAs only",
+                        ", ".join(missing), component, component)
+    partial = [e.key for e in gathered.values() if len(e.parts) < len(loras)]
+    if partial:
+        logger.info("%d module(s) are in only some of the LoRAs (e.g. %s): merged from those", len(partial), partial[0])
+
+
+# --- LoRA + LoRA --------------------------------------------------------------------
+
+
+def merge_loras(loras, ratios, mode="exact", names=None) -> LoraWeights:
+    """Merge LoRAs into one LoRA ('exact' concatenates ranks; 'kohya' is sd-scripts' weighted sum)."""
+    if mode not in MODES:
+        raise ConfigError(f"merge mode must be one of {MODES}, got {mode!r}")
+    names = names or [f"LoRA #{i + 1}" for i in range(len(loras))]
+    version = common_version(loras, names)
+    merged = LoraWeights(metadata=_merged_metadata(loras, version))
+    for entry in gather_modules(loras, ratios, names):
+        merged.modules[entry.key] = _merge_exact(entry) if mode == "exact" else _merge_kohya(entry)
+    return merged
+
+
+def _merge_exact(entry: ModuleParts) -> LoraModule:
+    up = torch.cat(entry.scaled_ups(), dim=1)  # [out, sum rank_i]
+    down = torch.cat(entry.downs(), dim=0)  # [sum rank_i, in*k*k]
+    return entry.as_module(up, down, alpha=down.shape[0])  # scale 1: the ratios are in `up`
+
+
+def _merge_kohya(entry: ModuleParts) -> LoraModule:
+    _, first, first_name = entry.parts[0]
+    for _, m, name in entry.parts[1:]:
+        if m.rank != first.rank or m.alpha != first.alpha:
+            raise ConfigError(
+                f"module {entry.key}: {first_name} has rank {first.rank}, alpha {first.alpha:g} but {name} "
+                f"has rank {m.rank}, alpha {m.alpha:g}; --concat false (sd-scripts' sum) needs equal ranks and "
+                "alphas: use the exact merge (--concat true) or svd_merge_lora.py to get one rank"
+            )
+    base_alpha = first.alpha
+    up = torch.zeros_like(first.up, dtype=torch.float32)
+    down = torch.zeros_like(first.down, dtype=torch.float32)
+    for ratio, m, _ in entry.parts:
+        s = math.sqrt(m.alpha / base_alpha) * ratio
+        up += abs(s) * m.up.float().reshape(up.shape)
+        down += s * m.down.float().reshape(down.shape)
+    return LoraModule(down, up, base_alpha)
+
+
+def _merged_metadata(loras, version):
+    meta = {"ss_network_module": "networks.lora"}
+    if version is not None:
+        meta["ss_base_model_version"] = {"sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(version, "sd_v1")
+        meta["ss_v2"] = str(version == "sd2")
+    return meta
+
+
+# --- into a model --------------------------------------------------------------------
+
+
+def merge_into_models(loras, ratios, models: dict, precision=torch.float32, names=None, model_version=None):
+    """Add each LoRA's delta times its ratio to the weights of `models` ({'unet': ..., 'text_encoder': ...}).
+
+    Every module of every LoRA is checked to exist and fit before any weight
+    changes; the first that does not is a ModelMismatchError naming the file
+    and the module. The sum is computed in `precision` and stored in each
+    weight's own dtype. Returns the number of weights changed.
+    """
+    names = names or [f"LoRA #{i + 1}" for i in range(len(loras))]
+    plan = []  # (weight parameter, ratio, LoraModule) for every module, checked first
+    for lora, ratio, name in zip(loras, ratios, names):
+        check_model_version(lora, name, model_version)
+        for component in lora.components:
+            model = models.get(component)
+            if model is None:
+                raise ModelMismatchError(f"{name}: has {component} modules but the model has no {component}")
+            named = dict(model.named_modules())
+            for path, m in lora.component(component).items():
+                layer = named.get(model_module_name(component, path, model))
+                plan.append((_checked_weight(layer, m, f"{component}.{path}", name), ratio, m))
+    changed = set()
+    with torch.no_grad():
+        for weight, ratio, m in plan:
+            delta = m.delta(precision).reshape(weight.shape)
+            weight.copy_((weight.to(precision) + ratio * delta).to(weight.dtype))
+            changed.add(id(weight))
+    return len(changed)
+
+
+def _checked_weight(layer, m: LoraModule, key, name):
+    if hasattr(layer, "get_base_layer"):
+        layer = layer.get_base_layer()
+    if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+        raise ModelMismatchError(f"{name}: LoRA module {key} does not exist in the model")
+    weight = layer.weight
+    kernel = tuple(weight.shape[2:]) if weight.dim() == 4 and weight.shape[-1] > 1 else ()
+    if _flat_shape(m) != (weight.shape[0], weight[0].numel(), kernel):
+        raise ModelMismatchError(
+            f"{name}: LoRA module {key} does not fit the model: {_describe(m)}, the weight is {tuple(weight.shape)}"
+        )
+    return weight
+
+
+# --- files ---------------------------------------------------------------------------
+
+
+def merge_lora_files(models, ratios, save_to, concat=True, save_precision="float"):
+    """merge_lora.py without --sd_model: LoRA files into one kohya LoRA file at `save_to`."""
+    from lora_sd.formats import load_lora, precision_dtype, save_lora
+
+    ratios = parse_ratios(models, ratios)
+    precision_dtype(save_precision)
+    names = [str(p) for p in models]
+    loras = [load_lora(p) for p in models]
+    merged = merge_loras(loras, ratios, "exact" if concat else "kohya", names)
+    version = common_version(loras, names) or "sd1"
+    save_lora(merged, save_to, save_precision=save_precision, version=version)
+    logger.info("wrote %s: %d modules (%s merge)", save_to, len(merged.modules), "exact" if concat else "kohya")
+    return merged
+
+
+def merge_into_model_file(sd_model, save_to, models, ratios, v2=False, precision="float", save_precision=None,
+                          model_config=None):
+    """merge_lora.py with --sd_model: LoRA files merged into a model, saved as a single file or a folder.
+
+    `save_to` with a single-file suffix (.safetensors, .ckpt, ...) is written in
+    the original layout, keeping the other keys of a single-file `sd_model`;
+    anything else becomes a diffusers folder. Nothing is written on error.
+    """
+    from lora_sd.formats import load_lora, precision_dtype
+    from lora_sd.models import load_base, save_diffusers, save_single_file
+    from lora_sd.models.load import SINGLE_FILE_SUFFIXES
+
+    ratios = parse_ratios(models, ratios)
+    merge_dtype = precision_dtype(precision, "--precision")
+    save_precision = save_precision or precision
+    save_dtype = precision_dtype(save_precision)
+    names = [str(p) for p in models]
+    loras = [load_lora(p) for p in models]
+    model = load_base(sd_model, v2=v2, model_config=model_config)
+    parts = {"unet": model.unet, "text_encoder": model.text_encoder}
+    merge_into_models(loras, ratios, parts, merge_dtype, names, model_version=model.version)
+    for name, ratio in zip(names, ratios):
+        logger.info("merged %s at ratio %g", name, ratio)
+    if str(save_to).lower().endswith(SINGLE_FILE_SUFFIXES):
+        original = model.source if model.source_format == "single_file" else None
+        save_single_file(model, save_to, save_precision=save_precision, original_state_dict=original)
+    else:
+        for m in (model.unet, model.vae, model.text_encoder):
+            m.to(save_dtype)
+        save_diffusers(model, save_to)
+    logger.info("wrote %s", save_to)
+    return model

@@ -1,0 +1,99 @@
+"""SVD merge: LoRAs of any ranks into one LoRA of a chosen rank.
+
+Per module the weighted deltas are summed, sum_i ratio_i * alpha_i / rank_i * up_i @ down_i,
+and truncated to `new_rank` (3x3 convs, seen as [out, in*9] matrices, to
+`new_conv_rank`). The sum is never formed: it is the product of the
+concatenated factors, whose truncated SVD `lowrank.factorize_product` computes
+exactly (QR + a small SVD), so the result is the optimal rank-R approximation
+at a fraction of the cost of a full SVD. Singular values go into `up` and
+alpha = rank, so the file's scale is 1, as sd-scripts' svd_merge_lora writes.
+"""
+
+import json
+import logging
+
+import torch
+
+from lora_sd.errors import ConfigError
+from lora_sd.lora_weights import LoraWeights
+from lora_sd.ops.lowrank import factorize_product, max_rank
+from lora_sd.ops.merge import common_version, gather_modules, parse_ratios
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'cpu' / 'cuda' / 'cuda:N' as a torch.device; ConfigError when CUDA is asked for and absent."""
+    device = device or "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device: {device!r} is not a device (use cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    return dev
+
+
+def check_rank(value, option) -> int:
+    if value is None or int(value) != value or value <= 0:
+        raise ConfigError(f"{option}: must be a positive whole number, got {value!r}")
+    return int(value)
+
+
+def svd_merge(loras, ratios, new_rank, new_conv_rank=None, device="cpu", precision=torch.float32,
+              names=None) -> LoraWeights:
+    """LoRAs into one LoRA of rank `new_rank` (3x3 convs: `new_conv_rank`, default `new_rank`).
+
+    `precision` is the dtype the inputs are rounded to before merging (the
+    linear algebra itself runs in float32 or wider). A rank above what a
+    module allows is clamped to min(out, in*k*k), and reported.
+    """
+    new_rank = check_rank(new_rank, "--new_rank")
+    new_conv_rank = check_rank(new_conv_rank if new_conv_rank is not None else new_rank, "--new_conv_rank")
+    dev = resolve_device(str(device))
+    names = names or [f"LoRA #{i + 1}" for i in range(len(loras))]
+    version = common_version(loras, names)
+    work = torch.float64 if precision == torch.float64 else torch.float32
+    merged = LoraWeights(metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(new_rank),
+                                   "ss_network_alpha": str(new_rank)})
+    if version is not None:
+        merged.metadata["ss_base_model_version"] = {"sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(version, "sd_v1")
+        merged.metadata["ss_v2"] = str(version == "sd2")
+    clamped, has_conv = [], False
+    for entry in gather_modules(loras, ratios, names):
+        ups = [u.to(precision).to(dev, work) for u in entry.scaled_ups(torch.float32)]
+        downs = [d.to(precision).to(dev, work) for d in entry.downs(torch.float32)]
+        is_conv = len(entry.shape) == 3 and entry.shape[-1] > 1
+        has_conv |= is_conv
+        wanted = new_conv_rank if is_conv else new_rank
+        rank = min(wanted, max_rank(entry.weight_shape(ups[0].shape[0])))
+        if rank < wanted:
+            clamped.append((entry.key, rank))
+        up, down = factorize_product(torch.cat(ups, dim=1), torch.cat(downs, dim=0), rank)
+        merged.modules[entry.key] = entry.as_module(up.float().cpu(), down.float().cpu(), alpha=rank)
+    if clamped:
+        logger.warning("%d module(s) allow less than the rank asked for and were clamped (e.g. %s to rank %d)",
+                       len(clamped), *clamped[0])
+    if has_conv:
+        merged.metadata["ss_network_args"] = json.dumps({"conv_dim": str(new_conv_rank), "conv_alpha": str(new_conv_rank)})
+    return merged
+
+
+def svd_merge_files(models, ratios, save_to, new_rank, new_conv_rank=None, device="cpu", precision="float",
+                    save_precision="float"):
+    """svd_merge_lora.py: LoRA files into one kohya LoRA file of rank `new_rank` at `save_to`."""
+    from lora_sd.formats import load_lora, precision_dtype, save_lora
+
+    ratios = parse_ratios(models, ratios)
+    check_rank(new_rank, "--new_rank")
+    if new_conv_rank is not None:
+        check_rank(new_conv_rank, "--new_conv_rank")
+    resolve_device(device)
+    dtype = precision_dtype(precision, "--precision")
+    precision_dtype(save_precision)
+    names = [str(p) for p in models]
+    loras = [load_lora(p) for p in models]
+    merged = svd_merge(loras, ratios, new_rank, new_conv_rank, device, dtype, names)
+    save_lora(merged, save_to, save_precision=save_precision, version=common_version(loras, names) or "sd1")
+    logger.info("wrote %s: %d modules at rank %d", save_to, len(merged.modules), new_rank)
+    return merged

@@ -1,0 +1,171 @@
+"""recipes/merge_lora.py and lora_sd.ops.merge: into a model (single file and folder), LoRA + LoRA.
+
+References are diffusers' own adapter weighting (`set_adapters`) on the tiny models,
+not our arithmetic. LoRAs have conv_dim set and alpha != rank; one is U-Net only.
+"""
+
+import pytest
+import safetensors.torch
+import torch
+
+from lora_sd.cli import run_main
+from lora_sd.errors import ConfigError
+from lora_sd.formats import load_lora, save_lora
+from lora_sd.lora_weights import LoraModule, LoraWeights
+from lora_sd.models import load_base
+from lora_sd.ops import merge_loras
+from lora_sd.tiny import save_tiny_diffusers, save_tiny_single_file
+from recipes.merge_lora import main
+from tests.helpers import max_diff, model_outputs, outputs_with_loras, random_lora
+
+RATIOS = [0.8, -0.5]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, request):
+    """Per version: LoRA files a (U-Net+TE, dim 4/alpha 2, conv 3/alpha 1), b (U-Net only, dim 8/alpha 1,
+    conv 2/alpha 5), c (like a, other seed), the LoRAs, models on disk and reference outputs."""
+    cache = {}
+
+    def get(version):
+        if version in cache:
+            return cache[version]
+        tiny = request.getfixturevalue(f"tiny_{version}")
+        d = tmp_path_factory.mktemp(f"merge_{version}")
+        loras = {
+            "a": random_lora(tiny, 4, 2, conv_dim=3, conv_alpha=1, seed=1, scale=0.3),
+            "b": random_lora(tiny, 8, 1, conv_dim=2, conv_alpha=5, seed=2, scale=0.3, train_text_encoder=False),
+            "c": random_lora(tiny, 4, 2, conv_dim=3, conv_alpha=1, seed=3, scale=0.3),
+        }
+        files = {}
+        for name, lora in loras.items():
+            files[name] = d / f"{name}.safetensors"
+            save_lora(lora, files[name], version=version)
+        single, config = save_tiny_single_file(d / "model.safetensors", version)
+        # an extra key the converter does not know: it must survive the merge
+        sd = safetensors.torch.load_file(str(single))
+        sd["model_ema.decay"] = torch.tensor(0.9999)
+        safetensors.torch.save_file(sd, str(single))
+        folder = save_tiny_diffusers(d / "model_dir", version)
+        ref = outputs_with_loras(tiny, [loras["a"], loras["b"]], RATIOS)
+        cache[version] = dict(tiny=tiny, dir=d, loras=loras, files=files, single=single, config=config,
+                              folder=folder, ref=ref)
+        return cache[version]
+
+    return get
+
+
+def _run(argv, capsys):
+    rc = run_main(main, [str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("version", ["sd1", "sd2"])
+@pytest.mark.parametrize("kind", ["single_file", "folder"])
+def test_merge_into_model_equals_adapters(setup, version, kind, tmp_path):
+    s = setup(version)
+    src, out = (s["single"], tmp_path / "merged.safetensors") if kind == "single_file" else (s["folder"], tmp_path / "merged")
+    argv = ["--sd_model", src, "--save_to", out, "--models", s["files"]["a"], s["files"]["b"], "--ratios", *RATIOS]
+    if kind == "single_file":
+        argv += ["--model_config", s["config"]]
+    if version == "sd2":
+        argv += ["--v2"]
+    main([str(a) for a in argv])
+    merged = load_base(out, model_config=s["config"] if kind == "single_file" else None)
+    got = model_outputs(merged)
+    assert max_diff(got, s["ref"]) <= 1e-4
+    assert max_diff(got, model_outputs(s["tiny"])) > 1e-3  # the LoRAs did change the outputs
+    if kind == "single_file":
+        keys = safetensors.torch.load_file(str(out))
+        assert "model_ema.decay" in keys
+
+
+def test_merge_into_model_save_precision(setup, tmp_path):
+    s = setup("sd1")
+    out = tmp_path / "m.safetensors"
+    main([str(a) for a in ["--sd_model", s["single"], "--model_config", s["config"], "--save_to", out,
+                           "--models", s["files"]["a"], "--ratios", "1", "--save_precision", "fp16"]])
+    sd = safetensors.torch.load_file(str(out))
+    assert sd["model.diffusion_model.input_blocks.0.0.weight"].dtype == torch.float16
+
+
+@pytest.mark.parametrize("version", ["sd1", "sd2"])
+def test_exact_lora_merge_equals_both_loras(setup, version, tmp_path):
+    s = setup(version)
+    out = tmp_path / "ab.safetensors"
+    main([str(a) for a in ["--save_to", out, "--models", s["files"]["a"], s["files"]["b"], "--ratios", *RATIOS]])
+    merged = load_lora(out)
+    a, b = s["loras"]["a"], s["loras"]["b"]
+    for key, m in merged.modules.items():
+        want = RATIOS[0] * a.modules[key].delta() if key in a.modules else 0
+        want = want + (RATIOS[1] * b.modules[key].delta() if key in b.modules else 0)
+        assert torch.allclose(m.delta(), want, atol=1e-6), key
+    assert set(merged.modules) == set(a.modules) | set(b.modules)
+    assert max_diff(outputs_with_loras(s["tiny"], [merged], [1.0]), s["ref"]) <= 1e-4
+    assert merged.metadata["ss_base_model_version"] == ("sd_v2" if version == "sd2" else "sd_v1")
+
+
+def test_kohya_mode_is_sd_scripts_formula(setup, tmp_path):
+    s = setup("sd1")
+    out = tmp_path / "ac.safetensors"
+    main([str(a) for a in ["--save_to", out, "--models", s["files"]["a"], s["files"]["c"], "--ratios", *RATIOS,
+                           "--concat", "false"]])
+    merged = load_lora(out)
+    a, c = s["loras"]["a"], s["loras"]["c"]
+    r1, r2 = RATIOS
+    for key, m in merged.modules.items():
+        ma, mc = a.modules[key], c.modules[key]
+        assert m.alpha == ma.alpha and m.rank == ma.rank
+        assert torch.allclose(m.up, abs(r1) * ma.up + abs(r2) * mc.up, atol=1e-6)
+        assert torch.allclose(m.down, r1 * ma.down + r2 * mc.down, atol=1e-6)
+
+
+def test_different_ranks_exact_merges_kohya_mode_refuses():
+    m1 = LoraModule(torch.randn(2, 3), torch.randn(4, 2), 2.0)
+    m2 = LoraModule(torch.randn(4, 3), torch.randn(4, 4), 2.0)
+    with pytest.raises(ConfigError, match="svd_merge_lora"):
+        merge_loras([LoraWeights({"unet.x": m1}), LoraWeights({"unet.x": m2})], [1.0, 1.0], mode="kohya")
+    exact = merge_loras([LoraWeights({"unet.x": m1}), LoraWeights({"unet.x": m2})], [1.0, 0.5])
+    assert torch.allclose(exact.modules["unet.x"].delta(), m1.delta() + 0.5 * m2.delta(), atol=1e-6)
+
+
+def test_kohya_mode_refuses_different_ranks(setup, tmp_path, capsys):
+    s = setup("sd1")
+    out = tmp_path / "ab.safetensors"
+    rc, err = _run(["--save_to", out, "--models", s["files"]["a"], s["files"]["b"], "--concat", "false"], capsys)
+    assert rc == 2 and "svd_merge_lora" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_sd1_and_sd2_loras_are_refused(setup, tmp_path, capsys):
+    s1, s2 = setup("sd1"), setup("sd2")
+    out = tmp_path / "mixed.safetensors"
+    rc, err = _run(["--save_to", out, "--models", s1["files"]["a"], s2["files"]["a"]], capsys)
+    assert rc == 2 and "SD 1.x" in err and "SD 2.x" in err
+    rc, err = _run(["--sd_model", s1["single"], "--model_config", s1["config"], "--save_to", out,
+                    "--models", s2["files"]["a"]], capsys)
+    assert rc == 2 and "SD 2.x" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("ratios, message", [(["0.5"], "--ratios: 1 value(s) for 2"), (["0.5", "x"], "'x' is not a number")])
+def test_bad_ratios(setup, tmp_path, capsys, ratios, message):
+    s = setup("sd1")
+    out = tmp_path / "o.safetensors"
+    rc, err = _run(["--save_to", out, "--models", s["files"]["a"], s["files"]["b"], "--ratios", *ratios], capsys)
+    assert rc == 2 and message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_lora_that_does_not_fit_names_the_module(setup, tmp_path, capsys):
+    s = setup("sd1")
+    bad = s["loras"]["a"].to(torch.float32)
+    key = next(k for k in bad.modules if k.endswith("to_k"))
+    m = bad.modules[key]
+    bad.modules[key] = LoraModule(torch.randn(m.rank, m.down.shape[1] + 3), m.up, m.alpha)
+    save_lora(bad, tmp_path / "bad.safetensors", version="sd1")
+    out = tmp_path / "o.safetensors"
+    rc, err = _run(["--sd_model", s["single"], "--model_config", s["config"], "--save_to", out,
+                    "--models", s["files"]["b"], tmp_path / "bad.safetensors"], capsys)
+    assert rc == 2 and key in err and "bad.safetensors" in err and err.count("\n") == 1
+    assert not out.exists()
