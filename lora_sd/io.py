@@ -1,6 +1,7 @@
 """Atomic file writes: a temporary file in the target folder, then os.replace."""
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -32,16 +33,71 @@ def atomic_path(path):
             tmp.unlink()
 
 
-def read_tensor_file(path):
-    """(state_dict, metadata) of a `.safetensors` file or a torch pickle (`.ckpt`/`.pt`/`.bin`).
+PRECISIONS = {"float": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
-    Pickles load with `weights_only=True`: one that needs code to load is
-    refused. Every failure is a FormatError naming the file.
-    """
+
+def precision_dtype(name: str, option="save_precision"):
+    """torch dtype for a kohya precision name (float | fp16 | bf16)."""
+    import torch
+
+    from lora_sd.errors import FormatError
+
+    if name not in PRECISIONS:
+        raise FormatError(f"{option}: must be one of float, fp16, bf16; got {name!r}")
+    return getattr(torch, PRECISIONS[name])
+
+
+class _InertObject:
+    """Stand-in for a known harmless pickled class; keeps its state, runs nothing."""
+
+    def __setstate__(self, state):
+        self.__dict__["state"] = state
+
+
+# Classes seen in the `callbacks` entry of original SD .ckpt files.
+_HARMLESS_GLOBALS = [
+    (_InertObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_InertObject, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
+]
+
+
+def _load_pickle(path, allow_pickle):
     import pickle
 
     import torch
-    from safetensors import SafetensorError
+
+    from lora_sd.errors import FormatError
+
+    if allow_pickle:
+        logging.getLogger(__name__).warning("%s: loading a pickle with arbitrary code allowed", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_HARMLESS_GLOBALS):
+            try:  # mmap: a 4 GB checkpoint is not read into memory twice
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # only the old (non-zip) format cannot be mapped
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # "Unsupported global: GLOBAL x" or "unsupported GLOBAL x ... is blocked"
+            raise  # a broken pickle: reported as unreadable by the caller
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        names = [n for n in names if n not in {g for _, g in _HARMLESS_GLOBALS}]
+        raise FormatError(
+            f"{path}: refusing to unpickle this file: it needs arbitrary code to load "
+            f"({', '.join(names[:3]) or 'unknown globals'}); convert it to .safetensors with a tool you trust"
+        ) from None
+
+
+def read_tensor_file(path, allow_pickle=False):
+    """(tensors, metadata) of a `.safetensors` file or a torch pickle (`.ckpt`/`.pt`/`.bin`).
+
+    Pickles load with `weights_only=True`: one that needs code to load is
+    refused. A nested `state_dict` (original SD checkpoints) is unwrapped.
+    Every failure is a one-line FormatError naming the file.
+    """
+    import torch
     from safetensors.torch import load_file, safe_open
 
     from lora_sd.errors import FormatError
@@ -51,34 +107,25 @@ def read_tensor_file(path):
         raise FormatError(f"{path}: no such file")
     with open(path, "rb") as f:
         head = f.read(16)
-    if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
-        try:
+    metadata = {}
+    try:
+        if path.suffix == ".safetensors" or head[8:9] == b"{":
             with safe_open(str(path), framework="pt") as f:
                 metadata = dict(f.metadata() or {})
-            return load_file(str(path)), metadata
-        except (SafetensorError, OSError, ValueError) as e:
-            raise FormatError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # a class or function the file wants called
-            raise FormatError(
-                f"{path}: this pickle needs code to load (not plain tensors); refusing it for safety. "
-                "Convert it to .safetensors with a tool you trust"
-            ) from None
-        # torch's own text here advises weights_only=False, which we never do
-        raise FormatError(f"{path}: not a safetensors or torch file, or truncated (unreadable pickle)") from None
-    except Exception as e:  # torch.load raises many types on junk (KeyError, RuntimeError, ...)
-        raise FormatError(f"{path}: not a safetensors or torch file, or truncated ({_first_line(e)})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # original SD checkpoints nest the weights
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
-        if not tensors:
-            raise FormatError(f"{path}: holds no tensors")
-        obj = tensors
-    return obj, {}
-
-
-def _first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            sd = load_file(str(path))
+        else:
+            sd = _load_pickle(path, allow_pickle)
+    except FormatError:
+        raise
+    except Exception as e:  # safetensors, zipfile, pickle and torch all raise their own types
+        # (torch's own text here advises weights_only=False, which we never do)
+        msg = (str(e).splitlines()[0] if str(e) else type(e).__name__).split(". ")[0][:160]
+        raise FormatError(f"{path}: not a readable safetensors or torch file (truncated or corrupt?): {msg}") from None
+    while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise FormatError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise FormatError(f"{path}: holds no tensors")
+    return tensors, metadata

@@ -56,11 +56,11 @@ def _bad_inputs(tmp_path, kohya_file):
     junk_ckpt = tmp_path / "junk.ckpt"
     junk_ckpt.write_bytes(pickle.dumps([1, 2, 3])[:5])
     return {
-        "not a tensor file": (text, "not a readable safetensors file"),
-        "truncated": (truncated, "not a readable safetensors file"),
+        "not a tensor file": (text, "truncated or corrupt"),
+        "truncated": (truncated, "truncated or corrupt"),
         "unknown keys": (unknown, "keys of no known LoRA format (first key: 'model.diffusion_model"),
-        "pickle needing code": (code, "needs code to load"),
-        "broken pickle": (junk_ckpt, "not a safetensors or torch file"),
+        "pickle needing code": (code, "needs arbitrary code to load"),
+        "broken pickle": (junk_ckpt, "truncated or corrupt"),
         "missing": (tmp_path / "nope.safetensors", "no such file"),
     }
 

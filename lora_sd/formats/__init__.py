@@ -13,19 +13,10 @@ from lora_sd.errors import FormatError
 from lora_sd.formats.diffusers import diffusers_file_contents, is_diffusers, lora_from_diffusers
 from lora_sd.formats.kohya import is_kohya, kohya_file_contents, lora_from_kohya
 from lora_sd.formats.peft import is_peft_folder, read_peft_folder, write_peft_folder
-from lora_sd.io import atomic_path, read_tensor_file
+from lora_sd.io import atomic_path, precision_dtype, read_tensor_file  # noqa: F401 (re-exported)
 from lora_sd.lora_weights import LoraWeights
 
 FORMATS = ("kohya", "diffusers", "peft")
-PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def precision_dtype(name: str, option="--save_precision") -> torch.dtype:
-    if name not in PRECISIONS:
-        raise FormatError(f"{option}: must be one of float, fp16, bf16; got {name!r}")
-    return PRECISIONS[name]
-
-
 def detect_format(path) -> str:
     path = Path(path)
     if path.is_dir():
