@@ -1,0 +1,100 @@
+"""The demo's assets, made on first use: a tiny SD1 model and a small procedurally drawn image set.
+
+configs/demo.toml names them `demo:tiny-sd1` and `demo:images`; those paths
+resolve to a cache folder (`$LORA_SD_CACHE`, default `~/.cache/lora_sd`),
+written atomically so that two processes starting together are safe.
+"""
+
+import math
+import os
+import random
+from pathlib import Path
+
+from lora_sd.io import atomic_path
+
+PREFIX = "demo:"
+VERSION = "demo-v1"
+NUM_IMAGES = 8
+SIZE = 64
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORA_SD_CACHE") or Path.home() / ".cache" / "lora_sd")
+
+
+def demo_folder() -> Path:
+    return cache_root() / VERSION
+
+
+def is_demo_path(value) -> bool:
+    return isinstance(value, str) and value.startswith(PREFIX)
+
+
+def resolve_demo_path(value):
+    """`demo:<name>` -> the cached asset (made now if missing); anything else unchanged."""
+    if not is_demo_path(value):
+        return value
+    name = value[len(PREFIX):]
+    makers = {"tiny-sd1": _make_model, "images": _make_images}
+    if name not in makers:
+        from lora_sd.errors import ConfigError
+
+        raise ConfigError(f"{value}: unknown demo asset; known: " + ", ".join(PREFIX + k for k in makers))
+    path = demo_folder() / name
+    if not path.exists():
+        try:
+            with atomic_path(path) as tmp:
+                makers[name](tmp)
+        except OSError:
+            if not path.exists():  # another process won the race otherwise
+                raise
+    return str(path)
+
+
+def _make_model(folder: Path):
+    from lora_sd.tiny import save_tiny_diffusers
+
+    save_tiny_diffusers(folder, "sd1", seed=0)
+
+
+def draw_image(rng: random.Random, size=SIZE):
+    """A red disc with a white ring on a blue gradient, at a random place and size: the "sks shape"."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size))
+    draw = ImageDraw.Draw(image)
+    top = rng.randint(40, 90)
+    for y in range(size):
+        v = int(top + (200 - top) * y / size)
+        draw.line([(0, y), (size, y)], fill=(20, 40, v))
+    r = rng.uniform(0.18, 0.3) * size
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(220, 30, 30), outline=(250, 250, 250), width=max(2, size // 24))
+    a = rng.uniform(0, 2 * math.pi)
+    draw.line([(cx, cy), (cx + r * math.cos(a), cy + r * math.sin(a))], fill=(250, 250, 250), width=2)
+    return image
+
+
+def _make_images(folder: Path):
+    sub = folder / "10_sks shape"
+    sub.mkdir(parents=True)
+    rng = random.Random(0)
+    for i in range(NUM_IMAGES):
+        draw_image(rng).save(sub / f"{i:02d}.png")
+        (sub / f"{i:02d}.caption").write_text("a photo of sks shape, red, blue")
+
+
+def render_with_lora(lora_path, out_path, prompt="a photo of sks shape, red, blue", seed=0):
+    """Load the demo model in a diffusers pipeline, `pipe.load_lora_weights(lora)`, save one image."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_demo_path(PREFIX + "tiny-sd1"), safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.load_lora_weights(str(lora_path))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(prompt, height=SIZE, width=SIZE, num_inference_steps=20,
+                 generator=torch.Generator().manual_seed(seed)).images[0]
+    with atomic_path(out_path) as tmp:
+        image.save(tmp, format="PNG")
+    return out_path

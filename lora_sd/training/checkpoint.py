@@ -1,0 +1,142 @@
+"""Saving LoRA files during and after training, and the training state for resume.
+
+LoRA files: `<output_name>.safetensors` at the end, `<output_name>-<epoch:06d>`
+every n epochs and `<output_name>-step<step:08d>` every n steps (sd-scripts'
+names); kohya `.safetensors`/`.ckpt`, a diffusers folder
+(`pytorch_lora_weights.safetensors`, what `pipe.load_lora_weights(folder)`
+reads) or PEFT adapter folders. Only the main process writes; writes are atomic.
+
+Training state (`save_state`): accelerate's `save_state` (LoRA weights only,
+optimizer, schedule, RNG of every process) plus our progress counters and
+noise generator, written to `<name>-state` folders through a temporary folder.
+"""
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from lora_sd.errors import ConfigError
+from lora_sd.formats import save_lora
+from lora_sd.io import atomic_path
+from lora_sd.lora_weights import LoraWeights
+
+logger = logging.getLogger(__name__)
+
+
+def lora_file_name(cfg, epoch: int | None = None, step: int | None = None) -> str:
+    name = cfg.output_name
+    if step is not None:
+        name = f"{name}-step{step:08d}"
+    elif epoch is not None:
+        name = f"{name}-{epoch:06d}"
+    if cfg.save_model_as in ("diffusers", "peft"):
+        return name
+    return f"{name}.{cfg.save_model_as}"
+
+
+def trained_lora(accelerator, unet, text_encoder, cfg) -> LoraWeights:
+    """The LoRA being trained, read from the (unwrapped) PEFT-adapted models."""
+    models = {}
+    if cfg.train_unet:
+        models["unet"] = accelerator.unwrap_model(unet)
+    if cfg.train_text_encoder:
+        models["text_encoder"] = accelerator.unwrap_model(text_encoder)
+    return LoraWeights.from_peft_models(**models)
+
+
+def write_lora(lora: LoraWeights, path: Path, cfg, *, version: str) -> Path:
+    """Write one LoRA file or folder in cfg.save_model_as, atomically."""
+    precision = cfg.save_precision or "float"
+    if cfg.save_model_as in ("safetensors", "ckpt", "pt"):
+        return save_lora(lora, path, "kohya", precision, version=version,
+                         v_parameterization=cfg.v_parameterization, title=cfg.output_name)
+    if cfg.save_model_as == "peft":
+        return save_lora(lora, path, "peft", precision)
+    with atomic_path(path) as tmp:  # diffusers: a folder that load_lora_weights(folder) reads
+        tmp.mkdir()
+        save_lora(lora, tmp / "pytorch_lora_weights.safetensors", "diffusers", precision)
+    return path
+
+
+def save_lora_file(accelerator, unet, text_encoder, cfg, metadata: dict, *, version: str,
+                   epoch=None, step=None) -> Path | None:
+    """Save the current LoRA (main process only); returns its path."""
+    accelerator.wait_for_everyone()
+    path = Path(cfg.output_dir) / lora_file_name(cfg, epoch, step)
+    if accelerator.is_main_process:
+        lora = trained_lora(accelerator, unet, text_encoder, cfg)
+        lora.metadata = dict(metadata)
+        write_lora(lora, path, cfg, version=version)
+        logger.info("saved %s", path)
+    accelerator.wait_for_everyone()
+    return path
+
+
+class Progress:
+    """Where the run is: optimizer steps done, epoch, batches done in that epoch (saved with the state)."""
+
+    def __init__(self):
+        self.global_step = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0
+
+    def state_dict(self):
+        return {"global_step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+
+    def load_state_dict(self, state):
+        self.global_step, self.epoch = int(state["global_step"]), int(state["epoch"])
+        self.batches_in_epoch = int(state["batches_in_epoch"])
+
+
+class GeneratorState:
+    """A torch.Generator that accelerate can save and restore (the noise and timestep draws)."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self):
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["state"])
+
+
+def only_lora_weights(models, weights, output_dir):
+    """accelerate save-state hook: keep the LoRA tensors of each model, not the frozen base."""
+    for i, state in enumerate(weights):
+        weights[i] = {k: v for k, v in state.items() if "lora_" in k}
+
+
+def state_dir_name(cfg, epoch=None, step=None) -> str:
+    name = lora_file_name(cfg, epoch, step)
+    if cfg.save_model_as not in ("diffusers", "peft"):
+        name = name[: -len(cfg.save_model_as) - 1]
+    return name + "-state"
+
+
+def save_training_state(accelerator, folder: Path):
+    """accelerate.save_state into `folder`, through `.<name>.tmp` so that a crash leaves no half state."""
+    folder = Path(folder)
+    tmp = folder.parent / f".{folder.name}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        logger.info("saved training state %s", folder)
+    accelerator.wait_for_everyone()
+
+
+def load_training_state(accelerator, folder):
+    folder = Path(folder)
+    if not (folder / "custom_checkpoint_0.pkl").is_file():
+        raise ConfigError(f"`resume` {folder}: not a training state folder written by save_state")
+    accelerator.load_state(str(folder), strict=False)
+    logger.info("resumed from %s", folder)

@@ -1,0 +1,94 @@
+"""Put the LoRA network on the base model: PEFT adapters with sd-scripts' targets.
+
+Fresh adapters follow `network_dim`/`network_alpha` (+ `conv_dim`/`conv_alpha`);
+`network_weights` loads a LoRA file (any format) as the starting point, with
+the file's ranks and alphas (`dim_from_weights`) or checked against the
+configured ones. The base weights stay frozen (and may be cast to fp16/bf16);
+the LoRA parameters are always float32.
+"""
+
+import importlib.util
+import logging
+
+import torch
+
+from lora_sd.config import network_args
+from lora_sd.errors import ConfigError
+from lora_sd.targets import NetworkSpec, lora_configs
+
+logger = logging.getLogger(__name__)
+
+
+def network_spec(cfg) -> NetworkSpec:
+    args = network_args(cfg)
+    return NetworkSpec(cfg.network_dim, cfg.network_alpha, args.get("conv_dim"), args.get("conv_alpha", 1.0))
+
+
+def set_attention(unet, cfg):
+    """SDPA (diffusers' default processor) unless xformers is asked for."""
+    if not cfg.xformers:
+        return
+    if importlib.util.find_spec("xformers") is None:
+        raise ConfigError("`xformers = true`, but the xformers package is not installed: `pip install xformers` "
+                          "(a build matching your torch), or remove the option (PyTorch SDPA is the default)")
+    if not torch.cuda.is_available():
+        raise ConfigError("`xformers = true` needs a CUDA GPU; on CPU remove the option (SDPA is used)")
+    unet.enable_xformers_memory_efficient_attention()
+
+
+def add_network(unet, text_encoder, cfg):
+    """Add the trained adapter ("default") to the parts being trained; returns the NetworkSpec used."""
+    spec = network_spec(cfg)
+    models = {"unet": unet, "text_encoder": text_encoder}
+    wanted = [c for c, on in (("unet", cfg.train_unet), ("text_encoder", cfg.train_text_encoder)) if on]
+    if cfg.network_weights:
+        _load_network_weights(models, wanted, spec, cfg)
+    else:
+        for name, config in lora_configs(unet, text_encoder, spec, cfg.train_unet, cfg.train_text_encoder).items():
+            models[name].add_adapter(config)
+    for name in wanted:
+        for pname, p in models[name].named_parameters():
+            p.requires_grad_("lora_" in pname)
+            if "lora_" in pname:
+                p.data = p.data.float()
+    return spec
+
+
+def _load_network_weights(models, wanted, spec, cfg):
+    from lora_sd.formats import load_lora
+    from lora_sd.lora_weights import LoraWeights
+
+    lora = load_lora(cfg.network_weights)
+    ignored = [c for c in lora.components if c not in wanted]
+    if ignored:
+        logger.warning("network_weights %s: its %s modules are not trained in this run and are ignored",
+                       cfg.network_weights, " and ".join(ignored))
+    for name in wanted:
+        part = LoraWeights({k: m for k, m in lora.modules.items() if k.startswith(name + ".")})
+        if not part.modules:
+            logger.info("network_weights has no %s modules: starting them fresh", name)
+            config = lora_configs(models["unet"], models["text_encoder"], spec,
+                                  name == "unet", name == "text_encoder")[name]
+            models[name].add_adapter(config)
+            continue
+        if not cfg.dim_from_weights:
+            _check_ranks(part, spec, cfg.network_weights)
+        part.apply_to(**{name: models[name]})
+
+
+def _check_ranks(lora, spec, path):
+    for key, m in lora.modules.items():
+        is_conv3 = m.down.dim() == 4 and m.down.shape[-1] > 1
+        want = spec.conv_dim if is_conv3 else spec.network_dim
+        if m.rank != want:
+            what = "conv_dim" if is_conv3 else "network_dim"
+            raise ConfigError(f"`network_weights` {path}: {key} has rank {m.rank}, but `{what}` is {want}; "
+                              f"set `{what} = {m.rank}` or `dim_from_weights = true`")
+
+
+def enable_gradient_checkpointing(unet, text_encoder, cfg):
+    if not cfg.gradient_checkpointing:
+        return
+    unet.enable_gradient_checkpointing()
+    if cfg.train_text_encoder:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

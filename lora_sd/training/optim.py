@@ -1,0 +1,113 @@
+"""Optimizers and learning-rate schedules by their sd-scripts names.
+
+`optimizer_args` are sd-scripts' `key=value` strings: values are Python
+literals, a comma makes a tuple (`betas=0.9,0.99`). Schedules come from
+diffusers' `get_scheduler`; like sd-scripts, warmup and total steps are
+multiplied by the number of processes because accelerate steps a prepared
+scheduler once per process per optimizer step.
+"""
+
+import ast
+import importlib
+import logging
+
+import torch
+
+from lora_sd.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# name -> (module, class, pip package or None, default kwargs)
+OPTIMIZERS = {
+    "AdamW": ("torch.optim", "AdamW", None, {}),
+    "AdamW8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", {}),
+    "Lion": ("bitsandbytes.optim", "Lion", "bitsandbytes", {}),  # 32-bit Lion (lion-pytorch's algorithm)
+    "Lion8bit": ("bitsandbytes.optim", "Lion8bit", "bitsandbytes", {}),
+    "SGDNesterov": ("torch.optim", "SGD", None, {"momentum": 0.9, "nesterov": True}),
+    "Adafactor": ("transformers.optimization", "Adafactor", "transformers",
+                  {"relative_step": False, "scale_parameter": False, "warmup_init": False}),
+    "Prodigy": ("prodigyopt", "Prodigy", "prodigyopt", {}),
+    "DAdaptAdam": ("dadaptation", "DAdaptAdam", "dadaptation", {}),
+}
+
+
+def canonical_optimizer(name: str) -> str:
+    """sd-scripts matches optimizer names case-insensitively."""
+    for known in OPTIMIZERS:
+        if known.lower() == name.lower():
+            return known
+    raise ConfigError(f"`optimizer_type` must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
+
+
+def parse_optimizer_args(items: list[str]) -> dict:
+    """["weight_decay=0.01", "betas=0.9,0.99"] -> {"weight_decay": 0.01, "betas": (0.9, 0.99)}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"`optimizer_args`: {item!r} is not key=value")
+        parts = [v.strip() for v in value.split(",")]
+        try:
+            parsed = [ast.literal_eval(p) if p not in ("", "None") else None for p in parts]
+        except (ValueError, SyntaxError):
+            parsed = parts  # plain strings, as sd-scripts keeps them
+        out[key.strip()] = tuple(parsed) if len(parsed) > 1 else parsed[0]
+    return out
+
+
+def _optimizer_class(name):
+    module, cls, package, _ = OPTIMIZERS[name]
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise ConfigError(f"`optimizer_type = \"{name}\"` needs the `{package}` package, which is not installed "
+                          f"or cannot load here ({e}); `pip install {package}`, or use AdamW") from None
+
+
+def build_optimizer(name: str, param_groups: list[dict], learning_rate: float, optimizer_args: list[str]):
+    """(optimizer, description for ss_optimizer). param_groups carry their own `lr`."""
+    name = canonical_optimizer(name)
+    kwargs = {**OPTIMIZERS[name][3], **parse_optimizer_args(optimizer_args)}
+    cls = _optimizer_class(name)
+    if name in ("Prodigy", "DAdaptAdam") and learning_rate < 0.1:
+        logger.warning("%s adapts the step size itself: sd-scripts advises learning_rate = 1.0 (got %g)",
+                       name, learning_rate)
+    try:
+        optimizer = cls(param_groups, lr=learning_rate, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"`optimizer_args` for {name}: {e}") from None
+    description = f"{cls.__module__}.{cls.__name__}"
+    if optimizer_args:
+        description += "(" + ",".join(optimizer_args) + ")"
+    return optimizer, description
+
+
+def build_scheduler(name: str, optimizer, *, warmup_steps: int, total_steps: int, num_cycles: int = 1,
+                    power: float = 1.0, num_processes: int = 1):
+    """A LambdaLR for one of sd-scripts' schedule names (constant, cosine, ...)."""
+    from diffusers.optimization import get_scheduler
+
+    if name == "constant" and warmup_steps:
+        logger.warning("`lr_warmup_steps` is ignored by the `constant` schedule; use constant_with_warmup")
+    kwargs = {}
+    if name == "cosine_with_restarts":
+        kwargs["num_cycles"] = num_cycles
+    if name == "polynomial":
+        kwargs["power"] = power
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps * num_processes,
+                         num_training_steps=total_steps * num_processes, **kwargs)
+
+
+def current_lrs(optimizer) -> list[float]:
+    """The learning rate of each group (D-Adaptation/Prodigy: d * lr, as sd-scripts logs it)."""
+    out = []
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        if "d" in group:
+            lr = group["d"] * lr
+        out.append(float(lr))
+    return out
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,114 @@
+"""Sample images during training, with the LoRA being trained applied.
+
+The prompt file is sd-scripts' format: one prompt per line (`#` starts a
+comment line), with inline options `--n negative prompt`, `--w width`,
+`--h height`, `--d seed`, `--l guidance scale`, `--s steps`. Images go to
+`<output_dir>/sample/<output_name>_<step:06d>_<i:02d>.png`; the training RNG
+is not touched (every prompt draws from its own seeded generator).
+"""
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_sd.errors import ConfigError
+from lora_sd.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}), "pndm": ("PNDMScheduler", {}), "lms": ("LMSDiscreteScheduler", {}),
+    "k_lms": ("LMSDiscreteScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
+    "k_euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "k_euler_a": ("EulerAncestralDiscreteScheduler", {}), "ddpm": ("DDPMScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}), "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+}
+
+
+@dataclass
+class SamplePrompt:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    seed: int | None = None
+    guidance_scale: float = 7.5
+    steps: int = 30
+
+
+_OPTION = re.compile(r"\s--(n|w|h|d|l|s)\s+")
+
+
+def read_prompts(path) -> list[SamplePrompt]:
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"`sample_prompts` {path}: no such file") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = _OPTION.split(" " + line)
+        p = SamplePrompt(parts[0].strip())
+        for key, value in zip(parts[1::2], parts[2::2]):
+            value = value.strip()
+            try:
+                if key == "n":
+                    p.negative_prompt = value
+                elif key in ("w", "h", "d", "s"):
+                    setattr(p, {"w": "width", "h": "height", "d": "seed", "s": "steps"}[key], int(value))
+                else:
+                    p.guidance_scale = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}:{n}: `--{key} {value}` is not a number") from None
+        prompts.append(p)
+    return prompts
+
+
+def sample_scheduler(name: str, training_scheduler):
+    import diffusers
+
+    cls_name, extra = SCHEDULERS[name]
+    config = dict(training_scheduler.config)
+    config.update(extra)
+    return getattr(diffusers, cls_name).from_config(config)
+
+
+@torch.no_grad()
+def sample_images(accelerator, *, unet, text_encoder, vae, tokenizer, scheduler, cfg, prompts,
+                  step: int, seed: int, clip_skip=None) -> list[Path]:
+    """Write one image per prompt (main process only); returns the paths."""
+    from diffusers import StableDiffusionPipeline
+
+    paths = []
+    if not accelerator.is_main_process:
+        return paths
+    unet_m, te_m = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    pipe = StableDiffusionPipeline(unet=unet_m, vae=vae, text_encoder=te_m, tokenizer=tokenizer,
+                                   scheduler=sample_scheduler(cfg.sample_sampler, scheduler), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    folder = Path(cfg.output_dir) / "sample"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(prompts):
+        generator = torch.Generator(device=accelerator.device).manual_seed(p.seed if p.seed is not None else seed + i)
+        with accelerator.autocast():
+            image = pipe(p.prompt, negative_prompt=p.negative_prompt or None, width=p.width - p.width % 8,
+                         height=p.height - p.height % 8, num_inference_steps=p.steps, guidance_scale=p.guidance_scale,
+                         generator=generator, clip_skip=None if not clip_skip or clip_skip < 2 else clip_skip - 1
+                         ).images[0]
+        path = folder / f"{cfg.output_name}_{step:06d}_{i:02d}.png"
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
+        paths.append(path)
+    logger.info("wrote %d sample image(s) to %s", len(paths), folder)
+    return paths

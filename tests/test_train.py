@@ -1,0 +1,279 @@
+"""recipes/train.py end to end on the tiny SD1 model: files, diffusers loading, resume, refusals.
+
+Each run is a few steps through `main(argv)`; the tiny model folder and a
+four-image dataset are made once per session.
+"""
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+import safetensors
+import torch
+
+from lora_sd.cli import run_main
+from lora_sd.demo import draw_image
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_recipe", ROOT / "recipes" / "train.py")
+train_recipe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_recipe)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    from lora_sd.tiny import save_tiny_diffusers
+
+    root = tmp_path_factory.mktemp("train_assets")
+    save_tiny_diffusers(root / "model", "sd1")
+    sub = root / "images" / "2_sks shape"
+    sub.mkdir(parents=True)
+    rng = random.Random(0)
+    for i in range(4):
+        draw_image(rng).save(sub / f"{i}.png")
+        (sub / f"{i}.caption").write_text(f"a photo of sks shape, red{', blue' if i % 2 else ''}")
+    return root
+
+
+def args(assets, out, *extra, steps=2):
+    return ["--pretrained_model_name_or_path", str(assets / "model"), "--train_data_dir", str(assets / "images"),
+            "--resolution", "64", "--output_dir", str(out), "--output_name", "lora", "--max_train_steps",
+            str(steps), "--seed", "1", "--max_data_loader_n_workers", "0", "--learning_rate", "1e-3", *extra]
+
+
+def kohya_file(path):
+    with safetensors.safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_demo_runs_and_writes_everything(tmp_path, monkeypatch):
+    """The README command on a short schedule: LoRA, config, TensorBoard events, samples, load_lora_weights image."""
+    monkeypatch.setenv("LORA_SD_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na photo of sks shape --w 64 --h 64 --d 3 --s 2 --l 5\n")
+    out = tmp_path / "out"
+    result = train_recipe.main(["--config", str(ROOT / "configs" / "demo.toml"), "--max_train_steps", "4",
+                                "--output_dir", str(out), "--logging_dir", str(tmp_path / "logs"),
+                                "--sample_prompts", str(prompts), "--sample_every_n_steps", "2"])
+    assert result.steps == 4 and (out / "demo.safetensors").is_file()
+    assert (out / "demo-config.toml").is_file() and (out / "demo-sample.png").is_file()
+    assert sorted(p.name for p in (out / "sample").iterdir()) == ["demo_000002_00.png", "demo_000004_00.png"]
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder"} <= set(events.Tags()["scalars"])
+
+
+CASES = {
+    "default": ([], {"lora_unet_", "lora_te_"}),
+    "conv_dim": (["--network_args", "conv_dim=2", "conv_alpha=1"], {"lora_unet_", "lora_te_"}),
+    "unet_only": (["--network_train_unet_only"], {"lora_unet_"}),
+    "te_only": (["--network_train_text_encoder_only"], {"lora_te_"}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_file_loads_in_diffusers_and_matches_trained_model(assets, tmp_path, case):
+    from diffusers import StableDiffusionPipeline
+
+    extra, prefixes = CASES[case]
+    out = tmp_path / "out"
+    result = train_recipe.main(args(assets, out, "--network_dim", "4", "--network_alpha", "2",
+                                    "--training_comment", "hello", *extra))
+    state, meta = kohya_file(out / "lora.safetensors")
+    assert {k.split("_")[0] + "_" + k.split("_")[1] + "_" for k in state} == prefixes
+    convs = [k for k in state if "resnets_0_conv1" in k]
+    assert bool(convs) == (case == "conv_dim")
+    if convs:
+        assert state[next(k for k in convs if k.endswith("lora_down.weight"))].shape[0] == 2
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2"
+    assert meta["ss_steps"] == "2" and meta["ss_training_comment"] == "hello" and meta["ss_seed"] == "1"
+    assert meta["ss_num_train_images"] == "8" and meta["ss_base_model_version"] == "sd_v1"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"2_sks shape": {"n_repeats": 2, "img_count": 4}}
+    assert json.loads(meta["ss_tag_frequency"])["2_sks shape"]["a photo of sks shape"] == 4
+    assert json.loads(meta["ss_bucket_info"])["buckets"]["0"]["resolution"] == [64, 64]
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and len(meta["sshs_model_hash"]) == 64
+    if case == "conv_dim":
+        assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(assets / "model"), safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.load_lora_weights(str(out / "lora.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, 32, generator=gen)
+    ids = pipe.tokenizer(["a photo of sks shape"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        for trained, loaded in ((result.unet, pipe.unet), (result.text_encoder, pipe.text_encoder)):
+            trained.eval()
+        want_te, got_te = result.text_encoder(ids)[0], pipe.text_encoder(ids)[0]
+        want_unet = result.unet(x, torch.tensor([10]), cond).sample
+        got_unet = pipe.unet(x, torch.tensor([10]), cond).sample
+    assert (want_te - got_te).abs().max() <= 1e-5 and (want_unet - got_unet).abs().max() <= 1e-5
+    # the LoRA is not a no-op: its trained parts change the outputs
+    pipe.unload_lora_weights()
+    with torch.no_grad():
+        base_unet = pipe.unet(x, torch.tensor([10]), cond).sample
+    assert ((want_unet - base_unet).abs().max() > 1e-6) == ("lora_unet_" in prefixes)
+
+
+def test_lora_overfits_a_single_image(assets, tmp_path):
+    """The loss on one fixed batch (fixed noise and timesteps) goes down measurably after training on it."""
+    from diffusers import StableDiffusionPipeline
+
+    data = tmp_path / "one" / "1_sks shape"
+    data.mkdir(parents=True)
+    draw_image(random.Random(5)).save(data / "0.png")
+    (data / "0.caption").write_text("a photo of sks shape")
+    out = tmp_path / "out"
+    argv = args(assets, out, "--train_data_dir", str(tmp_path / "one"), "--learning_rate", "1e-2",
+                "--network_dim", "8", "--network_alpha", "8", "--cache_latents", "--network_train_unet_only",
+                steps=60)
+    train_recipe.main(argv)
+
+    from lora_sd.training.noise import training_scheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(assets / "model"), safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    scheduler = training_scheduler()
+    import numpy as np
+    from PIL import Image
+
+    pixels = torch.from_numpy(np.asarray(Image.open(data / "0.png").convert("RGB"), dtype=np.float32) / 127.5 - 1)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels.permute(2, 0, 1)[None]).latent_dist.mode() * pipe.vae.config.scaling_factor
+        latents = latents.repeat(8, 1, 1, 1)
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.linspace(50, 950, 8).long()
+        ids = pipe.tokenizer(["a photo of sks shape"] * 8, padding="max_length", max_length=77,
+                             return_tensors="pt").input_ids
+        hidden = pipe.text_encoder(ids)[0]
+
+        def fixed_loss():
+            pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, hidden).sample
+            return torch.nn.functional.mse_loss(pred, noise).item()
+
+        before = fixed_loss()
+        pipe.load_lora_weights(str(out / "lora.safetensors"))
+        after = fixed_loss()
+    assert after < 0.9 * before, (before, after)
+
+
+def test_resume_gives_the_same_lora(assets, tmp_path, monkeypatch):
+    """Interrupted after the step-3 state save, then resumed: the same LoRA as one uninterrupted run."""
+    from lora_sd.training import checkpoint
+
+    common = ("--save_every_n_steps", "3", "--save_state", "--train_batch_size", "1", "--lr_scheduler", "cosine")
+    train_recipe.main(args(assets, tmp_path / "a", *common, steps=6))
+
+    real_save = checkpoint.save_training_state
+
+    class Interrupted(Exception):
+        pass
+
+    def save_then_die(accelerator, folder):
+        real_save(accelerator, folder)
+        raise Interrupted
+
+    monkeypatch.setattr(checkpoint, "save_training_state", save_then_die)
+    with pytest.raises(Interrupted):
+        train_recipe.main(args(assets, tmp_path / "b", *common, steps=6))
+    monkeypatch.setattr(checkpoint, "save_training_state", real_save)
+    state = tmp_path / "b" / "lora-step00000003-state"
+    assert state.is_dir() and not (tmp_path / "b" / "lora.safetensors").exists()
+    result = train_recipe.main(args(assets, tmp_path / "b", *common, "--resume", str(state), steps=6))
+    assert result.steps == 6
+    a, _ = kohya_file(tmp_path / "a" / "lora.safetensors")
+    b, _ = kohya_file(tmp_path / "b" / "lora.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    step3, _ = kohya_file(tmp_path / "a" / "lora-step00000003.safetensors")
+    assert any(not torch.equal(a[k], step3[k]) for k in a)
+
+
+def test_network_weights_continues_from_a_file(assets, tmp_path, tiny_sd1):
+    from tests.helpers import random_lora
+
+    from lora_sd.formats import load_lora, save_lora
+
+    start = random_lora(tiny_sd1, network_dim=8, network_alpha=2)
+    save_lora(start, tmp_path / "start.safetensors")
+    # learning rate 0: the continued LoRA is the file, unchanged
+    train_recipe.main(args(assets, tmp_path / "out", "--network_weights", str(tmp_path / "start.safetensors"),
+                           "--dim_from_weights", "--learning_rate", "0"))
+    got = load_lora(tmp_path / "out" / "lora.safetensors")
+    assert got.modules.keys() == start.modules.keys()
+    for k, m in start.modules.items():
+        assert torch.equal(got.modules[k].down, m.down) and torch.equal(got.modules[k].up, m.up)
+        assert got.modules[k].alpha == m.alpha
+    # without dim_from_weights the ranks must match network_dim
+    code = run_main(train_recipe.main, args(assets, tmp_path / "bad", "--network_weights",
+                                            str(tmp_path / "start.safetensors"), "--network_dim", "4"))
+    assert code == 2 and not (tmp_path / "bad").exists()
+
+
+def test_training_options_run(assets, tmp_path):
+    """bf16 autocast with float32 LoRA weights, checkpointing, accumulation, SNR, offset, clip skip, 150 tokens."""
+    result = train_recipe.main(args(assets, tmp_path / "out", "--mixed_precision", "bf16", "--gradient_checkpointing",
+                                    "--gradient_accumulation_steps", "2", "--min_snr_gamma", "5", "--noise_offset",
+                                    "0.1", "--clip_skip", "2", "--max_token_length", "150", "--optimizer_type",
+                                    "AdamW8bit", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "1",
+                                    "--save_model_as", "peft", "--save_every_n_epochs", "1", "--max_train_epochs", "2"))
+    assert result.steps == 8 and result.epochs == 2  # 8 images x repeats, batch 1, accumulation 2: 4 steps an epoch
+    lora_params = [p for n, p in result.unet.named_parameters() if "lora_" in n]
+    assert lora_params and all(p.dtype == torch.float32 for p in lora_params)
+    assert next(p for n, p in result.unet.named_parameters() if "lora_" not in n).dtype == torch.bfloat16
+    assert (tmp_path / "out" / "lora" / "unet" / "adapter_config.json").is_file()
+    assert (tmp_path / "out" / "lora-000001" / "unet").is_dir()
+
+
+def _no_outputs(folder: Path):
+    return not folder.exists() or not any(folder.iterdir())
+
+
+@pytest.mark.parametrize("bad", ["model", "dataset", "fp16", "both_only", "wrong_type"])
+def test_bad_input_exits_2_and_writes_nothing(assets, tmp_path, bad, capsys):
+    out = tmp_path / "out"
+    argv = args(assets, out)
+    if bad == "model":
+        argv += ["--pretrained_model_name_or_path", str(tmp_path / "missing")]
+    elif bad == "dataset":
+        argv += ["--train_data_dir", str(tmp_path / "nowhere")]
+    elif bad == "fp16":
+        if torch.cuda.is_available():
+            pytest.skip("fp16 is allowed with CUDA")
+        argv += ["--mixed_precision", "fp16"]
+    elif bad == "both_only":
+        argv += ["--network_train_unet_only", "--network_train_text_encoder_only"]
+    else:
+        argv += ["--network_dim", "four"]
+    assert run_main(train_recipe.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert {"model": "missing", "dataset": "nowhere", "fp16": "fp16", "both_only": "network_train_unet_only",
+            "wrong_type": "`network_dim` must be an integer"}[bad] in err
+    assert _no_outputs(out)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_save(assets, tmp_path, monkeypatch, capsys):
+    from lora_sd.training import noise
+
+    real = noise.diffusion_loss
+    calls = []
+
+    def nan_at_third(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(noise, "diffusion_loss", nan_at_third)
+    out = tmp_path / "out"
+    assert run_main(train_recipe.main, args(assets, out, "--save_every_n_steps", "2", steps=5)) == 2
+    err = capsys.readouterr().err
+    assert "at step 3" in err and "lora-step00000002.safetensors" in err
+    assert (out / "lora-step00000002.safetensors").is_file() and not (out / "lora.safetensors").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
