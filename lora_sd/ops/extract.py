@@ -16,6 +16,7 @@ import torch
 from lora_sd.errors import ConfigError, ModelMismatchError
 from lora_sd.lora_weights import LoraModule, LoraWeights, key_for_module
 from lora_sd.ops.lowrank import as_matrix, max_rank, to_lora_shapes, truncated_svd
+from lora_sd.ops.merge import VERSION_NAMES
 from lora_sd.ops.svd_merge import check_rank, resolve_device
 from lora_sd.targets import TEXT_ENCODER_TARGET_CLASSES, UNET_CONV_TARGET_CLASSES, UNET_TARGET_CLASSES, find_targets
 
@@ -118,11 +119,12 @@ def extract_lora_files(model_org, model_tuned, save_to, dim, conv_dim=None, v2=F
     if conv_dim is not None:
         check_rank(conv_dim, "--conv_dim")
     resolve_device(device)
-    precision_dtype(save_precision)
+    precision_dtype(save_precision, "--save_precision")
     org = load_base(model_org, v2=v2, model_config=model_config)
     tuned = load_base(model_tuned, v2=v2, model_config=model_config)
     if org.version != tuned.version:
-        raise ModelMismatchError(f"--model_org is {org.version} but --model_tuned is {tuned.version}")
+        raise ModelMismatchError(f"--model_org is {VERSION_NAMES[org.version]} but --model_tuned is "
+                                 f"{VERSION_NAMES[tuned.version]}: not two versions of one model")
     lora = extract_lora({"unet": org.unet, "text_encoder": org.text_encoder},
                         {"unet": tuned.unet, "text_encoder": tuned.text_encoder},
                         dim, conv_dim, min_diff, device)

@@ -261,7 +261,7 @@ def merge_lora_files(models, ratios, save_to, concat=True, save_precision="float
     from lora_sd.formats import load_lora, precision_dtype, save_lora
 
     ratios = parse_ratios(models, ratios)
-    precision_dtype(save_precision)
+    precision_dtype(save_precision, "--save_precision")
     names = [str(p) for p in models]
     loras = [load_lora(p) for p in models]
     merged = merge_loras(loras, ratios, "exact" if concat else "kohya", names)
@@ -286,7 +286,7 @@ def merge_into_model_file(sd_model, save_to, models, ratios, v2=False, precision
     ratios = parse_ratios(models, ratios)
     merge_dtype = precision_dtype(precision, "--precision")
     save_precision = save_precision or precision
-    save_dtype = precision_dtype(save_precision)
+    save_dtype = precision_dtype(save_precision, "--save_precision")
     names = [str(p) for p in models]
     loras = [load_lora(p) for p in models]
     model = load_base(sd_model, v2=v2, model_config=model_config)

@@ -90,7 +90,7 @@ def svd_merge_files(models, ratios, save_to, new_rank, new_conv_rank=None, devic
         check_rank(new_conv_rank, "--new_conv_rank")
     resolve_device(device)
     dtype = precision_dtype(precision, "--precision")
-    precision_dtype(save_precision)
+    precision_dtype(save_precision, "--save_precision")
     names = [str(p) for p in models]
     loras = [load_lora(p) for p in models]
     merged = svd_merge(loras, ratios, new_rank, new_conv_rank, device, dtype, names)

@@ -1,0 +1,185 @@
+"""Generate images with a diffusers pipeline and any number of LoRAs at their own multipliers.
+
+LoRAs are injected as named PEFT adapters (`lora0`, `lora1`, ...) and
+weighted with the pipeline's `set_adapters`, or, with `merge=True`, added
+into the model weights (`ops.merge_into_models`, sd-scripts' --network_merge).
+Each image is a PNG whose text chunk holds the prompt and settings: one key
+per setting, and an AUTOMATIC1111-style `parameters` string.
+"""
+
+import logging
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_sd.errors import ConfigError, ModelMismatchError
+from lora_sd.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+# sd-scripts' --sampler names -> (diffusers scheduler class, extra config)
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+SAMPLERS.update({f"k_{k}": v for k, v in SAMPLERS.items() if k in ("lms", "euler", "euler_a", "dpm_2", "dpm_2_a")})
+
+
+def make_scheduler(sampler: str, base_config):
+    """A diffusers scheduler for an sd-scripts sampler name, on the model's noise schedule."""
+    import diffusers
+
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"--sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    class_name, extra = SAMPLERS[sampler]
+    config = dict(base_config)
+    if class_name == "DDIMScheduler":
+        extra = {"set_alpha_to_one": False, **extra}
+    return getattr(diffusers, class_name).from_config(config, steps_offset=1, **extra)
+
+
+@dataclass
+class GenerationSettings:
+    """What generate.py takes besides the model and the LoRAs (sd-scripts' option names)."""
+
+    prompts: list
+    negative_prompt: str | None = None
+    steps: int = 50
+    scale: float = 7.5
+    seed: int | None = None
+    W: int = 512
+    H: int = 512
+    images_per_prompt: int = 1
+    sampler: str = "ddim"
+    extra: dict = field(default_factory=dict)
+
+    def check(self):
+        if not self.prompts:
+            raise ConfigError("--prompt: give a prompt (or --from_file)")
+        for name in ("steps", "images_per_prompt", "W", "H"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name}: must be positive, got {getattr(self, name)}")
+        if self.W % 8 or self.H % 8:
+            raise ConfigError(f"--W/--H: must be multiples of 8, got {self.W}x{self.H}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"--sampler: {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+
+
+def add_networks(pipe, loras, multipliers, merge=False, names=None, model_version=None):
+    """Put LoRAs on a pipeline: adapters weighted by `multipliers`, or merged into the weights."""
+    from lora_sd.ops.merge import check_model_version, merge_into_models
+
+    names = names or [f"LoRA #{i + 1}" for i in range(len(loras))]
+    if not loras:
+        return []
+    if merge:
+        merge_into_models(loras, multipliers, {"unet": pipe.unet, "text_encoder": pipe.text_encoder},
+                          names=names, model_version=model_version)
+        return []
+    adapters = []
+    for i, (lora, name) in enumerate(zip(loras, names)):
+        check_model_version(lora, name, model_version)
+        try:
+            with warnings.catch_warnings():  # PEFT warns on every adapter after the first
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                lora.apply_to(unet=pipe.unet, text_encoder=pipe.text_encoder, adapter_name=f"lora{i}")
+        except ModelMismatchError as e:
+            raise ModelMismatchError(f"{name}: {e}") from None
+        adapters.append(f"lora{i}")
+    pipe.set_adapters(adapters, adapter_weights=list(multipliers))
+    return adapters
+
+
+def png_info(settings: GenerationSettings, prompt, seed, networks):
+    """The PNG text chunk: one key per setting plus an AUTOMATIC1111-style `parameters`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    fields = {
+        "prompt": prompt, "negative-prompt": settings.negative_prompt or "", "steps": settings.steps,
+        "scale": settings.scale, "seed": seed, "sampler": settings.sampler, "W": settings.W, "H": settings.H,
+        **settings.extra,
+    }
+    if networks:
+        fields["networks"] = ", ".join(f"{n}:{m:g}" for n, m in networks)
+    for k, v in fields.items():
+        info.add_text(k, str(v))
+    params = prompt
+    if settings.negative_prompt:
+        params += f"\nNegative prompt: {settings.negative_prompt}"
+    params += (f"\nSteps: {settings.steps}, Sampler: {settings.sampler}, CFG scale: {settings.scale:g}, "
+               f"Seed: {seed}, Size: {settings.W}x{settings.H}")
+    if networks:
+        params += ", Networks: " + ", ".join(f"{Path(n).stem}:{m:g}" for n, m in networks)
+    info.add_text("parameters", params)
+    return info
+
+
+def run_pipeline(pipe, settings: GenerationSettings, outdir, networks=(), device="cpu"):
+    """Generate `images_per_prompt` images per prompt into `outdir`; returns the PNG paths.
+
+    Image j of the run gets seed `seed + j` (a random seed when none given),
+    on a CPU generator, so the same settings give the same images.
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    seed = settings.seed if settings.seed is not None else random.randint(0, 2**31 - 1)
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    written = []
+    index = 0
+    for p, prompt in enumerate(settings.prompts):
+        for j in range(settings.images_per_prompt):
+            image_seed = seed + index
+            generator = torch.Generator("cpu").manual_seed(image_seed)
+            image = pipe(
+                prompt, negative_prompt=settings.negative_prompt, num_inference_steps=settings.steps,
+                guidance_scale=settings.scale, width=settings.W, height=settings.H, generator=generator,
+            ).images[0]
+            path = outdir / f"im_{stamp}_{p:03d}_{j:03d}_{image_seed}.png"
+            with atomic_path(path) as tmp:
+                image.save(tmp, format="PNG", pnginfo=png_info(settings, prompt, image_seed, networks))
+            written.append(path)
+            index += 1
+    return written
+
+
+def generate(ckpt, outdir, settings: GenerationSettings, network_weights=(), network_mul=None, network_merge=False,
+             v2=False, v_parameterization=False, model_config=None, device=None, dtype="float"):
+    """generate.py: load a model and LoRA files, write PNG images to `outdir`; returns their paths."""
+    from lora_sd.formats import load_lora, precision_dtype
+    from lora_sd.models import load_base
+    from lora_sd.ops.merge import parse_ratios
+    from lora_sd.ops.svd_merge import resolve_device
+
+    settings.check()
+    muls = parse_ratios(network_weights, network_mul, option="--network_mul")
+    dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = precision_dtype(dtype, "--precision")
+    names = [str(p) for p in network_weights]
+    loras = [load_lora(p) for p in network_weights]
+    model = load_base(ckpt, v2=v2, v_parameterization=v_parameterization, model_config=model_config,
+                      torch_dtype=torch_dtype)
+    pipe = model.pipeline(scheduler=make_scheduler(settings.sampler, model.scheduler.config))
+    add_networks(pipe, loras, muls, network_merge, names, model_version=model.version)
+    pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    networks = list(zip(names, muls))
+    if network_merge and networks:
+        settings.extra["network_merge"] = "true"
+    paths = run_pipeline(pipe, settings, outdir, networks, dev)
+    logger.info("wrote %d image(s) to %s", len(paths), outdir)
+    return paths
