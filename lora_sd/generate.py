@@ -129,7 +129,7 @@ def png_info(settings: GenerationSettings, prompt, seed, networks):
     return info
 
 
-def run_pipeline(pipe, settings: GenerationSettings, outdir, networks=(), device="cpu"):
+def run_pipeline(pipe, settings: GenerationSettings, outdir, networks=()):
     """Generate `images_per_prompt` images per prompt into `outdir`; returns the PNG paths.
 
     Image j of the run gets seed `seed + j` (a random seed when none given),
@@ -162,8 +162,7 @@ def generate(ckpt, outdir, settings: GenerationSettings, network_weights=(), net
     """generate.py: load a model and LoRA files, write PNG images to `outdir`; returns their paths."""
     from lora_sd.formats import load_lora, precision_dtype
     from lora_sd.models import load_base
-    from lora_sd.ops.merge import parse_ratios
-    from lora_sd.ops.svd_merge import resolve_device
+    from lora_sd.ops.merge import parse_ratios, resolve_device
 
     settings.check()
     muls = parse_ratios(network_weights, network_mul, option="--network_mul")
@@ -180,6 +179,6 @@ def generate(ckpt, outdir, settings: GenerationSettings, network_weights=(), net
     networks = list(zip(names, muls))
     if network_merge and networks:
         settings.extra["network_merge"] = "true"
-    paths = run_pipeline(pipe, settings, outdir, networks, dev)
+    paths = run_pipeline(pipe, settings, outdir, networks)
     logger.info("wrote %d image(s) to %s", len(paths), outdir)
     return paths

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_sd.cli import run_main  # noqa: E402
+from lora_sd.errors import ConfigError  # noqa: E402
 from lora_sd.generate import SAMPLERS, GenerationSettings, generate  # noqa: E402
 
 
@@ -47,8 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
+    for module in args.network_module or []:
+        if module not in ("networks.lora", "lora"):
+            raise ConfigError(f"--network_module: only networks.lora is supported, got {module!r}")
     prompts = list(args.prompt)
     if args.from_file:
+        if not Path(args.from_file).is_file():
+            raise ConfigError(f"--from_file: {args.from_file}: no such file")
         prompts += [ln.strip() for ln in Path(args.from_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
     settings = GenerationSettings(prompts, args.negative_prompt, args.steps, args.scale, args.seed, args.W, args.H,
                                   args.images_per_prompt, args.sampler)

@@ -99,3 +99,13 @@ def test_sd2_single_file_adapters_and_merged(tiny_sd2, tmp_path):
     _, adapters = _generate(model, tmp_path / "adapters", *common)
     _, merged = _generate(model, tmp_path / "merged", *common, "--network_merge")
     assert np.abs(adapters[0] - merged[0]).max() <= 2
+
+
+def test_prompts_from_file(files, tmp_path, capsys):
+    model, _, _ = files
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\n", encoding="utf-8")
+    paths, _ = _generate(model, tmp_path / "out", "--from_file", prompts, "--steps", "2")
+    assert len(paths) == 3  # --prompt plus the two lines
+    rc = run_main(main, ["--ckpt", str(model), "--outdir", str(tmp_path / "x"), "--from_file", str(tmp_path / "no.txt")])
+    assert rc == 2 and "--from_file" in capsys.readouterr().err

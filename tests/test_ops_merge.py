@@ -169,3 +169,12 @@ def test_lora_that_does_not_fit_names_the_module(setup, tmp_path, capsys):
                     "--models", s["files"]["b"], tmp_path / "bad.safetensors"], capsys)
     assert rc == 2 and key in err and "bad.safetensors" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_merge_folder_model_into_ckpt_file(setup, tmp_path):
+    s = setup("sd1")
+    out = tmp_path / "merged.ckpt"
+    main([str(a) for a in ["--sd_model", s["folder"], "--save_to", out, "--models", s["files"]["a"],
+                           s["files"]["b"], "--ratios", *RATIOS]])
+    merged = load_base(out, model_config=s["config"])
+    assert max_diff(model_outputs(merged), s["ref"]) <= 1e-4

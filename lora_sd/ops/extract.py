@@ -16,8 +16,7 @@ import torch
 from lora_sd.errors import ConfigError, ModelMismatchError
 from lora_sd.lora_weights import LoraModule, LoraWeights, key_for_module
 from lora_sd.ops.lowrank import as_matrix, max_rank, to_lora_shapes, truncated_svd
-from lora_sd.ops.merge import VERSION_NAMES
-from lora_sd.ops.svd_merge import check_rank, resolve_device
+from lora_sd.ops.merge import VERSION_NAMES, check_rank, resolve_device, version_metadata
 from lora_sd.targets import TEXT_ENCODER_TARGET_CLASSES, UNET_CONV_TARGET_CLASSES, UNET_TARGET_CLASSES, find_targets
 
 logger = logging.getLogger(__name__)
@@ -128,8 +127,7 @@ def extract_lora_files(model_org, model_tuned, save_to, dim, conv_dim=None, v2=F
     lora = extract_lora({"unet": org.unet, "text_encoder": org.text_encoder},
                         {"unet": tuned.unet, "text_encoder": tuned.text_encoder},
                         dim, conv_dim, min_diff, device)
-    lora.metadata["ss_v2"] = str(org.version == "sd2")
-    lora.metadata["ss_base_model_version"] = "sd_v2" if org.version == "sd2" else "sd_v1"
+    lora.metadata.update(version_metadata(org.version))
     save_lora(lora, save_to, save_precision=save_precision, version=org.version,
               v_parameterization=org.v_parameterization)
     logger.info("wrote %s: %d modules (%s)", save_to, len(lora.modules), ", ".join(lora.components))

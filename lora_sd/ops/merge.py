@@ -49,6 +49,24 @@ def parse_ratios(models, ratios, option="--ratios") -> list[float]:
     return values
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """'cpu' / 'cuda' / 'cuda:N' as a torch.device; ConfigError when CUDA is asked for and absent."""
+    device = device or "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device: {device!r} is not a device (use cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    return dev
+
+
+def check_rank(value, option) -> int:
+    if value is None or int(value) != value or value <= 0:
+        raise ConfigError(f"{option}: must be a positive whole number, got {value!r}")
+    return int(value)
+
+
 def lora_version(lora: LoraWeights) -> str | None:
     """'sd1', 'sd2', 'sdxl' from a LoRA's metadata, or None when it does not say."""
     meta = lora.metadata
@@ -168,7 +186,7 @@ def merge_loras(loras, ratios, mode="exact", names=None) -> LoraWeights:
         raise ConfigError(f"merge mode must be one of {MODES}, got {mode!r}")
     names = names or [f"LoRA #{i + 1}" for i in range(len(loras))]
     version = common_version(loras, names)
-    merged = LoraWeights(metadata=_merged_metadata(loras, version))
+    merged = LoraWeights(metadata={"ss_network_module": "networks.lora", **version_metadata(version)})
     for entry in gather_modules(loras, ratios, names):
         merged.modules[entry.key] = _merge_exact(entry) if mode == "exact" else _merge_kohya(entry)
     return merged
@@ -199,12 +217,12 @@ def _merge_kohya(entry: ModuleParts) -> LoraModule:
     return LoraModule(down, up, base_alpha)
 
 
-def _merged_metadata(loras, version):
-    meta = {"ss_network_module": "networks.lora"}
-    if version is not None:
-        meta["ss_base_model_version"] = {"sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(version, "sd_v1")
-        meta["ss_v2"] = str(version == "sd2")
-    return meta
+def version_metadata(version) -> dict[str, str]:
+    """sd-scripts' base-model keys for a LoRA made from inputs of this version (none if unknown)."""
+    if version is None:
+        return {}
+    return {"ss_base_model_version": {"sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(version, "sd_v1"),
+            "ss_v2": str(version == "sd2")}
 
 
 # --- into a model --------------------------------------------------------------------

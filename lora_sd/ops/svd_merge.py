@@ -14,30 +14,11 @@ import logging
 
 import torch
 
-from lora_sd.errors import ConfigError
 from lora_sd.lora_weights import LoraWeights
 from lora_sd.ops.lowrank import factorize_product, max_rank
-from lora_sd.ops.merge import common_version, gather_modules, parse_ratios
+from lora_sd.ops.merge import check_rank, common_version, gather_modules, parse_ratios, resolve_device, version_metadata
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """'cpu' / 'cuda' / 'cuda:N' as a torch.device; ConfigError when CUDA is asked for and absent."""
-    device = device or "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device: {device!r} is not a device (use cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
-    return dev
-
-
-def check_rank(value, option) -> int:
-    if value is None or int(value) != value or value <= 0:
-        raise ConfigError(f"{option}: must be a positive whole number, got {value!r}")
-    return int(value)
 
 
 def svd_merge(loras, ratios, new_rank, new_conv_rank=None, device="cpu", precision=torch.float32,
@@ -55,10 +36,7 @@ def svd_merge(loras, ratios, new_rank, new_conv_rank=None, device="cpu", precisi
     version = common_version(loras, names)
     work = torch.float64 if precision == torch.float64 else torch.float32
     merged = LoraWeights(metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(new_rank),
-                                   "ss_network_alpha": str(new_rank)})
-    if version is not None:
-        merged.metadata["ss_base_model_version"] = {"sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(version, "sd_v1")
-        merged.metadata["ss_v2"] = str(version == "sd2")
+                                   "ss_network_alpha": str(new_rank), **version_metadata(version)})
     clamped, has_conv = [], False
     for entry in gather_modules(loras, ratios, names):
         ups = [u.to(precision).to(dev, work) for u in entry.scaled_ups(torch.float32)]
