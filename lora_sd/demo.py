@@ -8,6 +8,8 @@ written atomically so that two processes starting together are safe.
 import math
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 from lora_sd.io import atomic_path
@@ -41,14 +43,30 @@ def resolve_demo_path(value):
 
         raise ConfigError(f"{value}: unknown demo asset; known: " + ", ".join(PREFIX + k for k in makers))
     path = demo_folder() / name
+    if not path.exists() and int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        _wait_for(path)  # under `accelerate launch` the local main process makes the assets
     if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=path.parent))
         try:
-            with atomic_path(path) as tmp:
-                makers[name](tmp)
+            makers[name](tmp / name)
+            os.rename(tmp / name, path)  # fails if another process got there first: theirs is kept
         except OSError:
-            if not path.exists():  # another process won the race otherwise
+            if not path.exists():
                 raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
+
+
+def _wait_for(path: Path, seconds=600):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} was not made by the main process within {seconds} s")
+        time.sleep(0.5)
 
 
 def _make_model(folder: Path):

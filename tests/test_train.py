@@ -22,6 +22,15 @@ train_recipe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_recipe)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and 2 OpenMP threads on 2 shared cores can run 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     from lora_sd.tiny import save_tiny_diffusers
@@ -277,3 +286,53 @@ def test_nan_loss_stops_and_keeps_the_last_good_save(assets, tmp_path, monkeypat
     assert "at step 3" in err and "lora-step00000002.safetensors" in err
     assert (out / "lora-step00000002.safetensors").is_file() and not (out / "lora.safetensors").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_two_processes_ddp(assets, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: DDP over gloo, only the main process writes."""
+    import os
+    import shutil
+    import subprocess
+
+    launcher = shutil.which("accelerate")
+    if launcher is None:
+        pytest.skip("accelerate's launcher is not on PATH")
+    out = tmp_path / "out"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(ROOT / "recipes" / "train.py"), *args(assets, out, "--train_batch_size", "1",
+                                                                       steps=3)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["lora-config.toml", "lora.safetensors"]
+    _, meta = kohya_file(out / "lora.safetensors")
+    assert meta["ss_total_batch_size"] == "2" and meta["ss_steps"] == "3"
+    assert "2 process(es)" in proc.stderr and proc.stdout.count("trained 3 steps") == 1
+
+
+def test_v2_v_parameterization_diffusers_folder_output(assets, tmp_path):
+    """SD2 tiny model, v-prediction targets, saved as a diffusers folder that load_lora_weights reads."""
+    from diffusers import StableDiffusionPipeline
+
+    from lora_sd.tiny import save_tiny_diffusers
+
+    save_tiny_diffusers(tmp_path / "sd2", "sd2")
+    out = tmp_path / "out"
+    result = train_recipe.main(args(assets, out, "--pretrained_model_name_or_path", str(tmp_path / "sd2"), "--v2",
+                                    "--v_parameterization", "--save_model_as", "diffusers", "--min_snr_gamma", "5"))
+    assert result.version == "sd2" and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "sd2"), safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.load_lora_weights(str(out / "lora"))
+    gen = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, 32, generator=gen)
+    with torch.no_grad():
+        want = result.unet.eval()(x, torch.tensor([10]), cond).sample
+        got = pipe.unet(x, torch.tensor([10]), cond).sample
+    assert (want - got).abs().max() <= 1e-5
+    # and as a kohya .ckpt: the same weights, readable by load_lora
+    from lora_sd.formats import load_lora
+
+    train_recipe.main(args(assets, out, "--pretrained_model_name_or_path", str(tmp_path / "sd2"), "--v2",
+                           "--v_parameterization", "--save_model_as", "ckpt"))
+    assert load_lora(out / "lora.ckpt").modules
