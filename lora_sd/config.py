@@ -15,7 +15,6 @@ or `dataset_config = "file.toml"`, or `train_data_dir` (DreamBooth folders).
 import argparse
 import dataclasses
 import difflib
-import json
 import tomllib
 import types
 import typing
@@ -129,6 +128,7 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")}
+OPTION_NAMES = tuple(_FIELDS)
 _TYPES = typing.get_type_hints(TrainConfig)
 _DATASET_KEYS = ("resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
                  "bucket_no_upscale", "caption_extension", "shuffle_caption", "keep_tokens", "flip_aug",
@@ -186,34 +186,18 @@ def _coerce(key, value, errors, from_cli=False):
         errors.add(key, f"must be {_type_name(typ)}, got nothing")
         return dataclasses.MISSING
     try:
-        if typ is bool:
-            if isinstance(value, str) and from_cli and value.lower() in ("true", "false", "1", "0"):
-                return value.lower() in ("true", "1")
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if typ is int:
-            if from_cli and isinstance(value, str):
-                value = int(value)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError
-            return value
-        if typ is float:
-            if from_cli and isinstance(value, str):
-                value = float(value)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError
+        if from_cli and isinstance(value, str) and typ in (int, float):
+            value = typ(value)
+        if typ is bool and from_cli and isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
-        if typ is str:
-            if not isinstance(value, str):
-                raise TypeError
+        if typ in (bool, int, float, str) and type(value) is typ:
             return value
-        if typ == list[str]:
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
-                raise TypeError
-            return [str(v) for v in value]
+        if typ == list[str] and isinstance(value, (str, list)):
+            value = [value] if isinstance(value, str) else value
+            if all(isinstance(v, (str, int, float)) for v in value):
+                return [str(v) for v in value]
         if typ == tuple[int, int]:
             return _resolution(value)
     except (TypeError, ValueError):
@@ -408,38 +392,3 @@ def add_config_arguments(parser: argparse.ArgumentParser):
 def overrides_from_args(args: argparse.Namespace) -> dict:
     names = set(_FIELDS) | set(_ACCEPTED)
     return {k: v for k, v in vars(args).items() if k in names}
-
-
-# --- the resolved config, written beside the outputs --------------------------------------------------
-
-
-def _toml_value(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(type(value))
-
-
-def config_toml(cfg: TrainConfig) -> str:
-    """A TOML that load_config reads back into the same options and datasets."""
-    lines = [f"# resolved config of a lora-sd training run (from {cfg.source or 'the command line'})"]
-    for name in _FIELDS:
-        value = getattr(cfg, name)
-        if name in ("dataset_config", "train_data_dir", "reg_data_dir") or value is None:
-            continue
-        lines.append(f"{name} = {_toml_value(value)}")
-    for ds in cfg.datasets:
-        lines.append("\n[[datasets]]")
-        for k, v in dataclasses.asdict(ds).items():
-            if k != "subsets" and v is not None:
-                lines.append(f"{k} = {_toml_value(v)}")
-        for sub in ds.subsets:
-            lines.append("  [[datasets.subsets]]")
-            lines += [f"  {k} = {_toml_value(v)}" for k, v in dataclasses.asdict(sub).items() if v is not None]
-    return "\n".join(lines) + "\n"
-

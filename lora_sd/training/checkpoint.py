@@ -7,10 +7,13 @@ names); kohya `.safetensors`/`.ckpt`, a diffusers folder
 reads) or PEFT adapter folders. Only the main process writes; writes are atomic.
 
 Training state (`save_state`): accelerate's `save_state` (LoRA weights only,
-optimizer, schedule, RNG of every process) plus our progress counters and
-noise generator, written to `<name>-state` folders through a temporary folder.
+optimizer, schedule, RNG of every process) plus our progress counters
+(step, epoch, batches done in the epoch), written to `<name>-state` folders through a temporary folder.
+The resolved config (`config_toml`) is written beside the outputs.
 """
 
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lora_sd.config import OPTION_NAMES
 from lora_sd.errors import ConfigError
 from lora_sd.formats import save_lora
 from lora_sd.io import atomic_path
@@ -91,19 +95,6 @@ class Progress:
         self.batches_in_epoch = int(state["batches_in_epoch"])
 
 
-class GeneratorState:
-    """A torch.Generator that accelerate can save and restore (the noise and timestep draws)."""
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def state_dict(self):
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state["state"])
-
-
 def only_lora_weights(models, weights, output_dir):
     """accelerate save-state hook: keep the LoRA tensors of each model, not the frozen base."""
     for i, state in enumerate(weights):
@@ -140,3 +131,35 @@ def load_training_state(accelerator, folder):
         raise ConfigError(f"`resume` {folder}: not a training state folder written by save_state")
     accelerator.load_state(str(folder), strict=False)
     logger.info("resumed from %s", folder)
+
+
+def _toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(type(value))
+
+
+def config_toml(cfg) -> str:
+    """A TOML that load_config reads back into the same options and datasets."""
+    lines = [f"# resolved config of a lora-sd training run (from {cfg.source or 'the command line'})"]
+    for name in OPTION_NAMES:
+        value = getattr(cfg, name)
+        if name in ("dataset_config", "train_data_dir", "reg_data_dir") or value is None:
+            continue
+        lines.append(f"{name} = {_toml_value(value)}")
+    for ds in cfg.datasets:
+        lines.append("\n[[datasets]]")
+        for k, v in dataclasses.asdict(ds).items():
+            if k != "subsets" and v is not None:
+                lines.append(f"{k} = {_toml_value(v)}")
+        for sub in ds.subsets:
+            lines.append("  [[datasets.subsets]]")
+            lines += [f"  {k} = {_toml_value(v)}" for k, v in dataclasses.asdict(sub).items() if v is not None]
+    return "\n".join(lines) + "\n"
+

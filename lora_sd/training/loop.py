@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from lora_sd.config import config_toml
 from lora_sd.demo import resolve_demo_path
 from lora_sd.errors import ConfigError, LoraSdError
 from lora_sd.io import atomic_path
@@ -184,7 +183,7 @@ def train(cfg) -> TrainResult:
     prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
     if main:
         with atomic_path(Path(cfg.output_dir) / f"{cfg.output_name}-config.toml") as tmp:
-            tmp.write_text(config_toml(cfg), encoding="utf-8")
+            tmp.write_text(checkpoint.config_toml(cfg), encoding="utf-8")
     if cfg.logging_dir:
         accelerator.init_trackers("network_train")
     result = TrainResult(None, progress.global_step, progress.epoch, model.version)
