@@ -37,6 +37,8 @@ class TrainConfig:
     pretrained_model_name_or_path: str | None = opt(None, "diffusers folder, .safetensors/.ckpt file or hub id")
     v2: bool = opt(False, "the base model is Stable Diffusion 2.x")
     v_parameterization: bool = opt(False, "v-prediction targets (SD 2.x 768-v models)")
+    model_config: str | None = opt(None, "configs folder (unet/, vae/, text_encoder/, tokenizer/) for a single file "
+                                   "of another architecture than SD 1.5 / 2.1 (lora-sd's own option)")
     # --- data
     dataset_config: str | None = opt(None, "dataset TOML ([general] / [[datasets]] / [[datasets.subsets]])")
     train_data_dir: str | None = opt(None, "DreamBooth folders `N_tokens/` (when no dataset config)")

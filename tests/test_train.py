@@ -43,6 +43,10 @@ def assets(tmp_path_factory):
     for i in range(4):
         draw_image(rng).save(sub / f"{i}.png")
         (sub / f"{i}.caption").write_text(f"a photo of sks shape, red{', blue' if i % 2 else ''}")
+    reg = root / "reg" / "1_shape"
+    reg.mkdir(parents=True)
+    for i in range(2):
+        draw_image(rng).save(reg / f"{i}.png")
     return root
 
 
@@ -336,3 +340,24 @@ def test_v2_v_parameterization_diffusers_folder_output(assets, tmp_path):
     train_recipe.main(args(assets, out, "--pretrained_model_name_or_path", str(tmp_path / "sd2"), "--v2",
                            "--v_parameterization", "--save_model_as", "ckpt"))
     assert load_lora(out / "lora.ckpt").modules
+
+
+def test_single_file_checkpoint_and_regularization_images(assets, tmp_path):
+    """An original-layout .safetensors base model (what most users have) trains the same LoRA names."""
+    from lora_sd.tiny import save_tiny_single_file
+
+    path, configs = save_tiny_single_file(tmp_path / "model.safetensors", "sd1")
+    out = tmp_path / "out"
+    train_recipe.main(args(assets, out, "--pretrained_model_name_or_path", str(path), "--model_config", str(configs),
+                           "--reg_data_dir", str(assets / "reg"), "--prior_loss_weight", "0.5"))
+    state, meta = kohya_file(out / "lora.safetensors")
+    folder_state, _ = kohya_file_from_folder_run(assets, tmp_path)
+    assert state.keys() == folder_state.keys() and meta["ss_sd_model_name"] == "model.safetensors"
+    # regularization images: counted apart, weighted by prior_loss_weight
+    assert meta["ss_num_reg_images"] == "2" and meta["ss_prior_loss_weight"] == "0.5"
+    assert json.loads(meta["ss_reg_dataset_dirs"]) == {"1_shape": {"n_repeats": 1, "img_count": 2}}
+
+
+def kohya_file_from_folder_run(assets, tmp_path):
+    train_recipe.main(args(assets, tmp_path / "folder_out"))
+    return kohya_file(tmp_path / "folder_out" / "lora.safetensors")

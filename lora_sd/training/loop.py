@@ -112,7 +112,7 @@ def train(cfg) -> TrainResult:
     device, main = accelerator.device, accelerator.is_main_process
     _seed(cfg, accelerator)
     model = load_base(resolve_demo_path(cfg.pretrained_model_name_or_path), v2=cfg.v2,
-                      v_parameterization=cfg.v_parameterization)
+                      v_parameterization=cfg.v_parameterization, model_config=cfg.model_config)
     unet, text_encoder, vae, tokenizer = model.unet, model.text_encoder, model.vae, model.tokenizer
     scheduler = noise.training_scheduler(cfg.v_parameterization)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
