@@ -52,7 +52,7 @@ class TrainResult:
 def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     has_cuda = torch.cuda.is_available()
     if cfg.mixed_precision == "fp16" and not has_cuda:
@@ -63,6 +63,9 @@ def make_accelerator(cfg):
         kwargs = dict(log_with="tensorboard",
                       project_config=ProjectConfiguration(project_dir=str(Path(cfg.logging_dir) / run)))
     AcceleratorState._reset_state()  # a second run in one Python process may use another precision
+    if cfg.train_text_encoder and cfg.clip_skip and cfg.clip_skip > 1:
+        # the text encoder's last layers do not reach the U-Net: DDP must expect LoRA weights without gradients
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     # cpu=True on a GPU-less machine makes `accelerate launch --multi_gpu` run DDP over gloo (see DESIGN.md)
     return Accelerator(cpu=not has_cuda, mixed_precision=cfg.mixed_precision,
                        gradient_accumulation_steps=cfg.gradient_accumulation_steps, **kwargs)
