@@ -248,7 +248,7 @@ def _no_outputs(folder: Path):
     return not folder.exists() or not any(folder.iterdir())
 
 
-@pytest.mark.parametrize("bad", ["model", "dataset", "fp16", "both_only", "wrong_type"])
+@pytest.mark.parametrize("bad", ["model", "dataset", "fp16", "both_only", "wrong_type", "xformers"])
 def test_bad_input_exits_2_and_writes_nothing(assets, tmp_path, bad, capsys):
     out = tmp_path / "out"
     argv = args(assets, out)
@@ -262,13 +262,17 @@ def test_bad_input_exits_2_and_writes_nothing(assets, tmp_path, bad, capsys):
         argv += ["--mixed_precision", "fp16"]
     elif bad == "both_only":
         argv += ["--network_train_unet_only", "--network_train_text_encoder_only"]
+    elif bad == "xformers":
+        if torch.cuda.is_available() and importlib.util.find_spec("xformers"):
+            pytest.skip("xformers can run here")
+        argv += ["--xformers"]
     else:
         argv += ["--network_dim", "four"]
     assert run_main(train_recipe.main, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     assert {"model": "missing", "dataset": "nowhere", "fp16": "fp16", "both_only": "network_train_unet_only",
-            "wrong_type": "`network_dim` must be an integer"}[bad] in err
+            "wrong_type": "`network_dim` must be an integer", "xformers": "`xformers = true`"}[bad] in err
     assert _no_outputs(out)
 
 

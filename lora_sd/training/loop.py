@@ -25,7 +25,7 @@ from lora_sd.errors import ConfigError, LoraSdError
 from lora_sd.io import atomic_path
 from lora_sd.training import checkpoint, noise, optim
 from lora_sd.training.metadata import at_save, training_metadata
-from lora_sd.training.network import add_network, enable_gradient_checkpointing, set_attention
+from lora_sd.training.network import add_network, check_attention, enable_gradient_checkpointing, set_attention
 from lora_sd.training.sampling import read_prompts, sample_images
 from lora_sd.training.text import CachedTextEncoder, encode, tokenize
 
@@ -111,6 +111,8 @@ def train(cfg) -> TrainResult:
     from lora_sd.models.load import load_base
 
     # --- setup: devices, base model, LoRA ----------------------------------------------------------
+    check_attention(cfg)
+    prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
     accelerator = make_accelerator(cfg)
     device, main = accelerator.device, accelerator.is_main_process
     _seed(cfg, accelerator)
@@ -183,7 +185,6 @@ def train(cfg) -> TrainResult:
                                  total_batch_size=cfg.datasets[0].batch_size * accelerator.num_processes
                                  * cfg.gradient_accumulation_steps, max_train_steps=max_train_steps,
                                  num_epochs=num_epochs, optimizer_name=optimizer_name, started_at=time.time())
-    prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
     if main:
         with atomic_path(Path(cfg.output_dir) / f"{cfg.output_name}-config.toml") as tmp:
             tmp.write_text(checkpoint.config_toml(cfg), encoding="utf-8")

@@ -24,8 +24,8 @@ def network_spec(cfg) -> NetworkSpec:
     return NetworkSpec(cfg.network_dim, cfg.network_alpha, args.get("conv_dim"), args.get("conv_alpha", 1.0))
 
 
-def set_attention(unet, cfg):
-    """SDPA (diffusers' default processor) unless xformers is asked for."""
+def check_attention(cfg):
+    """Refuse xformers where it cannot run, before anything is loaded."""
     if not cfg.xformers:
         return
     if importlib.util.find_spec("xformers") is None:
@@ -33,7 +33,13 @@ def set_attention(unet, cfg):
                           "(a build matching your torch), or remove the option (PyTorch SDPA is the default)")
     if not torch.cuda.is_available():
         raise ConfigError("`xformers = true` needs a CUDA GPU; on CPU remove the option (SDPA is used)")
-    unet.enable_xformers_memory_efficient_attention()
+
+
+def set_attention(unet, cfg):
+    """SDPA (diffusers' default processor) unless xformers is asked for."""
+    if cfg.xformers:
+        check_attention(cfg)
+        unet.enable_xformers_memory_efficient_attention()
 
 
 def add_network(unet, text_encoder, cfg):
