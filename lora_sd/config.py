@@ -391,6 +391,21 @@ def add_config_arguments(parser: argparse.ArgumentParser):
         parser.add_argument(f"--{name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
+def check_unknown_flags(unknown: list[str]):
+    """parse_known_args leftovers -> one ConfigError naming each flag and the closest option."""
+    flags = [u for u in unknown if u.startswith("--")]
+    if not unknown:
+        return
+    if not flags:
+        raise ConfigError(f"command line: unexpected argument(s) {' '.join(unknown)}")
+    problems = []
+    for flag in flags:
+        name = flag[2:].split("=", 1)[0]
+        close = difflib.get_close_matches(name, list(_FIELDS) + ["config"], n=1)
+        problems.append(f"`--{name}` is not a known option" + (f" (did you mean `--{close[0]}`?)" if close else ""))
+    raise ConfigError("command line: " + "; ".join(problems))
+
+
 def overrides_from_args(args: argparse.Namespace) -> dict:
     names = set(_FIELDS) | set(_ACCEPTED)
     return {k: v for k, v in vars(args).items() if k in names}

@@ -25,19 +25,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_sd.cli import run_main  # noqa: E402
-from lora_sd.config import add_config_arguments, load_config, overrides_from_args  # noqa: E402
+from lora_sd.config import add_config_arguments, check_unknown_flags, load_config, overrides_from_args  # noqa: E402
 
 logger = logging.getLogger("train")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", "--config_file", dest="config", default=None,
                         help=f"training TOML (with no options at all: the demo, {DEMO_CONFIG.name})")
     add_config_arguments(parser)
-    return parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    check_unknown_flags(unknown)
+    return args
 
 
 def main(argv=None):

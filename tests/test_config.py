@@ -154,3 +154,13 @@ def test_missing_dataset_config_file(tmp_path):
     path = _write(tmp_path, BASE + 'dataset_config = "nope.toml"\n')
     with pytest.raises(ConfigError, match="nope.toml: dataset config file not found"):
         load_config(path)
+
+
+def test_unknown_command_line_flag_names_closest():
+    from lora_sd.config import check_unknown_flags
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_config_arguments(parser)
+    _, unknown = parser.parse_known_args(["--network_dimm", "8", "--xformers"])
+    with pytest.raises(ConfigError, match=r"`--network_dimm` is not a known option \(did you mean `--network_dim`\?\)"):
+        check_unknown_flags(unknown)
