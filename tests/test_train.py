@@ -110,6 +110,7 @@ def test_file_loads_in_diffusers_and_matches_trained_model(assets, tmp_path, cas
     assert json.loads(meta["ss_tag_frequency"])["2_sks shape"]["a photo of sks shape"] == 4
     assert json.loads(meta["ss_bucket_info"])["buckets"]["0"]["resolution"] == [64, 64]
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and len(meta["sshs_model_hash"]) == 64
+    assert meta["modelspec.resolution"] == "64x64" and meta["modelspec.title"] == "lora"
     if case == "conv_dim":
         assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
 

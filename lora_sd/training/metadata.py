@@ -75,6 +75,7 @@ def training_metadata(cfg, data, *, version: str, total_batch_size: int, max_tra
         "ss_new_sd_model_hash": "None",
         "ss_vae_name": "None",
     }
+    meta["modelspec.resolution"] = "{}x{}".format(*first.resolution)
     if cfg.network_args:  # as given, like sd-scripts: {"conv_dim": "4", "conv_alpha": "1"}
         meta["ss_network_args"] = json.dumps(dict(a.split("=", 1) for a in cfg.network_args))
     if cfg.training_comment:
