@@ -209,15 +209,17 @@ def test_resume_gives_the_same_lora(assets, tmp_path, monkeypatch):
     assert any(not torch.equal(a[k], step3[k]) for k in a)
 
 
-def test_network_weights_continues_from_a_file(assets, tmp_path, tiny_sd1):
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_network_weights_continues_from_a_file(assets, tmp_path, tiny_sd1, fmt):
     from tests.helpers import random_lora
 
     from lora_sd.formats import load_lora, save_lora
 
     start = random_lora(tiny_sd1, network_dim=8, network_alpha=2)
-    save_lora(start, tmp_path / "start.safetensors")
+    start_path = tmp_path / ("start.safetensors" if fmt == "kohya" else "start_peft")
+    save_lora(start, start_path, fmt)
     # learning rate 0: the continued LoRA is the file, unchanged
-    train_recipe.main(args(assets, tmp_path / "out", "--network_weights", str(tmp_path / "start.safetensors"),
+    train_recipe.main(args(assets, tmp_path / "out", "--network_weights", str(start_path),
                            "--dim_from_weights", "--learning_rate", "0"))
     got = load_lora(tmp_path / "out" / "lora.safetensors")
     assert got.modules.keys() == start.modules.keys()
@@ -225,8 +227,8 @@ def test_network_weights_continues_from_a_file(assets, tmp_path, tiny_sd1):
         assert torch.equal(got.modules[k].down, m.down) and torch.equal(got.modules[k].up, m.up)
         assert got.modules[k].alpha == m.alpha
     # without dim_from_weights the ranks must match network_dim
-    code = run_main(train_recipe.main, args(assets, tmp_path / "bad", "--network_weights",
-                                            str(tmp_path / "start.safetensors"), "--network_dim", "4"))
+    code = run_main(train_recipe.main, args(assets, tmp_path / "bad", "--network_weights", str(start_path),
+                                            "--network_dim", "4"))
     assert code == 2 and not (tmp_path / "bad").exists()
 
 
