@@ -207,6 +207,10 @@ def test_resume_gives_the_same_lora(assets, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     step3, _ = kohya_file(tmp_path / "a" / "lora-step00000003.safetensors")
     assert any(not torch.equal(a[k], step3[k]) for k in a)
+    # a state that does not fit the network is refused by name
+    code = run_main(train_recipe.main, args(assets, tmp_path / "c", *common, "--resume", str(state),
+                                            "--network_dim", "8", steps=6))
+    assert code == 2
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "peft"])

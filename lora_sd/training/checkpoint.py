@@ -129,7 +129,12 @@ def load_training_state(accelerator, folder):
     folder = Path(folder)
     if not (folder / "custom_checkpoint_0.pkl").is_file():
         raise ConfigError(f"`resume` {folder}: not a training state folder written by save_state")
-    accelerator.load_state(str(folder), strict=False)
+    try:
+        accelerator.load_state(str(folder), strict=False)  # the state holds only the LoRA weights
+    except (RuntimeError, ValueError, KeyError) as e:
+        msg = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])[:300] or type(e).__name__
+        raise ConfigError(f"`resume` {folder}: the saved state does not fit this run (network_dim, "
+                          f"network_args, optimizer or trained parts changed?): {msg}") from None
     logger.info("resumed from %s", folder)
 
 
