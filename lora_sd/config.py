@@ -180,7 +180,7 @@ def _base_type(typ):
 
 
 def _coerce(key, value, errors, from_cli=False):
-    """A TOML or command-line value converted to the field's type, or None with an error added."""
+    """A TOML or command-line value converted to the field's type, or MISSING with an error added."""
     typ, optional = _base_type(_TYPES[key])
     if value is None or (from_cli and optional and value in ("None", "none", "")):
         if optional:
@@ -290,11 +290,7 @@ def load_config(path=None, overrides: dict | None = None) -> TrainConfig:
 def _check_values(cfg: TrainConfig, errors: _Errors, inline_datasets: bool):
     for key, allowed in CHOICES.items():
         value = getattr(cfg, key)
-        if key == "save_model_as" or key == "network_module":
-            ok = value in allowed
-        else:
-            ok = (value.lower() if isinstance(value, str) else value) in allowed
-        if not ok:
+        if value not in allowed:
             errors.add(key, f"must be one of {', '.join(str(a) for a in allowed if a is not None)}; got {value!r}")
     from lora_sd.training.optim import OPTIMIZERS
 
