@@ -155,7 +155,6 @@ CHOICES = {
     "sample_sampler": ("ddim", "euler", "euler_a", "k_euler", "k_euler_a", "dpmsolver++", "dpmsolver", "pndm", "lms",
                        "k_lms", "ddpm", "heun", "dpm_2", "dpm_2_a", "dpmsingle"),
 }
-NETWORK_ARGS = ("conv_dim", "conv_alpha")
 DATASET_TABLES = ("general", "datasets")
 
 
@@ -315,6 +314,8 @@ def _check_values(cfg: TrainConfig, errors: _Errors, inline_datasets: bool):
     if not 0 <= cfg.min_timestep < cfg.max_timestep <= 1000:
         errors.add("min_timestep", f"and `max_timestep` must satisfy 0 <= min < max <= 1000, got "
                    f"{cfg.min_timestep}, {cfg.max_timestep}")
+    from lora_sd.training.network import network_args
+
     try:
         network_args(cfg)
     except ConfigError as e:
@@ -328,21 +329,6 @@ def _check_values(cfg: TrainConfig, errors: _Errors, inline_datasets: bool):
         errors.add(sources[0], f"and `{sources[1]}` are both given: use one dataset source")
     if cfg.dim_from_weights and not cfg.network_weights:
         errors.add("dim_from_weights", "needs `network_weights`")
-
-
-def network_args(cfg: TrainConfig) -> dict:
-    """`network_args` ["conv_dim=4", "conv_alpha=1"] -> {"conv_dim": 4, "conv_alpha": 1.0}."""
-    out = {}
-    for item in cfg.network_args:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or key not in NETWORK_ARGS:
-            raise ConfigError(f"got {item!r}; supported: " + ", ".join(f"{k}=N" for k in NETWORK_ARGS))
-        try:
-            out[key] = int(value) if key == "conv_dim" else float(value)
-        except ValueError:
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
-    return out
 
 
 def _datasets(cfg: TrainConfig, tables: dict, path) -> list:
