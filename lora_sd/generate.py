@@ -94,9 +94,7 @@ def add_networks(pipe, loras, multipliers, merge=False, names=None, model_versio
     for i, (lora, name) in enumerate(zip(loras, names)):
         check_model_version(lora, name, model_version)
         try:
-            with warnings.catch_warnings():  # PEFT warns on every adapter after the first
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                lora.apply_to(unet=pipe.unet, text_encoder=pipe.text_encoder, adapter_name=f"lora{i}")
+            lora.apply_to(unet=pipe.unet, text_encoder=pipe.text_encoder, adapter_name=f"lora{i}")
         except ModelMismatchError as e:
             raise ModelMismatchError(f"{name}: {e}") from None
         adapters.append(f"lora{i}")

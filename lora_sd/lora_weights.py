@@ -9,6 +9,7 @@ CLIPTextModel's module names; `model_module_name` / `key_for_module` are the
 one place that maps between the two.
 """
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -127,7 +128,9 @@ class LoraWeights:
             if model is None:
                 raise ModelMismatchError(f"the LoRA has {component} modules but no {component} was given")
             state = self.peft_state_dict(component, model)  # checks fit before touching the model
-            model.add_adapter(self.peft_config(component, model), adapter_name=adapter_name)
+            with warnings.catch_warnings():  # PEFT warns on every adapter after a model's first
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                model.add_adapter(self.peft_config(component, model), adapter_name=adapter_name)
             result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
             unexpected = getattr(result, "unexpected_keys", None)
             if unexpected:

@@ -35,3 +35,10 @@ def tiny_sd2():
 @pytest.fixture(params=["sd1", "sd2"])
 def tiny(request):
     return request.getfixturevalue(f"tiny_{request.param}")
+
+
+def pytest_configure(config):
+    """Tiny models gain nothing from threads, and 2 OpenMP threads on 2 busy cores run up to 10x slower."""
+    import torch
+
+    torch.set_num_threads(1)
