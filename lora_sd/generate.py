@@ -10,7 +10,6 @@ per setting, and an AUTOMATIC1111-style `parameters` string.
 import logging
 import random
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
