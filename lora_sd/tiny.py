@@ -8,7 +8,6 @@ tokenizer whose vocabulary files are generated here.
 """
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,27 +55,6 @@ def write_tiny_tokenizer_files(folder):
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return len(vocab)
-
-
-@dataclass
-class TinySD:
-    """The components of a tiny pipeline, as `StableDiffusionPipeline` takes them."""
-
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    scheduler: object
-    version: str
-
-    def pipeline(self):
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline(
-            unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-            scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
 
 
 def unet_config(version="sd1"):
@@ -128,14 +106,6 @@ def text_encoder_config(version, vocab_size):
     )
 
 
-def scheduler_config(version="sd1"):
-    return dict(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-        prediction_type="v_prediction" if version == "sd2" else "epsilon",
-    )
-
-
 def tiny_tokenizer(version="sd1", folder=None):
     """A CLIPTokenizer over generated vocab files (SD2 pads with `!`, SD1 with EOS)."""
     import tempfile
@@ -149,8 +119,8 @@ def tiny_tokenizer(version="sd1", folder=None):
 
 
 def build_tiny_sd(version="sd1", seed=0):
-    """Build a deterministic tiny SD1 ('sd1') or SD2 v-prediction ('sd2') model."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    """Build a deterministic tiny SD1 ('sd1') or SD2 v-prediction ('sd2') model, as an SDModel."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if version not in TINY_VERSIONS:
@@ -162,10 +132,13 @@ def build_tiny_sd(version="sd1", seed=0):
     vae = AutoencoderKL(**vae_config())
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(version, len(tokenizer))))
-    scheduler = DDIMScheduler(**scheduler_config(version))
     for m in (unet, vae, text_encoder):
         m.eval()
-    return TinySD(unet, vae, text_encoder, tokenizer, scheduler, version)
+    from lora_sd.models.load import SDModel, noise_scheduler
+
+    v_pred = version == "sd2"
+    return SDModel(unet, vae, text_encoder, tokenizer, noise_scheduler(v_pred), version,
+                   v_parameterization=v_pred, source=f"tiny-{version}-seed{seed}", source_format="tiny")
 
 
 def save_tiny_diffusers(path, version="sd1", seed=0):

@@ -61,20 +61,22 @@ def outputs_with_loras(tiny, loras, weights, seed=0):
 
     The reference for merges: diffusers' own adapter weighting (`set_adapters`), not our arithmetic.
     """
-    import copy
-
-    from diffusers import StableDiffusionPipeline
-
-    unet, te = copy.deepcopy(tiny.unet), copy.deepcopy(tiny.text_encoder)
-    pipe = StableDiffusionPipeline(unet=unet, vae=tiny.vae, text_encoder=te, tokenizer=tiny.tokenizer,
-                                   scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = fresh_pipeline(tiny)
+    unet, te = pipe.unet, pipe.text_encoder
     names = []
     for i, lora in enumerate(loras):
         lora.apply_to(unet=unet, text_encoder=te, adapter_name=f"ref{i}")
         names.append(f"ref{i}")
     pipe.set_adapters(names, adapter_weights=list(weights))
     return model_outputs(tiny, unet=unet, text_encoder=te, seed=seed)
+
+
+def fresh_pipeline(tiny):
+    """A pipeline over copies of tiny's U-Net and text encoder (adapters on it leave `tiny` alone)."""
+    import copy
+    import dataclasses
+
+    return dataclasses.replace(tiny, unet=copy.deepcopy(tiny.unet), text_encoder=copy.deepcopy(tiny.text_encoder)).pipeline()
 
 
 def max_diff(a, b):

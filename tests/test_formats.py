@@ -6,12 +6,11 @@ import hashlib
 import pytest
 import safetensors.torch
 import torch
-from diffusers import StableDiffusionPipeline
 from peft import PeftModel
 
 from lora_sd.formats import load_lora, save_lora
 from lora_sd.lora_weights import LoraModule, LoraWeights
-from tests.helpers import model_outputs, random_adapted
+from tests.helpers import fresh_pipeline, model_outputs, random_adapted
 
 NAMES = {"kohya": "lora.safetensors", "diffusers": "pytorch_lora_weights.safetensors", "peft": "lora_peft"}
 
@@ -23,20 +22,13 @@ def adapted(tiny):
     return tiny, lora, model_outputs(tiny, unet, te)
 
 
-def fresh_pipe(tiny):
-    return StableDiffusionPipeline(
-        unet=copy.deepcopy(tiny.unet), vae=tiny.vae, text_encoder=copy.deepcopy(tiny.text_encoder),
-        tokenizer=tiny.tokenizer, scheduler=tiny.scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-
-
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_diffusers_load_lora_weights_reproduces_adapted_model(adapted, fmt, tmp_path):
     tiny, lora, (te_ref, unet_ref) = adapted
     te_base, unet_base = model_outputs(tiny)
     assert (te_ref - te_base).abs().max() > 1e-3 and (unet_ref - unet_base).abs().max() > 1e-3
     path = save_lora(lora, tmp_path / NAMES[fmt], fmt)
-    pipe = fresh_pipe(tiny)
+    pipe = fresh_pipeline(tiny)
     pipe.load_lora_weights(str(path))
     te, unet = model_outputs(tiny, pipe.unet, pipe.text_encoder)
     assert (te - te_ref).abs().max() <= 1e-5
