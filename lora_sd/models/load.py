@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FormatError
-from ..io import atomic_path
+from ..io import atomic_path, precision_dtype
 from . import sd_configs, single_file
 from .original_layout import to_original
 from .state_dict_io import load_state_dict, save_state_dict
@@ -220,8 +220,14 @@ def save_single_file(model, path, save_precision="float", original_state_dict=No
     return save_state_dict(sd, path, save_precision)
 
 
-def save_diffusers(model, folder):
-    """Write `model` as a diffusers folder (atomically), loadable by `from_pretrained` and `load_base`."""
+def save_diffusers(model, folder, save_precision="float"):
+    """Write `model` as a diffusers folder (atomically), loadable by `from_pretrained` and `load_base`.
+
+    The components are cast to `save_precision` in place (float | fp16 | bf16).
+    """
+    dtype = precision_dtype(save_precision)
+    for m in (model.unet, model.vae, model.text_encoder):
+        m.to(dtype)
     with atomic_path(folder) as tmp:
         model.pipeline().save_pretrained(str(tmp))
     return Path(folder)

@@ -304,7 +304,7 @@ def merge_into_model_file(sd_model, save_to, models, ratios, v2=False, precision
     ratios = parse_ratios(models, ratios)
     merge_dtype = precision_dtype(precision, "--precision")
     save_precision = save_precision or precision
-    save_dtype = precision_dtype(save_precision, "--save_precision")
+    precision_dtype(save_precision, "--save_precision")  # a bad value is refused before any work
     names = [str(p) for p in models]
     loras = [load_lora(p) for p in models]
     model = load_base(sd_model, v2=v2, model_config=model_config)
@@ -316,8 +316,6 @@ def merge_into_model_file(sd_model, save_to, models, ratios, v2=False, precision
         original = model.source if model.source_format == "single_file" else None
         save_single_file(model, save_to, save_precision=save_precision, original_state_dict=original)
     else:
-        for m in (model.unet, model.vae, model.text_encoder):
-            m.to(save_dtype)
-        save_diffusers(model, save_to)
+        save_diffusers(model, save_to, save_precision)
     logger.info("wrote %s", save_to)
     return model
