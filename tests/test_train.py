@@ -22,15 +22,6 @@ train_recipe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_recipe)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and 2 OpenMP threads on 2 shared cores can run 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     from lora_sd.tiny import save_tiny_diffusers
