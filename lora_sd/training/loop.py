@@ -95,6 +95,17 @@ def compute_loss(batch, *, unet, text_conditioning, vae, scheduler, cfg, generat
                                 cfg.min_snr_gamma, cfg.v_parameterization)
 
 
+def vae_fingerprint(vae) -> str:
+    """sha256 of the VAE's weights: cached latents are invalidated when the VAE changes, not only its path."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _seed(cfg, accelerator):
     if cfg.seed is None:
         from accelerate.utils import broadcast_object_list
@@ -142,11 +153,12 @@ def train(cfg) -> TrainResult:
     def encode_fn(pixels):  # [B, 3, H, W] in [-1, 1] -> unscaled latents [B, 4, H/8, W/8]
         return vae.encode(pixels.to(device, torch.float32)).latent_dist.sample(cache_gen).cpu()
 
-    data = build_train_data(cfg.datasets, seed=cfg.seed, prior_loss_weight=cfg.prior_loss_weight,
-                            max_data_loader_n_workers=cfg.max_data_loader_n_workers,
-                            persistent_data_loader_workers=cfg.persistent_data_loader_workers,
-                            cache_latents=cfg.cache_latents, cache_latents_to_disk=cfg.cache_latents_to_disk,
-                            encode_fn=encode_fn, vae_id=f"{model.source}/vae")
+    with accelerator.main_process_first():  # the main process fills a disk cache; the others read it
+        data = build_train_data(cfg.datasets, seed=cfg.seed, prior_loss_weight=cfg.prior_loss_weight,
+                                max_data_loader_n_workers=cfg.max_data_loader_n_workers,
+                                persistent_data_loader_workers=cfg.persistent_data_loader_workers,
+                                cache_latents=cfg.cache_latents, cache_latents_to_disk=cfg.cache_latents_to_disk,
+                                encode_fn=encode_fn, vae_id=vae_fingerprint(vae) if cfg.cache_latents else "")
     batches_per_process = math.ceil(data.batches_per_epoch / accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_process / cfg.gradient_accumulation_steps)
     max_train_steps = cfg.max_train_steps
