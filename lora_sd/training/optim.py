@@ -68,11 +68,11 @@ def build_optimizer(name: str, param_groups: list[dict], learning_rate: float, o
     """(optimizer, description for ss_optimizer). param_groups carry their own `lr`."""
     name = canonical_optimizer(name)
     kwargs = {**OPTIMIZERS[name][3], **parse_optimizer_args(optimizer_args)}
-    cls = _optimizer_class(name)
     group_lrs = {g.get("lr", learning_rate) for g in param_groups} - {0.0}
     if name in ("Prodigy", "DAdaptAdam") and len(group_lrs) > 1:
         raise ConfigError(f"{name} needs one learning rate for all parameter groups: set `unet_lr` and "
                           f"`text_encoder_lr` equal (or leave both unset); got {sorted(group_lrs)}")
+    cls = _optimizer_class(name)  # after the cheap checks: a refusal needs no package
     if name in ("Prodigy", "DAdaptAdam") and learning_rate < 0.1:
         logger.warning("%s adapts the step size itself: sd-scripts advises learning_rate = 1.0 (got %g)",
                        name, learning_rate)
