@@ -227,3 +227,12 @@ def test_accelerate_prepare_resume_and_skip_first_batches(tmp_path):
         assert [b["image_paths"] for b in skipped] == expected[4:]
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_caption_dropout_every_n_epochs_counts_epochs_from_one(tmp_path):
+    # sd-scripts' current_epoch is 1-based: every 2nd epoch means the 2nd, 4th, ... (set_epoch 1, 3, ...)
+    make_images(tmp_path / "a", [(64, 64)], caption="cap")
+    data = build_train_data(config([{"image_dir": str(tmp_path / "a"), "caption_dropout_every_n_epochs": 2}]),
+                            seed=0, max_data_loader_n_workers=0)
+    captions = [batches(data, epoch)[0]["captions"] for epoch in range(4)]
+    assert captions == [["cap0, tag a, tag b"], [""], ["cap0, tag a, tag b"], [""]]

@@ -52,8 +52,11 @@ def _expand_wildcards(caption: str, rng: random.Random) -> str:
     return caption.replace("\x00", "{").replace("\x01", "}")
 
 
-def process_caption(caption: str, subset, rng: random.Random, epoch: int = 0) -> str:
-    """sd-scripts' process_caption: prefix/suffix, dropout, wildcards, shuffle, tag dropout."""
+def process_caption(caption: str, subset, rng: random.Random, epoch: int = 1) -> str:
+    """sd-scripts' process_caption: prefix/suffix, dropout, wildcards, shuffle, tag dropout.
+
+    `epoch` counts from 1, as sd-scripts' current_epoch.
+    """
     if subset.caption_prefix:
         caption = subset.caption_prefix + " " + caption
     if subset.caption_suffix:

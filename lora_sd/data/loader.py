@@ -62,7 +62,8 @@ class TrainImages(Dataset):
                 crop_rng=rng if sub.random_crop else None, color_rng=rng if sub.color_aug else None)
         left = resized[0] - box[2] if flipped else box[0]  # the crop as seen in the flipped image
         sample["crop_top_left"] = (box[1], left)
-        sample["caption"] = process_caption(row["caption"], sub, rng, epoch)
+        # sd-scripts counts epochs from 1 (caption_dropout_every_n_epochs=2 drops in epochs 2, 4, ...)
+        sample["caption"] = process_caption(row["caption"], sub, rng, epoch + 1)
         return sample
 
 
