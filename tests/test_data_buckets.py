@@ -127,3 +127,9 @@ def test_zero_repeat_rows_are_never_yielded():
     sampler = make_sampler([(512, 512)] * 3, [1, 0, 2])
     rows = [row for batch in sampler.batches(0) for row, _, _ in batch]
     assert sorted(rows) == [0, 2, 2]
+
+
+def test_min_max_bucket_reso_are_moved_to_multiples_of_steps():
+    # sd-scripts' adjust_min_max_bucket_reso_by_steps: 300 -> 256, 1000 -> 1024 at steps 64
+    assigner = BucketAssigner(BucketSettings((512, 512), True, min_bucket_reso=300, max_bucket_reso=1000))
+    assert assigner.predefined == BUCKETS_512

@@ -29,6 +29,14 @@ def make_bucket_resolutions(resolution, min_size=256, max_size=1024, steps=64) -
     return sorted(resos)
 
 
+def bucket_reso_range(min_bucket_reso: int, max_bucket_reso: int, steps: int) -> tuple[int, int]:
+    """sd-scripts' adjust_min_max_bucket_reso_by_steps: min down, max up to multiples of `steps`.
+
+    Without it a `min_bucket_reso` of 300 at steps 64 would give buckets 300, 364, ... wide.
+    """
+    return min_bucket_reso - min_bucket_reso % steps, max_bucket_reso + (-max_bucket_reso) % steps
+
+
 @dataclass(frozen=True)
 class BucketSettings:
     """What decides an image's bucket (one per dataset)."""
@@ -58,8 +66,8 @@ class BucketAssigner:
             self.predefined = []
         else:
             s = settings
-            self.predefined = make_bucket_resolutions(s.resolution, s.min_bucket_reso, s.max_bucket_reso,
-                                                      s.bucket_reso_steps)
+            low, high = bucket_reso_range(s.min_bucket_reso, s.max_bucket_reso, s.bucket_reso_steps)
+            self.predefined = make_bucket_resolutions(s.resolution, low, high, s.bucket_reso_steps)
             if not self.predefined:
                 raise DataError(f"bucket settings {s} leave no bucket")
         self._predefined_set = set(self.predefined)

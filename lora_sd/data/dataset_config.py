@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_sd.data.buckets import bucket_reso_range
 from lora_sd.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -164,13 +165,14 @@ def _check_values(ds: DatasetConfig, label: str, errors: _Errors):
         errors.add(f"{label}.bucket_reso_steps", f"({ds.bucket_reso_steps}) is above the resolution's side "
                    f"({int(math.sqrt(w * h))}): no bucket fits")
     elif ds.enable_bucket and not ds.bucket_no_upscale:
+        low, high = bucket_reso_range(ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps)
         if ds.min_bucket_reso > ds.max_bucket_reso:
             errors.add(f"{label}.min_bucket_reso", f"({ds.min_bucket_reso}) is above `max_bucket_reso` "
                        f"({ds.max_bucket_reso}): no bucket is possible")
-        elif min(w, h) < ds.min_bucket_reso:
+        elif min(w, h) < low:
             errors.add(f"{label}.min_bucket_reso", f"({ds.min_bucket_reso}) is above the resolution's "
                        f"smaller side ({min(w, h)}): no bucket fits")
-        elif max(w, h) > ds.max_bucket_reso:
+        elif max(w, h) > high:
             errors.add(f"{label}.max_bucket_reso", f"({ds.max_bucket_reso}) is below the resolution's "
                        f"larger side ({max(w, h)}): no bucket fits")
     for i, sub in enumerate(ds.subsets):
