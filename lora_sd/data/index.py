@@ -13,16 +13,14 @@ import logging
 from pathlib import Path
 
 import datasets
-from PIL import Image
 from tqdm import tqdm
 
 from lora_sd.data.buckets import BucketAssigner, BucketSettings
 from lora_sd.data.captions import find_caption, read_caption_file
+from lora_sd.data.resize import IMAGE_EXTENSIONS, open_image
 from lora_sd.errors import DataError
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -32,11 +30,8 @@ def list_images(folder: Path) -> list[Path]:
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the header only; a DataError naming the file if unreadable."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
+    with open_image(path) as im:
+        return im.size
 
 
 def _dreambooth_rows(sub) -> list[dict]:

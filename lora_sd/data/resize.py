@@ -6,6 +6,7 @@ BICUBIC, `lanczos4` is LANCZOS. With no interpolation given, shrinking uses
 area and enlarging lanczos, as sd-scripts' resize_image does.
 """
 
+import contextlib
 import logging
 import math
 import shutil
@@ -40,16 +41,23 @@ def resize_image(image: Image.Image, size: tuple[int, int], interpolation: str |
     return image.resize(tuple(size), INTERPOLATIONS[interpolation])
 
 
-def load_rgb(path) -> Image.Image:
-    """The image decoded as RGB (palette and alpha images too); DataError naming the file."""
+@contextlib.contextmanager
+def open_image(path):
+    """The image opened lazily (only its header is read until it is loaded); DataError naming the file."""
     try:
         with Image.open(path) as im:
-            im.load()
-            if im.mode == "P":
-                im = im.convert("RGBA")
-            return im.convert("RGB")
+            yield im
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: not a readable image ({e})") from None
+
+
+def load_rgb(path) -> Image.Image:
+    """The image decoded as RGB (palette and alpha images too); DataError naming the file."""
+    with open_image(path) as im:
+        im.load()
+        if im.mode == "P":
+            im = im.convert("RGBA")
+        return im.convert("RGB")
 
 
 def parse_resolutions(text: str) -> list[tuple[str, int]]:
