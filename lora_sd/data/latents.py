@@ -120,16 +120,15 @@ class LatentCache:
 
     @staticmethod
     def _encode(batch, flip, encode_fn):
-        def run(flipped):
-            pixels = torch.stack([
-                load_pixels(row["image_path"], (row["bucket_w"], row["bucket_h"]),
-                            (row["resized_w"], row["resized_h"]), flip=flipped)[0]
-                for _, row in batch])
+        def run(pixels):
             with torch.no_grad():
                 return encode_fn(pixels).detach().float().cpu()
 
-        latents = run(False)
-        flipped = run(True) if flip else [None] * len(batch)
+        # each image is decoded once: load_pixels flips after cropping, so the flipped crop is this one mirrored
+        pixels = torch.stack([load_pixels(row["image_path"], (row["bucket_w"], row["bucket_h"]),
+                                          (row["resized_w"], row["resized_h"]))[0] for _, row in batch])
+        latents = run(pixels)
+        flipped = run(pixels.flip(-1)) if flip else [None] * len(batch)
         return list(zip(latents, flipped))
 
     def _write_shard(self, columns: dict):
