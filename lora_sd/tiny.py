@@ -4,10 +4,9 @@ No network: every component is constructed from a config here, weights from a
 seed. The shapes are small but the module structure is SD's: cross-attention
 transformer blocks, resnets with 3x3 convs and a conv_shortcut, down- and
 up-samplers, a VAE with SD's 8x downscale, a CLIP text encoder and a CLIP BPE
-tokenizer whose vocabulary files are generated here.
+tokenizer whose vocabulary is generated here.
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,38 +22,17 @@ _WORDS = (
 TINY_VERSIONS = ("sd1", "sd2")
 
 
-def _bytes_to_unicode():
-    """CLIP's reversible byte -> printable unicode map (the GPT-2 table)."""
-    from lora_sd.models.tokenizer import bytes_to_unicode
-
-    return bytes_to_unicode()
-
-
-def write_tiny_tokenizer_files(folder):
-    """Write vocab.json / merges.txt / configs of a small CLIP BPE tokenizer.
-
-    Layout as the real CLIP vocabulary: 256 byte characters, the same with
-    `</w>`, one token per merge, then <|startoftext|> and <|endoftext|>.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
-    vocab = chars + [c + "</w>" for c in chars]
-    merges = []
-    known = set(vocab)
+def _tiny_merges() -> list[tuple[str, str]]:
+    """BPE merges that make each of `_WORDS` one token."""
+    merges, known = [], set()
     for word in _WORDS:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         while len(pieces) > 1:
-            merged = pieces[0] + pieces[1]
-            if merged not in known:
-                merges.append(f"{pieces[0]} {pieces[1]}")
-                vocab.append(merged)
-                known.add(merged)
-            pieces = [merged] + pieces[2:]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return len(vocab)
+            if pieces[0] + pieces[1] not in known:
+                merges.append((pieces[0], pieces[1]))
+                known.add(pieces[0] + pieces[1])
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    return merges
 
 
 def unet_config(version="sd1"):
@@ -106,16 +84,12 @@ def text_encoder_config(version, vocab_size):
     )
 
 
-def tiny_tokenizer(version="sd1", folder=None):
-    """A CLIPTokenizer over generated vocab files (SD2 pads with `!`, SD1 with EOS)."""
-    import tempfile
+def tiny_tokenizer(version="sd1"):
+    """A CLIPTokenizer over a generated vocabulary in CLIP's layout (SD2 pads with `!`, SD1 with EOS)."""
+    from lora_sd.models.tokenizer import clip_tokenizer, clip_vocab
 
-    from transformers import CLIPTokenizer
-
-    folder = Path(folder or tempfile.mkdtemp(prefix="tiny_tok_"))
-    write_tiny_tokenizer_files(folder)
-    pad = "!" if version == "sd2" else "<|endoftext|>"
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad, model_max_length=77)
+    merges = _tiny_merges()
+    return clip_tokenizer(clip_vocab(merges), merges, version)
 
 
 def build_tiny_sd(version="sd1", seed=0):

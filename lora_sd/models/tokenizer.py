@@ -62,18 +62,32 @@ def bytes_to_unicode():
     return [chr(c) for c in cs]
 
 
+def clip_vocab(merges) -> dict[str, int]:
+    """CLIP's vocabulary for BPE `merges` (pairs): the 256 byte characters, the same with `</w>`,
+    one token per merge, then <|startoftext|> and <|endoftext|>."""
+    chars = bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(pair) for pair in merges]
+    return {t: i for i, t in enumerate(tokens + ["<|startoftext|>", "<|endoftext|>"])}
+
+
+def clip_tokenizer(vocab, merges, version="sd1"):
+    """CLIPTokenizer with SD's padding and length; vocab/merges are file paths or in memory (dict, pairs)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(vocab, merges, pad_token=PAD_TOKEN[version], model_max_length=MODEL_MAX_LENGTH)
+
+
 def write_clip_tokenizer_files(folder, bpe_path=None):
     """Write CLIP's vocab.json and merges.txt (49408 tokens) into `folder`."""
     lines = gzip.open(bpe_path or find_bpe_file()).read().decode("utf-8").split("\n")
-    merges = lines[1 : NUM_MERGES + 1]
-    chars = bytes_to_unicode()
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
+    vocab = clip_vocab(merges)
     assert len(vocab) == VOCAB_SIZE, len(vocab)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges_text = "".join(" ".join(pair) + "\n" for pair in merges)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + merges_text, encoding="utf-8")
     return folder
 
 
@@ -94,12 +108,9 @@ def load_clip_tokenizer(version="sd1", folder=None, cache=None):
     with its own settings); by default the real CLIP vocabulary, cached under
     `cache` (default `cache_dir()`).
     """
-    from transformers import CLIPTokenizer
-
     if folder is not None:
+        from transformers import CLIPTokenizer
+
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     folder = clip_tokenizer_folder(cache)
-    return CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"),
-        pad_token=PAD_TOKEN[version], model_max_length=MODEL_MAX_LENGTH,
-    )
+    return clip_tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), version)
