@@ -204,6 +204,20 @@ def test_resume_gives_the_same_lora(assets, tmp_path, monkeypatch):
     assert code == 2
 
 
+@pytest.mark.parametrize("stop", [3, 8])  # inside the first epoch (8 batches) / at its last batch
+def test_resume_from_the_final_state_continues_the_run(assets, tmp_path, stop):
+    """A finished run's state, resumed with more steps: the same LoRA as one longer run."""
+    common = ("--save_state", "--train_batch_size", "1")
+    train_recipe.main(args(assets, tmp_path / "a", *common, steps=stop + 2))
+    train_recipe.main(args(assets, tmp_path / "b", *common, steps=stop))
+    result = train_recipe.main(args(assets, tmp_path / "b", *common, "--resume", str(tmp_path / "b" / "lora-state"),
+                                    steps=stop + 2))
+    assert result.steps == stop + 2
+    a, _ = kohya_file(tmp_path / "a" / "lora.safetensors")
+    b, _ = kohya_file(tmp_path / "b" / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("fmt", ["kohya", "peft"])
 def test_network_weights_continues_from_a_file(assets, tmp_path, tiny_sd1, fmt):
     from tests.helpers import random_lora

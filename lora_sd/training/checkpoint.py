@@ -87,6 +87,11 @@ class Progress:
         self.epoch = 0
         self.batches_in_epoch = 0
 
+    @property
+    def epochs_begun(self) -> int:
+        """Epochs done plus the one in progress: what ss_epoch and the summary report."""
+        return self.epoch + (self.batches_in_epoch > 0)
+
     def state_dict(self):
         return {"global_step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
 

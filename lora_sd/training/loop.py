@@ -106,6 +106,10 @@ def vae_fingerprint(vae) -> str:
     return h.hexdigest()
 
 
+def _every(n, count) -> bool:
+    return bool(n) and count % n == 0
+
+
 def _seed(cfg, accelerator):
     if cfg.seed is None:
         from accelerate.utils import broadcast_object_list
@@ -205,7 +209,7 @@ def train(cfg) -> TrainResult:
     result = TrainResult(None, progress.global_step, progress.epoch, model.version)
 
     def save(epoch=None, step=None):
-        meta = at_save(metadata, steps=progress.global_step, epoch=progress.epoch)
+        meta = at_save(metadata, steps=progress.global_step, epoch=progress.epochs_begun)
         path = checkpoint.save_lora_file(accelerator, unet, text_encoder, cfg, meta, version=model.version,
                                          epoch=epoch, step=step)
         result.saved.append(path)
@@ -227,15 +231,10 @@ def train(cfg) -> TrainResult:
                 accelerator.num_processes, cfg.gradient_accumulation_steps)
     epoch_losses = []
     try:
-        for epoch in range(progress.epoch, num_epochs):
-            if progress.global_step >= max_train_steps:
-                break
-            progress.epoch = epoch
+        while progress.global_step < max_train_steps:
+            epoch, skip = progress.epoch, progress.batches_in_epoch
             data.set_epoch(epoch)
-            loader = dataloader
-            if progress.batches_in_epoch:
-                loader = accelerator.skip_first_batches(dataloader, progress.batches_in_epoch)
-            for batch in loader:
+            for batch in accelerator.skip_first_batches(dataloader, skip) if skip else dataloader:
                 generator = step_generator(cfg.seed, accelerator.process_index, progress.global_step,
                                            progress.batches_in_epoch)
                 with accelerator.accumulate(*models.values()):
@@ -267,24 +266,21 @@ def train(cfg) -> TrainResult:
                     logs = {"loss/current": loss.item(), "loss/average": sum(epoch_losses) / len(epoch_losses)}
                     logs.update({f"lr/{n.replace('_', '')}": lr for n, lr in zip(trained, group_lrs)})
                     accelerator.log(logs, step=progress.global_step)
-                if prompts and cfg.sample_every_n_steps and progress.global_step % cfg.sample_every_n_steps == 0:
+                if prompts and _every(cfg.sample_every_n_steps, progress.global_step):
                     sample()
-                if (cfg.save_every_n_steps and progress.global_step % cfg.save_every_n_steps == 0
-                        and progress.global_step < max_train_steps):
+                if _every(cfg.save_every_n_steps, progress.global_step) and progress.global_step < max_train_steps:
                     save(step=progress.global_step)
                 if progress.global_step >= max_train_steps:
                     break
-            else:  # the epoch ran to its end
+            if progress.batches_in_epoch == len(dataloader):  # the epoch ran to its end (the state resumes after it)
                 progress.epoch, progress.batches_in_epoch, epoch_losses = epoch + 1, 0, []
-                if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and epoch + 1 < num_epochs:
+                if _every(cfg.save_every_n_epochs, epoch + 1) and epoch + 1 < num_epochs:
                     save(epoch=epoch + 1)
-                if prompts and cfg.sample_every_n_epochs and (epoch + 1) % cfg.sample_every_n_epochs == 0:
+                if prompts and _every(cfg.sample_every_n_epochs, epoch + 1):
                     sample()
-                continue
-            progress.epoch = epoch + 1  # stopped inside the epoch at max_train_steps
         bar.close()
         result.lora_path = save()
-        result.steps, result.epochs = progress.global_step, progress.epoch
+        result.steps, result.epochs = progress.global_step, progress.epochs_begun
         result.unet, result.text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
     finally:
         bar.close()
