@@ -39,14 +39,15 @@ class LoraModule:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def is_3x3(self) -> bool:
+        """A conv with a kernel larger than 1x1 (kohya's conv_dim / conv_alpha modules)."""
+        return self.down.dim() == 4 and self.down.shape[2:] != (1, 1)
+
     def delta(self, dtype=torch.float32) -> torch.Tensor:
-        """The full weight delta, shaped like the module's weight."""
-        down, up = self.down.to(dtype), self.up.to(dtype)
-        if down.dim() == 2:
-            return up.flatten(1) @ down * self.scale
-        out_ch = up.shape[0]
-        w = up.flatten(1) @ down.flatten(1)  # [out, in*k*k]
-        return (w * self.scale).reshape(out_ch, *down.shape[1:])
+        """The full weight delta, shaped like the module's weight: [out, in] or [out, in, k, k]."""
+        w = self.up.to(dtype).flatten(1) @ self.down.to(dtype).flatten(1)  # [out, in*k*k]
+        return (w * self.scale).reshape(self.up.shape[0], *self.down.shape[1:])
 
 
 @dataclass
@@ -114,11 +115,10 @@ class LoraWeights:
         named = dict(model.named_modules()) if model is not None else None
         for name, m in self.component(component).items():
             mname = model_module_name(component, name, model)
-            down, up = m.down, m.up
             if named is not None:
-                down, up = _fit_to_layer(named, component, mname, down, up)
-            state[f"{mname}.lora_A.weight"] = down
-            state[f"{mname}.lora_B.weight"] = up
+                _, m = fit_to_layer(named.get(mname), m, f"{component}.{name}")
+            state[f"{mname}.lora_A.weight"] = m.down
+            state[f"{mname}.lora_B.weight"] = m.up
         return state
 
     def apply_to(self, adapter_name="default", **models):
@@ -154,29 +154,31 @@ def model_module_name(component: str, path: str, model=None) -> str:
     return path
 
 
-def _fit_to_layer(named, component, mname, down, up):
-    layer = named.get(mname)
+def fit_to_layer(layer, m: LoraModule, key: str):
+    """(base layer, `m` shaped for it): ModelMismatchError naming `key` when it is missing or does not fit.
+
+    `layer` is a Linear or Conv2d, PEFT-wrapped or not. 2-D and 1x1-conv 4-D
+    factors are reshaped to the layer (SD2 proj_in/proj_out files have either,
+    depending on what sd-scripts trained from).
+    """
     if isinstance(layer, LoraLayer):
         layer = layer.get_base_layer()
     if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-        raise ModelMismatchError(f"LoRA module {component}.{mname} does not exist in the model")
-    if isinstance(layer, torch.nn.Linear):
-        want_down, want_up = (down.shape[0], layer.in_features), (layer.out_features, up.shape[-1 if up.dim() == 2 else 1])
-        if down.dim() == 4 and down.shape[2:] == (1, 1):
-            down = down.flatten(1)
-        if up.dim() == 4 and up.shape[2:] == (1, 1):
-            up = up.flatten(1)
+        raise ModelMismatchError(f"LoRA module {key} does not exist in the model")
+    down, up = m.down, m.up
+    weight_shape = tuple(layer.weight.shape)  # [out, in] or [out, in, k, k]
+    if len(weight_shape) == 2:
+        down = down.flatten(1) if down.dim() == 4 and down.shape[2:] == (1, 1) else down
+        up = up.flatten(1) if up.dim() == 4 and up.shape[2:] == (1, 1) else up
+        want_up = (weight_shape[0], m.rank)
     else:
-        k = layer.kernel_size
-        if down.dim() == 2 and k == (1, 1):
-            down = down[:, :, None, None]
-        if up.dim() == 2:
-            up = up[:, :, None, None]
-        want_down = (down.shape[0], layer.in_channels, *k)
-        want_up = (layer.out_channels, up.shape[1], 1, 1)
-    if tuple(down.shape) != tuple(want_down) or tuple(up.shape) != tuple(want_up) or up.shape[1] != down.shape[0]:
+        down = down[:, :, None, None] if down.dim() == 2 and weight_shape[2:] == (1, 1) else down
+        up = up[:, :, None, None] if up.dim() == 2 else up
+        want_up = (weight_shape[0], m.rank, 1, 1)
+    want_down = (m.rank, *weight_shape[1:])
+    if tuple(down.shape) != want_down or tuple(up.shape) != want_up:
         raise ModelMismatchError(
-            f"LoRA module {component}.{mname} does not fit the model: down {tuple(down.shape)}, "
-            f"up {tuple(up.shape)}; the layer needs down {tuple(want_down)}, up {tuple(want_up)}"
+            f"LoRA module {key} does not fit the model: down {tuple(m.down.shape)}, up {tuple(m.up.shape)}; "
+            f"the layer needs down {want_down}, up {want_up}"
         )
-    return down, up
+    return layer, LoraModule(down, up, m.alpha)

@@ -178,3 +178,40 @@ def test_merge_folder_model_into_ckpt_file(setup, tmp_path):
                            s["files"]["b"], "--ratios", *RATIOS]])
     merged = load_base(out, model_config=s["config"])
     assert max_diff(model_outputs(merged), s["ref"]) <= 1e-4
+
+
+def test_up_and_down_of_different_ranks_are_refused_before_any_change(tiny_sd1):
+    import copy
+
+    from lora_sd.errors import ModelMismatchError
+    from lora_sd.ops import merge_into_models
+
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    lora = LoraWeights({key: LoraModule(torch.randn(4, 8), torch.randn(8, 3), 4.0)})  # up has rank 3
+    unet = copy.deepcopy(tiny_sd1.unet)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with pytest.raises(ModelMismatchError, match=r"x.safetensors: LoRA module .*attn1.to_q does not fit.*up \(8, 3\)"):
+        merge_into_models([lora], [1.0], {"unet": unet}, names=["x.safetensors"])
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    with pytest.raises(ModelMismatchError, match=r"attn1.to_q does not fit.*the layer needs down \(4, 8\), up \(8, 4\)"):
+        lora.apply_to(unet=unet)
+
+
+def test_2d_factors_merge_into_1x1_conv_and_4d_into_linear(tiny_sd1, tiny_sd2):
+    """SD2 files have proj_in/proj_out as 2-D or 4-D whatever the model's layer is."""
+    import copy
+
+    from lora_sd.ops import merge_into_models
+
+    for tiny, as_4d in ((tiny_sd1, False), (tiny_sd2, True)):
+        unet = copy.deepcopy(tiny.unet)
+        layer = unet.down_blocks[0].attentions[0].proj_in
+        out_dim, in_dim = layer.weight.shape[:2]
+        down, up = torch.randn(2, in_dim), torch.randn(out_dim, 2)
+        if as_4d:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        lora = LoraWeights({"unet.down_blocks.0.attentions.0.proj_in": LoraModule(down, up, 1.0)})
+        before = layer.weight.detach().clone()
+        assert merge_into_models([lora], [0.5], {"unet": unet}) == 1
+        want = before + 0.5 * (up.flatten(1) @ down.flatten(1) / 2).reshape(before.shape)
+        assert torch.allclose(layer.weight, want, atol=1e-6)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from lora_sd.errors import ConfigError, ModelMismatchError
-from lora_sd.lora_weights import LoraModule, LoraWeights, model_module_name
+from lora_sd.lora_weights import LoraModule, LoraWeights, fit_to_layer, model_module_name
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +158,7 @@ def gather_modules(loras, ratios, names) -> list[ModuleParts]:
 
 
 def _flat_shape(m: LoraModule):
-    kernel = tuple(m.down.shape[2:]) if m.down.dim() == 4 and m.down.shape[-1] > 1 else ()
-    return m.up.shape[0], m.down[0].numel(), kernel
+    return m.up.shape[0], m.down[0].numel(), tuple(m.down.shape[2:]) if m.is_3x3 else ()
 
 
 def _describe(m: LoraModule):
@@ -237,7 +236,7 @@ def merge_into_models(loras, ratios, models: dict, precision=torch.float32, name
     weight's own dtype. Returns the number of weights changed.
     """
     names = names or [f"LoRA #{i + 1}" for i in range(len(loras))]
-    plan = []  # (weight parameter, ratio, LoraModule) for every module, checked first
+    plan = []  # (layer, ratio, LoraModule shaped for the layer) for every module, checked first
     for lora, ratio, name in zip(loras, ratios, names):
         check_model_version(lora, name, model_version)
         for component in lora.components:
@@ -246,29 +245,17 @@ def merge_into_models(loras, ratios, models: dict, precision=torch.float32, name
                 raise ModelMismatchError(f"{name}: has {component} modules but the model has no {component}")
             named = dict(model.named_modules())
             for path, m in lora.component(component).items():
-                layer = named.get(model_module_name(component, path, model))
-                plan.append((_checked_weight(layer, m, f"{component}.{path}", name), ratio, m))
-    changed = set()
+                try:
+                    layer, fitted = fit_to_layer(named.get(model_module_name(component, path, model)), m,
+                                                 f"{component}.{path}")
+                except ModelMismatchError as e:
+                    raise ModelMismatchError(f"{name}: {e}") from None
+                plan.append((layer, ratio, fitted))
     with torch.no_grad():
-        for weight, ratio, m in plan:
-            delta = m.delta(precision).reshape(weight.shape)
-            weight.copy_((weight.to(precision) + ratio * delta).to(weight.dtype))
-            changed.add(id(weight))
-    return len(changed)
-
-
-def _checked_weight(layer, m: LoraModule, key, name):
-    if hasattr(layer, "get_base_layer"):
-        layer = layer.get_base_layer()
-    if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-        raise ModelMismatchError(f"{name}: LoRA module {key} does not exist in the model")
-    weight = layer.weight
-    kernel = tuple(weight.shape[2:]) if weight.dim() == 4 and weight.shape[-1] > 1 else ()
-    if _flat_shape(m) != (weight.shape[0], weight[0].numel(), kernel):
-        raise ModelMismatchError(
-            f"{name}: LoRA module {key} does not fit the model: {_describe(m)}, the weight is {tuple(weight.shape)}"
-        )
-    return weight
+        for layer, ratio, m in plan:
+            weight = layer.weight
+            weight.copy_((weight.to(precision) + ratio * m.delta(precision)).to(weight.dtype))
+    return len({id(layer) for layer, _, _ in plan})
 
 
 # --- files ---------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def svd_merge(loras, ratios, new_rank, new_conv_rank=None, device="cpu", precisi
     for entry in gather_modules(loras, ratios, names):
         ups = [u.to(precision).to(dev, work) for u in entry.scaled_ups(torch.float32)]
         downs = [d.to(precision).to(dev, work) for d in entry.downs(torch.float32)]
-        is_conv = len(entry.shape) == 3 and entry.shape[-1] > 1
+        is_conv = entry.parts[0][1].is_3x3
         has_conv |= is_conv
         wanted = new_conv_rank if is_conv else new_rank
         rank = min(wanted, max_rank(entry.weight_shape(ups[0].shape[0])))
