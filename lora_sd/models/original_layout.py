@@ -92,23 +92,31 @@ def _map_with_blocks(key, blocks, inner):
     return None
 
 
+def _rename_all(sd, prefix, what, rename):
+    """{prefix + new key: tensor} by `rename(key, tensor) -> (new key or None, tensor)`; None is a leftover."""
+    out, left = {}, []
+    for key, t in sd.items():
+        new, t = rename(key, t)
+        if new is None:
+            left.append(key)
+        else:
+            out[prefix + new] = t
+    _check_leftovers(left, what)
+    return out
+
+
 def unet_to_original(unet_sd, config):
     """{'model.diffusion_model.<ldm key>': tensor} from a diffusers U-Net state dict."""
     blocks = _unet_block_map(config)
-    out, left = {}, []
-    for key, t in unet_sd.items():
+
+    def rename(key, t):
         module, param = _split(key)
         if module in _UNET_TOP:
-            new = f"{_UNET_TOP[module]}.{param}"
-        else:
-            # resnet internals are renamed; attention (SpatialTransformer) internals keep their names
-            new = _map_with_blocks(key, blocks, _UNET_RESNET)
-        if new is None:
-            left.append(key)
-            continue
-        out[UNET_PREFIX + new] = t
-    _check_leftovers(left, "U-Net")
-    return out
+            return f"{_UNET_TOP[module]}.{param}", t
+        # resnet internals are renamed; attention (SpatialTransformer) internals keep their names
+        return _map_with_blocks(key, blocks, _UNET_RESNET), t
+
+    return _rename_all(unet_sd, UNET_PREFIX, "U-Net", rename)
 
 
 def _vae_block_map(config):
@@ -134,26 +142,23 @@ def _vae_block_map(config):
 def vae_to_original(vae_sd, config):
     """{'first_stage_model.<ldm key>': tensor} from a diffusers AutoencoderKL state dict."""
     blocks = _vae_block_map(config)
-    out, left = {}, []
-    for key, t in vae_sd.items():
+
+    def rename(key, t):
         part, _, rest = key.partition(".")
         if part in ("encoder", "decoder") and rest.split(".")[0] in _VAE_TOP:
-            new = f"{part}.{_rename_inside(rest, _VAE_TOP)}"
-        elif part in ("encoder", "decoder", "quant_conv", "post_quant_conv") and ("_blocks." not in key and "mid_block." not in key):
-            new = key  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
-        else:
-            new = _map_with_blocks(key, blocks, {"conv_shortcut": "nin_shortcut"})
-            if new is not None and ".attn_1." in new:
-                a, _, inner = new.partition(".attn_1.")
-                new = f"{a}.attn_1.{_rename_inside(inner, _VAE_ATTN)}"
-                if t.ndim == 2:  # ldm's attention uses 1x1 convs: [out, in] -> [out, in, 1, 1]
-                    t = t[:, :, None, None]
-        if new is None:
-            left.append(key)
-            continue
-        out[VAE_PREFIX + new] = t
-    _check_leftovers(left, "VAE")
-    return out
+            return f"{part}.{_rename_inside(rest, _VAE_TOP)}", t
+        if part in ("encoder", "decoder", "quant_conv", "post_quant_conv") and (
+                "_blocks." not in key and "mid_block." not in key):
+            return key, t  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
+        new = _map_with_blocks(key, blocks, {"conv_shortcut": "nin_shortcut"})
+        if new is not None and ".attn_1." in new:
+            a, _, inner = new.partition(".attn_1.")
+            new = f"{a}.attn_1.{_rename_inside(inner, _VAE_ATTN)}"
+            if t.ndim == 2:  # ldm's attention uses 1x1 convs: [out, in] -> [out, in, 1, 1]
+                t = t[:, :, None, None]
+        return new, t
+
+    return _rename_all(vae_sd, VAE_PREFIX, "VAE", rename)
 
 
 def _text_key(key):
