@@ -51,10 +51,19 @@ def find_targets(model, target_classes, with_conv):
     return found
 
 
+def target_modules(component: str, model, with_conv=False):
+    """{module name: is_3x3_conv} sd-scripts adapts in a "unet" or "text_encoder".
+
+    `with_conv` (conv_dim set) adds the U-Net's resnets and samplers, 3x3 convs included.
+    """
+    if component == "unet":
+        return find_targets(model, UNET_TARGET_CLASSES + (UNET_CONV_TARGET_CLASSES if with_conv else ()), with_conv)
+    return find_targets(model, TEXT_ENCODER_TARGET_CLASSES, with_conv=False)
+
+
 def unet_lora_config(unet, spec: NetworkSpec) -> LoraConfig:
     """PEFT config adapting exactly the U-Net modules sd-scripts adapts."""
-    classes = UNET_TARGET_CLASSES + (UNET_CONV_TARGET_CLASSES if spec.conv_dim else ())
-    targets = find_targets(unet, classes, with_conv=bool(spec.conv_dim))
+    targets = target_modules("unet", unet, with_conv=bool(spec.conv_dim))
     convs = [n for n, is_conv in targets.items() if is_conv]
     return LoraConfig(
         r=spec.network_dim,
@@ -68,7 +77,7 @@ def unet_lora_config(unet, spec: NetworkSpec) -> LoraConfig:
 
 def text_encoder_lora_config(text_encoder, spec: NetworkSpec) -> LoraConfig:
     """PEFT config adapting the CLIP attention projections and MLP fc1/fc2."""
-    targets = find_targets(text_encoder, TEXT_ENCODER_TARGET_CLASSES, with_conv=False)
+    targets = target_modules("text_encoder", text_encoder)
     return LoraConfig(r=spec.network_dim, lora_alpha=spec.network_alpha, target_modules=list(targets))
 
 

@@ -17,18 +17,14 @@ from lora_sd.errors import ConfigError, ModelMismatchError
 from lora_sd.lora_weights import LoraModule, LoraWeights, key_for_module
 from lora_sd.ops.lowrank import as_matrix, max_rank, to_lora_shapes, truncated_svd
 from lora_sd.ops.merge import VERSION_NAMES, check_rank, resolve_device, version_metadata
-from lora_sd.targets import TEXT_ENCODER_TARGET_CLASSES, UNET_CONV_TARGET_CLASSES, UNET_TARGET_CLASSES, find_targets
+from lora_sd.targets import target_modules
 
 logger = logging.getLogger(__name__)
 
 
 def _target_weights(component, org, tuned, with_conv):
     """[(module name, is_3x3, original weight, tuned weight)] for sd-scripts' targets of a component."""
-    if component == "unet":
-        classes = UNET_TARGET_CLASSES + (UNET_CONV_TARGET_CLASSES if with_conv else ())
-    else:
-        classes = TEXT_ENCODER_TARGET_CLASSES
-    targets = find_targets(org, classes, with_conv=with_conv and component == "unet")
+    targets = target_modules(component, org, with_conv)
     tuned_modules = dict(tuned.named_modules())
     org_modules = dict(org.named_modules())
     found = []
@@ -90,7 +86,7 @@ def extract_lora(org: dict, tuned: dict, dim, conv_dim=None, min_diff=0.01, devi
                 diff = w_tuned.to(dev, torch.float32) - w_org.to(dev, torch.float32)
                 up, down = truncated_svd(as_matrix(diff), rank, method)
             down, up = to_lora_shapes(up.cpu(), down.cpu(), tuple(w_org.shape))
-            lora.modules[key_for_module(component, name)] = LoraModule(down.contiguous(), up.contiguous(), float(rank))
+            lora.modules[key_for_module(component, name)] = LoraModule(down, up, float(rank))
             if progress is not None:
                 progress(name)
     if clamped:

@@ -15,6 +15,8 @@ Three ways to a truncated SVD, all returning the same factors:
   small core matrix.
 """
 
+import math
+
 import torch
 
 METHODS = ("auto", "full", "randomized")
@@ -28,23 +30,19 @@ POWER_ITERATIONS = 4
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] for a Linear weight, [out, in*k*k] for a conv weight."""
-    return weight.flatten(1) if weight.dim() > 2 else weight
+    return weight.flatten(1)
 
 
 def max_rank(weight_shape) -> int:
     """The largest rank a delta of this shape can have."""
-    out_dim = weight_shape[0]
-    in_dim = 1
-    for d in weight_shape[1:]:
-        in_dim *= d
-    return min(out_dim, in_dim)
+    return min(weight_shape[0], math.prod(weight_shape[1:]))
 
 
 def to_lora_shapes(up: torch.Tensor, down: torch.Tensor, weight_shape):
-    """(down, up) shaped for a module whose weight has `weight_shape` (convs: 4-D)."""
+    """(down, up), contiguous, shaped for a module whose weight has `weight_shape` (convs: 4-D)."""
     if len(weight_shape) == 4:
-        return down.reshape(down.shape[0], *weight_shape[1:]), up.reshape(*up.shape, 1, 1)
-    return down, up
+        down, up = down.reshape(down.shape[0], *weight_shape[1:]), up.reshape(*up.shape, 1, 1)
+    return down.contiguous(), up.contiguous()
 
 
 def _pad_rank(up, down, rank):

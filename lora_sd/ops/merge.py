@@ -25,6 +25,7 @@ import torch
 
 from lora_sd.errors import ConfigError, ModelMismatchError
 from lora_sd.lora_weights import LoraModule, LoraWeights, fit_to_layer, model_module_name
+from lora_sd.ops.lowrank import to_lora_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,11 @@ class ModuleParts:
 
     key: str
     parts: list
-    shape: tuple  # the first LoRA's down shape minus the rank: (in,) or (in, k, k)
+
+    @property
+    def shape(self) -> tuple:
+        """The first LoRA's down shape minus the rank: (in,) or (in, k, k)."""
+        return tuple(self.parts[0][1].down.shape[1:])
 
     def downs(self, dtype=torch.float32):
         return [m.down.to(dtype).flatten(1) for _, m, _ in self.parts]  # [rank_i, in*k*k]
@@ -126,9 +131,8 @@ class ModuleParts:
 
     def as_module(self, up_2d, down_2d, alpha) -> LoraModule:
         """A LoraModule from 2-D factors, shaped as this module's first LoRA has it."""
-        down = down_2d.reshape(down_2d.shape[0], *self.shape)
-        up = up_2d if len(self.shape) == 1 else up_2d[:, :, None, None]
-        return LoraModule(down.contiguous(), up.contiguous(), float(alpha))
+        down, up = to_lora_shapes(up_2d, down_2d, self.weight_shape(up_2d.shape[0]))
+        return LoraModule(down, up, float(alpha))
 
 
 def gather_modules(loras, ratios, names) -> list[ModuleParts]:
@@ -144,7 +148,7 @@ def gather_modules(loras, ratios, names) -> list[ModuleParts]:
         for key, m in lora.modules.items():
             entry = gathered.get(key)
             if entry is None:
-                gathered[key] = ModuleParts(key, [(ratio, m, name)], tuple(m.down.shape[1:]))
+                gathered[key] = ModuleParts(key, [(ratio, m, name)])
                 continue
             _, first, first_name = entry.parts[0]
             if _flat_shape(m) != _flat_shape(first):
