@@ -1,4 +1,4 @@
-"""Atomic file writes: a temporary file in the target folder, then os.replace."""
+"""File plumbing: atomic writes, precision names, and reading tensor files (safe unpickling)."""
 
 import contextlib
 import logging
@@ -94,15 +94,16 @@ def _load_pickle(path, allow_pickle):
         ) from None
 
 
-def read_tensor_file(path, allow_pickle=False):
-    """(tensors, metadata) of a `.safetensors` file or a torch pickle (`.ckpt`/`.pt`/`.bin`).
+def open_tensor_file(path, allow_pickle=False):
+    """(keys, get(key), metadata) of a `.safetensors` file or a torch pickle (`.ckpt`/`.pt`/`.bin`).
 
-    Pickles load with `weights_only=True`: one that needs code to load is
-    refused. A nested `state_dict` (original SD checkpoints) is unwrapped.
-    Every failure is a one-line FormatError naming the file.
+    A .safetensors file is read lazily, one tensor per `get`. Pickles load
+    with `weights_only=True`: one that needs code to load is refused. A nested
+    `state_dict` (original SD checkpoints) is unwrapped. Every failure is a
+    one-line FormatError naming the file.
     """
     import torch
-    from safetensors.torch import load_file, safe_open
+    from safetensors import safe_open
 
     from lora_sd.errors import FormatError
 
@@ -111,25 +112,30 @@ def read_tensor_file(path, allow_pickle=False):
         raise FormatError(f"{path}: no such file")
     with open(path, "rb") as f:
         head = f.read(16)
-    metadata = {}
     try:
         if path.suffix == ".safetensors" or head[8:9] == b"{":
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-            sd = load_file(str(path))
+            f = safe_open(str(path), framework="pt")
+            keys, get, metadata = list(f.keys()), f.get_tensor, dict(f.metadata() or {})
         else:
             sd = _load_pickle(path, allow_pickle)
+            while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+                sd = sd["state_dict"]
+            if not isinstance(sd, dict):
+                raise FormatError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+            tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+            keys, get, metadata = list(tensors), tensors.__getitem__, {}
     except FormatError:
         raise
     except Exception as e:  # safetensors, zipfile, pickle and torch all raise their own types
         # (torch's own text here advises weights_only=False, which we never do)
         msg = (str(e).splitlines()[0] if str(e) else type(e).__name__).split(". ")[0][:160]
         raise FormatError(f"{path}: not a readable safetensors or torch file (truncated or corrupt?): {msg}") from None
-    while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise FormatError(f"{path}: holds a {type(sd).__name__}, not a state dict")
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
+    if not keys:
         raise FormatError(f"{path}: holds no tensors")
-    return tensors, metadata
+    return keys, get, metadata
+
+
+def read_tensor_file(path, allow_pickle=False):
+    """(tensors, metadata) of a `.safetensors` file or a torch pickle: see `open_tensor_file`."""
+    keys, get, metadata = open_tensor_file(path, allow_pickle)
+    return {k: get(k) for k in keys}, metadata

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FormatError
-from ..io import atomic_path, precision_dtype
+from ..io import atomic_path, open_tensor_file, precision_dtype
 from . import sd_configs, single_file
 from .original_layout import to_original
 from .state_dict_io import load_state_dict, save_state_dict
@@ -168,17 +168,8 @@ def _original_reader(original):
         return [], None
     if isinstance(original, dict):
         return list(original), original.__getitem__
-    original = Path(original)
-    if original.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            f = safe_open(str(original), framework="pt")
-        except Exception as e:
-            raise FormatError(f"{original}: not a readable .safetensors file: {e}") from None
-        return list(f.keys()), f.get_tensor
-    sd = load_state_dict(original)
-    return list(sd), sd.__getitem__
+    keys, get, _ = open_tensor_file(original)
+    return keys, get
 
 
 def original_layout_state_dict(model, original_state_dict=None):
