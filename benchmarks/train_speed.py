@@ -49,7 +49,7 @@ def run_row(model: str, gradient_checkpointing: bool, steps: int, mixed_precisio
     from lora_sd.targets import NetworkSpec, lora_configs
     from lora_sd.tiny import build_tiny_sd
     from lora_sd.training.loop import compute_loss
-    from lora_sd.training.noise import training_scheduler
+    from lora_sd.models.load import noise_scheduler
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
     device = accelerator.device
@@ -75,7 +75,7 @@ def run_row(model: str, gradient_checkpointing: bool, steps: int, mixed_precisio
         start = time.perf_counter()
         with accelerator.autocast():
             loss = compute_loss(batch, unet=unet, text_conditioning=lambda captions: hidden, vae=vae,
-                                scheduler=training_scheduler(), cfg=cfg, generator=gen, weight_dtype=torch.float32)
+                                scheduler=noise_scheduler(), cfg=cfg, generator=gen, weight_dtype=torch.float32)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -152,8 +152,6 @@ CHOICES = {
     "network_module": ("networks.lora", "lora"),
     "max_token_length": (None, 75, 150, 225),
     "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
-    "sample_sampler": ("ddim", "euler", "euler_a", "k_euler", "k_euler_a", "dpmsolver++", "dpmsolver", "pndm", "lms",
-                       "k_lms", "ddpm", "heun", "dpm_2", "dpm_2_a", "dpmsingle"),
 }
 DATASET_TABLES = ("general", "datasets")
 
@@ -287,7 +285,9 @@ def load_config(path=None, overrides: dict | None = None) -> TrainConfig:
 
 
 def _check_values(cfg: TrainConfig, errors: _Errors, inline_datasets: bool):
-    for key, allowed in CHOICES.items():
+    from lora_sd.generate import SAMPLERS  # generation's sampler names serve the training samples too
+
+    for key, allowed in {**CHOICES, "sample_sampler": tuple(SAMPLERS)}.items():
         value = getattr(cfg, key)
         if value not in allowed:
             errors.add(key, f"must be one of {', '.join(str(a) for a in allowed if a is not None)}; got {value!r}")

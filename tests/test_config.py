@@ -81,6 +81,8 @@ def test_required_and_bad_values(tmp_path):
         load_config(None, {"pretrained_model_name_or_path": "m", "train_data_dir": "x", "network_args": ["rank=3"]})
     with pytest.raises(ConfigError, match="optimizer_type.*did you mean `AdamW8bit`"):
         load_config(None, {"pretrained_model_name_or_path": "m", "train_data_dir": "x", "optimizer_type": "adamw8bt"})
+    with pytest.raises(ConfigError, match="sample_sampler` must be one of ddim, .*euler_a.*; got 'eular'"):
+        load_config(None, {"pretrained_model_name_or_path": "m", "train_data_dir": "x", "sample_sampler": "eular"})
 
 
 def test_sd_scripts_config_file_tables_flattened(tmp_path):

@@ -139,11 +139,11 @@ def test_lora_overfits_a_single_image(assets, tmp_path):
                 steps=60)
     train_recipe.main(argv)
 
-    from lora_sd.training.noise import training_scheduler
+    from lora_sd.models.load import noise_scheduler
 
     pipe = StableDiffusionPipeline.from_pretrained(str(assets / "model"), safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
-    scheduler = training_scheduler()
+    scheduler = noise_scheduler()
     import numpy as np
     from PIL import Image
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lora_sd.errors import ConfigError
+from lora_sd.models.load import noise_scheduler
 from lora_sd.training import noise, optim
 from lora_sd.training.text import CachedTextEncoder, encode, tokenize
 
@@ -92,7 +93,7 @@ def test_noise_offset_and_timesteps():
 
 
 def test_min_snr_weights_and_v_target():
-    sched = noise.training_scheduler()
+    sched = noise_scheduler()
     t = torch.tensor([1, 500, 999])
     a = sched.alphas_cumprod[t]
     snr = a / (1 - a)

@@ -134,7 +134,7 @@ def train(cfg) -> TrainResult:
     model = load_base(resolve_demo_path(cfg.pretrained_model_name_or_path), v2=cfg.v2,
                       v_parameterization=cfg.v_parameterization, model_config=cfg.model_config)
     unet, text_encoder, vae, tokenizer = model.unet, model.text_encoder, model.vae, model.tokenizer
-    scheduler = noise.training_scheduler(cfg.v_parameterization)
+    scheduler = model.scheduler  # sd-scripts' DDPM training schedule (v_prediction with v_parameterization)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     for m in (unet, text_encoder, vae):
         m.requires_grad_(False)
@@ -218,9 +218,8 @@ def train(cfg) -> TrainResult:
         return path
 
     def sample():
-        result.samples += sample_images(accelerator, unet=unet, text_encoder=text_encoder, vae=vae,
-                                        tokenizer=tokenizer, scheduler=scheduler, cfg=cfg, prompts=prompts,
-                                        step=progress.global_step, seed=cfg.seed, clip_skip=cfg.clip_skip)
+        result.samples += sample_images(accelerator, model, unet=unet, text_encoder=text_encoder, cfg=cfg,
+                                        prompts=prompts, step=progress.global_step)
 
     # --- the loop ------------------------------------------------------------------------------------
     from tqdm.auto import tqdm

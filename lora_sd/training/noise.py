@@ -13,15 +13,6 @@ import torch
 import torch.nn.functional as F
 
 
-def training_scheduler(v_parameterization=False):
-    """sd-scripts' training DDPMScheduler (scaled-linear betas 0.00085..0.012, 1000 steps)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         num_train_timesteps=1000, clip_sample=False,
-                         prediction_type="v_prediction" if v_parameterization else "epsilon")
-
-
 def sample_noise(latents, noise_offset=None, generator=None):
     """[B, C, h, w] noise; noise_offset adds a per-(sample, channel) constant (sd-scripts' apply_noise_offset)."""
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)

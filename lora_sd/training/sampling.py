@@ -4,9 +4,12 @@ The prompt file is sd-scripts' format: one prompt per line (`#` starts a
 comment line), with inline options `--n negative prompt`, `--w width`,
 `--h height`, `--d seed`, `--l guidance scale`, `--s steps`. Images go to
 `<output_dir>/sample/<output_name>_<step:06d>_<i:02d>.png`; the training RNG
-is not touched (every prompt draws from its own seeded generator).
+is not touched (every prompt draws from its own seeded generator). The
+pipeline and the scheduler by sampler name are generation's
+(`SDModel.pipeline`, `lora_sd.generate.make_scheduler`).
 """
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -15,21 +18,10 @@ from pathlib import Path
 import torch
 
 from lora_sd.errors import ConfigError
+from lora_sd.generate import make_scheduler
 from lora_sd.io import atomic_path
 
 logger = logging.getLogger(__name__)
-
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}), "pndm": ("PNDMScheduler", {}), "lms": ("LMSDiscreteScheduler", {}),
-    "k_lms": ("LMSDiscreteScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
-    "k_euler": ("EulerDiscreteScheduler", {}), "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "k_euler_a": ("EulerAncestralDiscreteScheduler", {}), "ddpm": ("DDPMScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}), "dpm_2": ("KDPM2DiscreteScheduler", {}),
-    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
-}
 
 
 @dataclass
@@ -74,38 +66,29 @@ def read_prompts(path) -> list[SamplePrompt]:
     return prompts
 
 
-def sample_scheduler(name: str, training_scheduler):
-    import diffusers
-
-    cls_name, extra = SCHEDULERS[name]
-    config = dict(training_scheduler.config)
-    config.update(extra)
-    return getattr(diffusers, cls_name).from_config(config)
-
-
 @torch.no_grad()
-def sample_images(accelerator, *, unet, text_encoder, vae, tokenizer, scheduler, cfg, prompts,
-                  step: int, seed: int, clip_skip=None) -> list[Path]:
-    """Write one image per prompt (main process only); returns the paths."""
-    from diffusers import StableDiffusionPipeline
+def sample_images(accelerator, model, *, unet, text_encoder, cfg, prompts, step: int) -> list[Path]:
+    """Write one image per prompt (main process only) with the LoRA being trained; returns the paths.
 
-    paths = []
+    `model` is the SDModel trained on; `unet`/`text_encoder` its (prepared) parts with the adapters.
+    """
     if not accelerator.is_main_process:
-        return paths
-    unet_m, te_m = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-    pipe = StableDiffusionPipeline(unet=unet_m, vae=vae, text_encoder=te_m, tokenizer=tokenizer,
-                                   scheduler=sample_scheduler(cfg.sample_sampler, scheduler), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+        return []
+    trained = dataclasses.replace(model, unet=accelerator.unwrap_model(unet),
+                                  text_encoder=accelerator.unwrap_model(text_encoder))
+    pipe = trained.pipeline(make_scheduler(cfg.sample_sampler, model.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     folder = Path(cfg.output_dir) / "sample"
     folder.mkdir(parents=True, exist_ok=True)
+    clip_skip = cfg.clip_skip - 1 if cfg.clip_skip and cfg.clip_skip > 1 else None  # diffusers counts from 0
+    paths = []
     for i, p in enumerate(prompts):
-        generator = torch.Generator(device=accelerator.device).manual_seed(p.seed if p.seed is not None else seed + i)
+        seed = p.seed if p.seed is not None else cfg.seed + i
+        generator = torch.Generator(device=accelerator.device).manual_seed(seed)
         with accelerator.autocast():
             image = pipe(p.prompt, negative_prompt=p.negative_prompt or None, width=p.width - p.width % 8,
                          height=p.height - p.height % 8, num_inference_steps=p.steps, guidance_scale=p.guidance_scale,
-                         generator=generator, clip_skip=None if not clip_skip or clip_skip < 2 else clip_skip - 1
-                         ).images[0]
+                         generator=generator, clip_skip=clip_skip).images[0]
         path = folder / f"{cfg.output_name}_{step:06d}_{i:02d}.png"
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG")
