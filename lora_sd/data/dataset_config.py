@@ -153,11 +153,25 @@ def _coerce(key: str, value, section: str, errors: _Errors):
     return value
 
 
+# Numeric keys' (minimum, maximum or None).
+_DATASET_RANGES = {"batch_size": (1, None)}
+_SUBSET_RANGES = {"num_repeats": (1, None), "keep_tokens": (0, None), "caption_dropout_every_n_epochs": (0, None),
+                  "caption_dropout_rate": (0, 1), "caption_tag_dropout_rate": (0, 1)}
+
+
+def _check_ranges(obj, ranges: dict, label: str, errors: _Errors):
+    for key, (low, high) in ranges.items():
+        value = getattr(obj, key)
+        if high is None and value < low:
+            errors.add(f"{label}.{key}", f"must be >= {low}, got {value}")
+        elif high is not None and not low <= value <= high:
+            errors.add(f"{label}.{key}", f"must be in [{low}, {high}], got {value}")
+
+
 def _check_values(ds: DatasetConfig, label: str, errors: _Errors):
     """Impossible values, named by key; `label` says which dataset/subset."""
     w, h = ds.resolution
-    if ds.batch_size < 1:
-        errors.add(f"{label}.batch_size", f"must be >= 1, got {ds.batch_size}")
+    _check_ranges(ds, _DATASET_RANGES, label, errors)
     if ds.bucket_reso_steps < 8 or ds.bucket_reso_steps % 8:
         errors.add(f"{label}.bucket_reso_steps",
                    f"must be a positive multiple of 8 (latents are 1/8 size), got {ds.bucket_reso_steps}")
@@ -179,18 +193,16 @@ def _check_values(ds: DatasetConfig, label: str, errors: _Errors):
         where = f"{label}.subsets[{i}]"
         if sub.image_dir is None and sub.metadata_file is None:
             errors.add(f"{where}.image_dir", "is required (or `metadata_file` for fine-tuning style)")
-        if sub.num_repeats < 1:
-            errors.add(f"{where}.num_repeats", f"must be >= 1, got {sub.num_repeats}")
-        if sub.keep_tokens < 0:
-            errors.add(f"{where}.keep_tokens", f"must be >= 0, got {sub.keep_tokens}")
-        for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-            rate = getattr(sub, key)
-            if not 0.0 <= rate <= 1.0:
-                errors.add(f"{where}.{key}", f"must be in [0, 1], got {rate}")
-        if sub.caption_dropout_every_n_epochs < 0:
-            errors.add(f"{where}.caption_dropout_every_n_epochs", "must be >= 0")
+        _check_ranges(sub, _SUBSET_RANGES, where, errors)
         if sub.is_reg and sub.metadata_file:
             errors.add(f"{where}.is_reg", "is for DreamBooth-style folders, not `metadata_file` subsets")
+
+
+def _read_table(table: dict, allowed: set, section: str, errors: _Errors) -> dict:
+    """One TOML table: unknown keys, refused keys and types, each error naming `section`; the typed values."""
+    _check_unknown(table, allowed, section, errors)
+    _check_refused(table, section, errors)
+    return _typed(table, section, errors)
 
 
 def _typed(table: dict, section: str, errors: _Errors) -> dict:
@@ -243,9 +255,7 @@ def load_dataset_config(source, *, path_for_errors=None, defaults: dict | None =
     errors = _Errors(where)
     _check_unknown(raw, {"general", "datasets"}, "", errors)
     general = raw.get("general", {}) or {}
-    _check_unknown(general, _KNOWN - _SUBSET_ONLY, "general", errors)
-    _check_refused(general, "general", errors)
-    general_typed = _typed(general, "general", errors)
+    general_typed = _read_table(general, _KNOWN - _SUBSET_ONLY, "general", errors)
     defaults_typed = _typed(defaults or {}, "defaults", errors)
     datasets_raw = raw.get("datasets", [])
     if not isinstance(datasets_raw, list) or not datasets_raw:
@@ -255,18 +265,16 @@ def load_dataset_config(source, *, path_for_errors=None, defaults: dict | None =
     out = []
     for d, ds_raw in enumerate(datasets_raw):
         label = f"datasets[{d}]"
-        _check_unknown(ds_raw, (_KNOWN - _SUBSET_ONLY) | {"subsets"}, label, errors)
-        _check_refused(ds_raw, label, errors)
-        fallbacks = [_typed(ds_raw, label, errors), general_typed, defaults_typed]
+        fallbacks = [_read_table(ds_raw, (_KNOWN - _SUBSET_ONLY) | {"subsets"}, label, errors), general_typed,
+                     defaults_typed]
         ds = _resolve(fallbacks, DatasetConfig, skip={"subsets"})
         subsets_raw = ds_raw.get("subsets", [])
         if not subsets_raw:
             errors.add(f"{label}.subsets", "must hold at least one [[datasets.subsets]] table")
         for s, sub_raw in enumerate(subsets_raw):
             where_s = f"{label}.subsets[{s}]"
-            _check_unknown(sub_raw, _SUBSET_KEYS | set(_REFUSED), where_s, errors)
-            _check_refused(sub_raw, where_s, errors)
-            sub = _resolve([_typed(sub_raw, where_s, errors)] + fallbacks, SubsetConfig)
+            sub = _resolve([_read_table(sub_raw, _SUBSET_KEYS | set(_REFUSED), where_s, errors)] + fallbacks,
+                           SubsetConfig)
             sub.image_dir = _relative_to(sub.image_dir, base)
             sub.metadata_file = _relative_to(sub.metadata_file, base)
             if sub.caption_extension and not sub.caption_extension.startswith("."):
