@@ -236,3 +236,11 @@ def test_caption_dropout_every_n_epochs_counts_epochs_from_one(tmp_path):
                             seed=0, max_data_loader_n_workers=0)
     captions = [batches(data, epoch)[0]["captions"] for epoch in range(4)]
     assert captions == [["cap0, tag a, tag b"], [""], ["cap0, tag a, tag b"], [""]]
+
+
+def test_metadata_tags_join_every_wildcard_line(tmp_path):
+    make_images(tmp_path / "ft", [(64, 64)])
+    (tmp_path / "meta.json").write_text(json.dumps({"img0": {"caption": "a cat\nthe cat\n", "tags": "red\nsofa"}}))
+    index = build_index(config([{"image_dir": str(tmp_path / "ft"), "metadata_file": str(tmp_path / "meta.json"),
+                                 "enable_wildcard": True}]))
+    assert index[0]["caption"] == "a cat, red,sofa\nthe cat, red,sofa"  # either line keeps the tags

@@ -93,7 +93,10 @@ def _metadata_rows(sub) -> list[dict]:
         if caption is None:
             caption, tags = tags, None
         caption = caption or ""
-        if tags:
+        if tags and sub.enable_wildcard:  # sd-scripts: the tags on one line, added to every caption line
+            tags = tags.replace("\n", sub.caption_separator)
+            caption = "\n".join(f"{line}{sub.caption_separator} {tags}" for line in caption.split("\n") if line.strip())
+        elif tags:
             caption = caption + sub.caption_separator + " " + tags
         rows.append({"image_path": str(path), "caption": caption, "caption_source": "metadata",
                      "tag_text": tags or ""})
