@@ -197,8 +197,7 @@ def train(cfg) -> TrainResult:
         checkpoint.load_training_state(accelerator, cfg.resume)
 
     # --- outputs: metadata, resolved config, trackers, sample prompts ----------------------------------
-    metadata = training_metadata(cfg, data, version=model.version,
-                                 total_batch_size=cfg.datasets[0].batch_size * accelerator.num_processes
+    metadata = training_metadata(cfg, data, total_batch_size=cfg.datasets[0].batch_size * accelerator.num_processes
                                  * cfg.gradient_accumulation_steps, max_train_steps=max_train_steps,
                                  num_epochs=num_epochs, optimizer_name=optimizer_name, started_at=time.time())
     if main:
