@@ -83,12 +83,13 @@ def write_clip_tokenizer_files(folder, bpe_path=None):
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     vocab = clip_vocab(merges)
     assert len(vocab) == VOCAB_SIZE, len(vocab)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges_text = "".join(" ".join(pair) + "\n" for pair in merges)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + merges_text, encoding="utf-8")
-    return folder
+    files = {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+             "merges.txt": "#version: 0.2\n" + "".join(" ".join(pair) + "\n" for pair in merges)}
+    for name, text in files.items():
+        # each file atomic: processes building the cache at once write the same bytes and never see half a file
+        with atomic_path(Path(folder) / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    return Path(folder)
 
 
 def clip_tokenizer_folder(cache=None):
@@ -96,8 +97,7 @@ def clip_tokenizer_folder(cache=None):
     folder = Path(cache or cache_dir()) / "clip_tokenizer"
     if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
         logger.info("building the CLIP tokenizer files in %s", folder)
-        with atomic_path(folder) as tmp:  # atomic: parallel first runs never see half a folder
-            write_clip_tokenizer_files(tmp)
+        write_clip_tokenizer_files(folder)
     return folder
 
 
