@@ -80,3 +80,5 @@ def test_bad_arguments_exit_2_with_one_line(src, tmp_path):
     assert run_main(recipe.main, [str(tmp_path / "missing"), str(tmp_path / "d")]) == 2
     (src / "broken.png").write_bytes(b"not a png")
     assert run_main(recipe.main, [str(src), str(tmp_path / "d")]) == 2
+    assert run_main(recipe.main, [str(src), str(src)]) == 2  # into its own folder: refused, nothing written
+    assert not any("+" in p.name for p in src.iterdir())

@@ -90,6 +90,11 @@ def _save(image: Image.Image, path: Path, as_png: bool):
             image.save(tmp, format="JPEG", quality=100)
 
 
+def _copy(src: Path, target: Path):
+    with atomic_path(target) as tmp:
+        shutil.copy2(src, tmp)
+
+
 def resize_images(src, dst, max_resolution="512x512,384x384,256x256,128x128", *, divisible_by: int = 1,
                   interpolation: str | None = None, save_as_png: bool = False,
                   copy_associated_files: bool = False) -> list[Path]:
@@ -108,6 +113,8 @@ def resize_images(src, dst, max_resolution="512x512,384x384,256x256,128x128", *,
         raise ConfigError(f"`--divisible_by` must be >= 1, got {divisible_by}")
     if interpolation is not None and interpolation not in INTERPOLATIONS:
         raise ConfigError(f"`--interpolation` must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+    if dst.resolve() == src.resolve():
+        raise ConfigError(f"destination {dst} is the source folder; give another folder")
     resolutions = parse_resolutions(max_resolution)
     dst.mkdir(parents=True, exist_ok=True)
     files = sorted(p for p in src.iterdir() if p.is_file())
@@ -117,7 +124,7 @@ def resize_images(src, dst, max_resolution="512x512,384x384,256x256,128x128", *,
     for path in files:
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             others.setdefault(path.stem, []).append(path)
-            shutil.copy2(path, dst / path.name)
+            _copy(path, dst / path.name)
             written.append(dst / path.name)
     for path in tqdm(images, desc="resizing"):
         original = load_rgb(path)
@@ -137,6 +144,6 @@ def resize_images(src, dst, max_resolution="512x512,384x384,256x256,128x128", *,
         for other in others.get(path.stem, []) if copy_associated_files else []:
             for name, _ in resolutions:
                 target = dst / f"{path.stem}+{name}{other.suffix}"
-                shutil.copy2(other, target)
+                _copy(other, target)
                 written.append(target)
     return written
