@@ -74,9 +74,9 @@ def collate(samples: list[dict]) -> dict:
              "flipped": [s["flipped"] for s in samples],
              "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
              "network_multipliers": torch.tensor([s["network_multiplier"] for s in samples], dtype=torch.float32)}
-    for key in ("original_size_hw", "crop_top_left", "target_size_hw"):
-        batch[key.replace("size_hw", "sizes_hw").replace("top_left", "top_lefts")] = torch.tensor(
-            [s[key] for s in samples], dtype=torch.long)
+    for key, batch_key in (("original_size_hw", "original_sizes_hw"), ("crop_top_left", "crop_top_lefts"),
+                           ("target_size_hw", "target_sizes_hw")):
+        batch[batch_key] = torch.tensor([s[key] for s in samples], dtype=torch.long)
     for key in ("latents", "pixel_values"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples])

@@ -100,7 +100,7 @@ def _load_pretrained(source, local_files_only, torch_dtype, v2, v_parameterizati
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **kw)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch_dtype, **kw)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:  # (EnvironmentError is OSError)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FormatError(f"{source}: could not load a diffusers Stable Diffusion model: {msg}") from None
     version = _version_of_text_config(text_encoder.config)
