@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_sd.cli import run_main  # noqa: E402
 from lora_sd.formats import FORMATS, detect_format, load_lora, save_lora  # noqa: E402
+from lora_sd.formats.metadata import lora_version  # noqa: E402
 
 logger = logging.getLogger("convert_lora")
 
@@ -35,10 +36,9 @@ def main(argv=None):
     args = parse_args(argv)
     fmt_in = detect_format(args.input)
     lora = load_lora(args.input)
-    v2 = args.v2 or lora.metadata.get("ss_v2") == "True"
+    version = "sd2" if args.v2 else lora_version(lora.metadata) or "sd1"
     v_param = args.v_parameterization or lora.metadata.get("modelspec.prediction_type") == "v"
-    out = save_lora(lora, args.output, args.to, args.save_precision,
-                    version="sd2" if v2 else "sd1", v_parameterization=v_param)
+    out = save_lora(lora, args.output, args.to, args.save_precision, version=version, v_parameterization=v_param)
     logger.info("%s (%s, %d modules) -> %s (%s)", args.input, fmt_in, len(lora.modules), out, args.to)
 
 

@@ -98,3 +98,14 @@ def test_lora_that_does_not_fit_the_model(kohya_file, tiny_sd1):
     m.down = torch.zeros(m.rank, m.down.shape[1] + 1)
     with pytest.raises(ModelMismatchError, match=r"attn1.to_q does not fit the model: down \(4, 9\)"):
         wrong_shape.apply_to(unet=copy.deepcopy(tiny_sd1.unet), text_encoder=copy.deepcopy(tiny_sd1.text_encoder))
+
+
+def test_version_from_any_metadata_key(kohya_file, tmp_path):
+    """A file that says SD 2 only in ss_base_model_version gets consistent SD 2 keys in its kohya output."""
+    src, lora = kohya_file
+    tagged = copy.deepcopy(lora)
+    tagged.metadata = {"ss_base_model_version": "sd_v2"}
+    d = save_lora(tagged, tmp_path / "d.safetensors", "diffusers")
+    assert run_main(main, ["--to", "kohya", str(d), str(tmp_path / "k.safetensors")]) == 0
+    meta = load_lora(tmp_path / "k.safetensors").metadata
+    assert meta["ss_v2"] == "True" and meta["modelspec.architecture"].startswith("stable-diffusion-v2")

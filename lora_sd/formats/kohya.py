@@ -10,7 +10,7 @@ import json
 import torch
 
 from lora_sd.errors import FormatError
-from lora_sd.formats.metadata import modelspec_metadata, with_hashes
+from lora_sd.formats.metadata import modelspec_metadata, version_metadata, with_hashes
 from lora_sd.formats.names import KOHYA_PREFIXES, key_from_kohya, kohya_name
 from lora_sd.lora_weights import LoraModule, LoraWeights
 
@@ -55,26 +55,16 @@ def kohya_state_dict(lora: LoraWeights, dtype=torch.float32) -> dict[str, torch.
 def kohya_metadata(lora: LoraWeights, version="sd1", v_parameterization=False, title=None) -> dict[str, str]:
     """The metadata a kohya file gets: the LoRA's own, with the network keys filled in."""
     meta = dict(lora.metadata)
-    ranks = [m.rank for k, m in lora.modules.items() if m.down.dim() == 2 or m.down.shape[-1] == 1]
-    conv = [m for m in lora.modules.values() if m.down.dim() == 4 and m.down.shape[-1] > 1]
-    first = next(iter(lora.modules.values()))
+    linear = [m for m in lora.modules.values() if not m.is_3x3]  # Linear and 1x1 convs: network_dim
+    conv = [m for m in lora.modules.values() if m.is_3x3]  # 3x3 convs: conv_dim
     meta.setdefault("ss_network_module", "networks.lora")
-    meta.setdefault("ss_network_dim", str(max(ranks) if ranks else first.rank))
-    meta.setdefault("ss_network_alpha", str(_alpha_str(lora, conv=False) or first.alpha))
+    meta.setdefault("ss_network_dim", str(max(m.rank for m in linear or conv)))
+    meta.setdefault("ss_network_alpha", _num((linear or conv)[0].alpha))
     if conv and "ss_network_args" not in meta:
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv[0].rank), "conv_alpha": str(conv[0].alpha)})
-    meta.setdefault("ss_base_model_version", {"sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(version, "sd_v1"))
-    meta.setdefault("ss_v2", str(version == "sd2"))
-    for k, v in modelspec_metadata(version, v_parameterization, title).items():
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv[0].rank), "conv_alpha": _num(conv[0].alpha)})
+    for k, v in {**version_metadata(version), **modelspec_metadata(version, v_parameterization, title)}.items():
         meta.setdefault(k, v)
     return meta
-
-
-def _alpha_str(lora, conv):
-    for m in lora.modules.values():
-        if (m.down.dim() == 4 and m.down.shape[-1] > 1) == conv:
-            return _num(m.alpha)
-    return None
 
 
 def _num(x: float) -> str:

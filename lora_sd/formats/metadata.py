@@ -1,4 +1,4 @@
-"""Metadata that kohya files carry: modelspec.* keys and the sshs_* hashes."""
+"""Metadata that kohya files carry: base-model version keys, modelspec.* keys and the sshs_* hashes."""
 
 import datetime
 import hashlib
@@ -12,6 +12,28 @@ ARCHITECTURES = {
     ("sd2", True): "stable-diffusion-v2-768-v",
     ("sdxl", False): "stable-diffusion-xl-v1-base",
 }
+
+BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # ss_base_model_version
+
+
+def lora_version(metadata) -> str | None:
+    """'sd1', 'sd2', 'sdxl' from a LoRA file's metadata, or None when it does not say."""
+    base = metadata.get("ss_base_model_version", "")
+    arch = metadata.get("modelspec.architecture", "")
+    if base.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
+        return "sdxl"
+    if base.startswith("sd_v2") or arch.startswith("stable-diffusion-v2") or metadata.get("ss_v2") == "True":
+        return "sd2"
+    if base.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
+        return "sd1"
+    return None
+
+
+def version_metadata(version) -> dict[str, str]:
+    """sd-scripts' base-model keys (`ss_base_model_version`, `ss_v2`) for a version; none if unknown."""
+    if version is None:
+        return {}
+    return {"ss_base_model_version": BASE_MODEL_VERSIONS.get(version, "sd_v1"), "ss_v2": str(version == "sd2")}
 
 
 def modelspec_metadata(version="sd1", v_parameterization=False, title=None, resolution=None, timestamp=None):

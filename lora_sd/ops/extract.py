@@ -14,9 +14,10 @@ import logging
 import torch
 
 from lora_sd.errors import ConfigError, ModelMismatchError
+from lora_sd.formats.metadata import version_metadata
 from lora_sd.lora_weights import LoraModule, LoraWeights, key_for_module
 from lora_sd.ops.lowrank import as_matrix, max_rank, to_lora_shapes, truncated_svd
-from lora_sd.ops.merge import VERSION_NAMES, check_rank, resolve_device, version_metadata
+from lora_sd.ops.merge import VERSION_NAMES, check_rank, resolve_device
 from lora_sd.targets import target_modules
 
 logger = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from lora_sd.errors import ConfigError, ModelMismatchError
+from lora_sd.formats.metadata import lora_version, version_metadata
 from lora_sd.lora_weights import LoraModule, LoraWeights, fit_to_layer, model_module_name
 from lora_sd.ops.lowrank import to_lora_shapes
 
@@ -68,25 +69,11 @@ def check_rank(value, option) -> int:
     return int(value)
 
 
-def lora_version(lora: LoraWeights) -> str | None:
-    """'sd1', 'sd2', 'sdxl' from a LoRA's metadata, or None when it does not say."""
-    meta = lora.metadata
-    base = meta.get("ss_base_model_version", "")
-    arch = meta.get("modelspec.architecture", "")
-    if base.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if base.startswith("sd_v2") or arch.startswith("stable-diffusion-v2") or meta.get("ss_v2") == "True":
-        return "sd2"
-    if base.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
-        return "sd1"
-    return None
-
-
 def common_version(loras, names) -> str | None:
     """The base-model version all LoRAs agree on (None if none says); ConfigError if they differ."""
     seen = {}
     for lora, name in zip(loras, names):
-        version = lora_version(lora)
+        version = lora_version(lora.metadata)
         if version is not None:
             seen.setdefault(version, name)
     if len(seen) > 1:
@@ -100,7 +87,7 @@ def common_version(loras, names) -> str | None:
 
 def check_model_version(lora, name, model_version):
     """ModelMismatchError when a LoRA's metadata names another base model than the model's."""
-    version = lora_version(lora)
+    version = lora_version(lora.metadata)
     if version is not None and model_version is not None and version != model_version:
         raise ModelMismatchError(
             f"{name} is a LoRA for {VERSION_NAMES.get(version, version)} but the model is "
@@ -218,14 +205,6 @@ def _merge_kohya(entry: ModuleParts) -> LoraModule:
         up += abs(s) * m.up.float().reshape(up.shape)
         down += s * m.down.float().reshape(down.shape)
     return LoraModule(down, up, base_alpha)
-
-
-def version_metadata(version) -> dict[str, str]:
-    """sd-scripts' base-model keys for a LoRA made from inputs of this version (none if unknown)."""
-    if version is None:
-        return {}
-    return {"ss_base_model_version": {"sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(version, "sd_v1"),
-            "ss_v2": str(version == "sd2")}
 
 
 # --- into a model --------------------------------------------------------------------

@@ -14,9 +14,10 @@ import logging
 
 import torch
 
+from lora_sd.formats.metadata import version_metadata
 from lora_sd.lora_weights import LoraWeights
 from lora_sd.ops.lowrank import factorize_product, max_rank
-from lora_sd.ops.merge import check_rank, common_version, gather_modules, parse_ratios, resolve_device, version_metadata
+from lora_sd.ops.merge import check_rank, common_version, gather_modules, parse_ratios, resolve_device
 
 logger = logging.getLogger(__name__)
 
