@@ -51,23 +51,25 @@ def check_attention(cfg):
 
 
 def set_attention(unet, cfg):
-    """SDPA (diffusers' default processor) unless xformers is asked for."""
+    """SDPA (diffusers' default processor) unless xformers is asked for (checked by check_attention)."""
     if cfg.xformers:
-        check_attention(cfg)
         unet.enable_xformers_memory_efficient_attention()
 
 
 def add_network(unet, text_encoder, cfg):
-    """Add the trained adapter ("default") to the parts being trained; returns the NetworkSpec used."""
+    """Add the trained adapter ("default") to the parts being trained; returns the NetworkSpec used.
+
+    A part that `network_weights` holds starts from the file; any other starts fresh.
+    """
     spec = network_spec(cfg)
     models = {"unet": unet, "text_encoder": text_encoder}
-    wanted = [c for c, on in (("unet", cfg.train_unet), ("text_encoder", cfg.train_text_encoder)) if on]
-    if cfg.network_weights:
-        _load_network_weights(models, wanted, spec, cfg)
-    else:
-        for name, config in lora_configs(unet, text_encoder, spec, cfg.train_unet, cfg.train_text_encoder).items():
+    configs = lora_configs(unet, text_encoder, spec, cfg.train_unet, cfg.train_text_encoder)
+    start = _network_weights(cfg, spec, wanted=list(configs)) if cfg.network_weights else {}
+    for name, config in configs.items():
+        if name in start:
+            start[name].apply_to(**{name: models[name]})
+        else:
             models[name].add_adapter(config)
-    for name in wanted:
         for pname, p in models[name].named_parameters():
             p.requires_grad_("lora_" in pname)
             if "lora_" in pname:
@@ -75,7 +77,8 @@ def add_network(unet, text_encoder, cfg):
     return spec
 
 
-def _load_network_weights(models, wanted, spec, cfg):
+def _network_weights(cfg, spec, wanted) -> dict:
+    """{part: LoraWeights} of the parts in `wanted` that the `network_weights` file holds."""
     from lora_sd.formats import load_lora
     from lora_sd.lora_weights import LoraWeights
 
@@ -84,25 +87,23 @@ def _load_network_weights(models, wanted, spec, cfg):
     if ignored:
         logger.warning("network_weights %s: its %s modules are not trained in this run and are ignored",
                        cfg.network_weights, " and ".join(ignored))
+    parts = {}
     for name in wanted:
         part = LoraWeights({k: m for k, m in lora.modules.items() if k.startswith(name + ".")})
         if not part.modules:
             logger.info("network_weights has no %s modules: starting them fresh", name)
-            config = lora_configs(models["unet"], models["text_encoder"], spec,
-                                  name == "unet", name == "text_encoder")[name]
-            models[name].add_adapter(config)
             continue
         if not cfg.dim_from_weights:
             _check_ranks(part, spec, cfg.network_weights)
-        part.apply_to(**{name: models[name]})
+        parts[name] = part
+    return parts
 
 
 def _check_ranks(lora, spec, path):
     for key, m in lora.modules.items():
-        is_conv3 = m.down.dim() == 4 and m.down.shape[-1] > 1
-        want = spec.conv_dim if is_conv3 else spec.network_dim
+        want = spec.conv_dim if m.is_3x3 else spec.network_dim
         if m.rank != want:
-            what = "conv_dim" if is_conv3 else "network_dim"
+            what = "conv_dim" if m.is_3x3 else "network_dim"
             raise ConfigError(f"`network_weights` {path}: {key} has rank {m.rank}, but `{what}` is {want}; "
                               f"set `{what} = {m.rank}` or `dim_from_weights = true`")
 
