@@ -132,10 +132,6 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")}
 OPTION_NAMES = tuple(_FIELDS)
 _TYPES = typing.get_type_hints(TrainConfig)
-_DATASET_KEYS = ("resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-                 "bucket_no_upscale", "caption_extension", "shuffle_caption", "keep_tokens", "flip_aug",
-                 "color_aug", "random_crop", "caption_dropout_rate", "caption_dropout_every_n_epochs",
-                 "caption_tag_dropout_rate", "caption_prefix", "caption_suffix")
 # sd-scripts options we read but do not implement: accepted only at these values.
 _ACCEPTED = {"mem_eff_attn": (False,), "lowram": (False,), "full_fp16": (False,), "full_bf16": (False,),
              "no_half_vae": (False, True), "log_with": (None, "tensorboard"), "save_last_n_epochs": (None,),
@@ -332,10 +328,11 @@ def _check_values(cfg: TrainConfig, errors: _Errors, inline_datasets: bool):
 
 
 def _datasets(cfg: TrainConfig, tables: dict, path) -> list:
-    """The DatasetConfigs, with the options above as the lowest-priority defaults (as sd-scripts)."""
-    from lora_sd.data import dreambooth_dataset_config, load_dataset_config
+    """The DatasetConfigs, with the options of the same names as the lowest-priority defaults (as sd-scripts)."""
+    from lora_sd.data import DatasetConfig, SubsetConfig, dreambooth_dataset_config, load_dataset_config
 
-    defaults = {k: getattr(cfg, k) for k in _DATASET_KEYS if getattr(cfg, k) is not None}
+    shared = [f.name for c in (DatasetConfig, SubsetConfig) for f in dataclasses.fields(c) if f.name in _FIELDS]
+    defaults = {k: getattr(cfg, k) for k in shared if getattr(cfg, k) is not None}
     defaults["batch_size"] = cfg.train_batch_size
     if cfg.train_data_dir:
         from lora_sd.demo import resolve_demo_path
