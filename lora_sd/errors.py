@@ -22,3 +22,25 @@ class ModelMismatchError(LoraSdError):
 
 class DataError(LoraSdError):
     """A dataset, image or caption problem."""
+
+
+class ConfigErrors:
+    """Collects config problems so that one ConfigError lists them all: "where: `key` problem; ..."."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.items: list[str] = []
+
+    def add(self, key: str, msg: str):
+        self.items.append(f"`{key}` {msg}")
+
+    def unknown(self, key: str, known, label: str | None = None, what: str = "key"):
+        """`key` is not one of `known`: say so, with the closest known name."""
+        import difflib
+
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        self.add(label or key, f"is not a known {what}" + (f" (did you mean `{close[0]}`?)" if close else ""))
+
+    def raise_if_any(self):
+        if self.items:
+            raise ConfigError(f"{self.where}: " + "; ".join(self.items))

@@ -10,7 +10,6 @@ Also the DreamBooth folder convention without a TOML: `train_data_dir/10_sks dog
 """
 
 import dataclasses
-import difflib
 import logging
 import math
 import tomllib
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_sd.data.buckets import bucket_reso_range
-from lora_sd.errors import ConfigError, DataError
+from lora_sd.errors import ConfigError, ConfigErrors, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -92,35 +91,18 @@ def _field_types(cls):
 _TYPES = {**_field_types(SubsetConfig), **_field_types(DatasetConfig)}
 
 
-class _Errors:
-    """Collects problems so that one message lists them all."""
-
-    def __init__(self, where: str):
-        self.where = where
-        self.items: list[str] = []
-
-    def add(self, key: str, msg: str):
-        self.items.append(f"`{key}` {msg}")
-
-    def raise_if_any(self):
-        if self.items:
-            raise ConfigError(f"{self.where}: " + "; ".join(self.items))
-
-
-def _check_unknown(table: dict, allowed: set, section: str, errors: _Errors):
+def _check_unknown(table: dict, allowed: set, section: str, errors: ConfigErrors):
     for key in sorted(set(table) - allowed):
-        close = difflib.get_close_matches(key, sorted(allowed), n=1)
-        hint = f" (did you mean `{close[0]}`?)" if close else ""
-        errors.add(f"{section}.{key}" if section else key, f"is not a known key{hint}")
+        errors.unknown(key, allowed, f"{section}.{key}" if section else key)
 
 
-def _check_refused(table: dict, section: str, errors: _Errors):
+def _check_refused(table: dict, section: str, errors: ConfigErrors):
     for key, default in _REFUSED.items():
         if key in table and table[key] != default:
             errors.add(f"{section}.{key}", "is not supported by lora-sd; remove it")
 
 
-def _coerce(key: str, value, section: str, errors: _Errors):
+def _coerce(key: str, value, section: str, errors: ConfigErrors):
     """Check a TOML value against the field's type; returns the converted value."""
     typ = _TYPES.get(key)
     label = f"{section}.{key}"
@@ -159,7 +141,7 @@ _SUBSET_RANGES = {"num_repeats": (1, None), "keep_tokens": (0, None), "caption_d
                   "caption_dropout_rate": (0, 1), "caption_tag_dropout_rate": (0, 1)}
 
 
-def _check_ranges(obj, ranges: dict, label: str, errors: _Errors):
+def _check_ranges(obj, ranges: dict, label: str, errors: ConfigErrors):
     for key, (low, high) in ranges.items():
         value = getattr(obj, key)
         if high is None and value < low:
@@ -168,7 +150,7 @@ def _check_ranges(obj, ranges: dict, label: str, errors: _Errors):
             errors.add(f"{label}.{key}", f"must be in [{low}, {high}], got {value}")
 
 
-def _check_values(ds: DatasetConfig, label: str, errors: _Errors):
+def _check_values(ds: DatasetConfig, label: str, errors: ConfigErrors):
     """Impossible values, named by key; `label` says which dataset/subset."""
     w, h = ds.resolution
     _check_ranges(ds, _DATASET_RANGES, label, errors)
@@ -198,14 +180,14 @@ def _check_values(ds: DatasetConfig, label: str, errors: _Errors):
             errors.add(f"{where}.is_reg", "is for DreamBooth-style folders, not `metadata_file` subsets")
 
 
-def _read_table(table: dict, allowed: set, section: str, errors: _Errors) -> dict:
+def _read_table(table: dict, allowed: set, section: str, errors: ConfigErrors) -> dict:
     """One TOML table: unknown keys, refused keys and types, each error naming `section`; the typed values."""
     _check_unknown(table, allowed, section, errors)
     _check_refused(table, section, errors)
     return _typed(table, section, errors)
 
 
-def _typed(table: dict, section: str, errors: _Errors) -> dict:
+def _typed(table: dict, section: str, errors: ConfigErrors) -> dict:
     """Type-check one table where it is written, so each error names its own section."""
     out = {}
     for key, value in table.items():
@@ -252,7 +234,7 @@ def load_dataset_config(source, *, path_for_errors=None, defaults: dict | None =
             raise ConfigError(f"{where}: dataset config file not found") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{where}: not a valid TOML file ({e})") from None
-    errors = _Errors(where)
+    errors = ConfigErrors(where)
     _check_unknown(raw, {"general", "datasets"}, "", errors)
     general = raw.get("general", {}) or {}
     general_typed = _read_table(general, _KNOWN - _SUBSET_ONLY, "general", errors)
