@@ -95,6 +95,26 @@ def compute_loss(batch, *, unet, text_conditioning, vae, scheduler, cfg, generat
                                 cfg.min_snr_gamma, cfg.v_parameterization)
 
 
+def load_model(cfg, device):
+    """(SDModel, weight dtype): the base model on `device`, frozen, the LoRA adapters added.
+
+    The U-Net and text encoder are cast to the mixed-precision dtype; the VAE only
+    encodes and stays float32 (sd-scripts' no_half_vae); LoRA weights are float32.
+    """
+    from lora_sd.models.load import load_base
+
+    model = load_base(resolve_demo_path(cfg.pretrained_model_name_or_path), v2=cfg.v2,
+                      v_parameterization=cfg.v_parameterization, model_config=cfg.model_config)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    for m in (model.unet, model.text_encoder, model.vae):
+        m.requires_grad_(False)
+        m.to(device, dtype=torch.float32 if m is model.vae else weight_dtype)
+    set_attention(model.unet, cfg)
+    add_network(model.unet, model.text_encoder, cfg)
+    enable_gradient_checkpointing(model.unet, model.text_encoder, cfg)
+    return model, weight_dtype
+
+
 def vae_fingerprint(vae) -> str:
     """sha256 of the VAE's weights: cached latents are invalidated when the VAE changes, not only its path."""
     import hashlib
@@ -123,7 +143,6 @@ def _seed(cfg, accelerator):
 
 def train(cfg) -> TrainResult:
     from lora_sd.data import build_train_data
-    from lora_sd.models.load import load_base
 
     # --- setup: devices, base model, LoRA ----------------------------------------------------------
     check_attention(cfg)
@@ -131,20 +150,9 @@ def train(cfg) -> TrainResult:
     accelerator = make_accelerator(cfg)
     device, main = accelerator.device, accelerator.is_main_process
     _seed(cfg, accelerator)
-    model = load_base(resolve_demo_path(cfg.pretrained_model_name_or_path), v2=cfg.v2,
-                      v_parameterization=cfg.v_parameterization, model_config=cfg.model_config)
+    model, weight_dtype = load_model(cfg, device)
     unet, text_encoder, vae, tokenizer = model.unet, model.text_encoder, model.vae, model.tokenizer
     scheduler = model.scheduler  # sd-scripts' DDPM training schedule (v_prediction with v_parameterization)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    for m in (unet, text_encoder, vae):
-        m.requires_grad_(False)
-    for m in (unet, text_encoder, vae):
-        m.to(device)
-        if weight_dtype != torch.float32 and m is not vae:  # the VAE only encodes: float32 (no_half_vae)
-            m.to(weight_dtype)
-    set_attention(unet, cfg)
-    add_network(unet, text_encoder, cfg)
-    enable_gradient_checkpointing(unet, text_encoder, cfg)
     trained = {name: m for name, m, on in (("text_encoder", text_encoder, cfg.train_text_encoder),
                                            ("unet", unet, cfg.train_unet)) if on}
     for m in trained.values():
