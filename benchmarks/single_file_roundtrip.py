@@ -20,12 +20,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
+from lora_sd.io import open_tensor_file
 from lora_sd.models import load_base, save_single_file, sd_configs
-from lora_sd.models.load import original_layout_state_dict
-from lora_sd.models.state_dict_io import save_state_dict
+from lora_sd.models.single_file import empty_components
 
 logger = logging.getLogger("single_file_roundtrip")
 
@@ -34,53 +35,40 @@ def _peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
 
 
-class _Components:
-    """unet / vae / text_encoder / version: what save_single_file needs."""
-
-    def __init__(self, version, v_parameterization):
-        from accelerate import init_empty_weights
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        configs = sd_configs.shipped_configs(version, v_parameterization)
-        with init_empty_weights():
-            self.unet = UNet2DConditionModel.from_config(configs["unet"])
-            self.vae = AutoencoderKL.from_config(configs["vae"])
-            self.text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
-        g = torch.Generator().manual_seed(0)
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to_empty(device="cpu")
-            with torch.no_grad():
-                for p in module.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        self.version = version
+def _random_model(version, v_parameterization):
+    """unet / vae / text_encoder / version (what save_single_file needs) with random weights."""
+    unet, vae, text_encoder = empty_components(sd_configs.shipped_configs(version, v_parameterization))
+    g = torch.Generator().manual_seed(0)
+    for module in (unet, vae, text_encoder):
+        module.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return SimpleNamespace(unet=unet, vae=vae, text_encoder=text_encoder, version=version)
 
 
 def _compare_files(a, b):
-    from safetensors import safe_open
-
-    with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
-        ka, kb = set(fa.keys()), set(fb.keys())
-        if ka != kb:
-            return False, f"key sets differ: {sorted(ka ^ kb)[:5]}"
-        for k in sorted(ka):
-            ta, tb = fa.get_tensor(k), fb.get_tensor(k)
-            if ta.dtype != tb.dtype or not torch.equal(ta, tb):
-                return False, f"tensor differs: {k}"
-        return True, f"{len(ka)} keys identical"
+    (ka, get_a, _), (kb, get_b, _) = open_tensor_file(a), open_tensor_file(b)
+    if set(ka) != set(kb):
+        return False, f"key sets differ: {sorted(set(ka) ^ set(kb))[:5]}"
+    for k in sorted(ka):
+        ta, tb = get_a(k), get_b(k)
+        if ta.dtype != tb.dtype or not torch.equal(ta, tb):
+            return False, f"tensor differs: {k}"
+    return True, f"{len(ka)} keys identical"
 
 
 def run(version, workdir):
     v_pred = version == "sd2"  # SD 2.1 768-v
     rows = []
     t = time.perf_counter()
-    model = _Components(version, v_pred)
+    model = _random_model(version, v_pred)
     n_params = sum(p.numel() for m in (model.unet, model.vae, model.text_encoder) for p in m.parameters())
     rows.append(("build random model", time.perf_counter() - t))
 
     src = workdir / f"{version}_random.safetensors"
     t = time.perf_counter()
-    save_state_dict(original_layout_state_dict(model), src)
+    save_single_file(model, src)
     rows.append(("diffusers -> original file", time.perf_counter() - t))
     del model
     gc.collect()

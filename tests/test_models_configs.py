@@ -10,7 +10,7 @@ import torch
 
 from lora_sd.models import sd_configs
 from lora_sd.models.original_layout import to_original
-from lora_sd.models.single_file import convert_to_diffusers
+from lora_sd.models.single_file import convert_to_diffusers, empty_components
 
 # Facts of the original SD files: key -> shape.
 SD1_FACTS = {
@@ -57,25 +57,12 @@ SD2_FACTS = {
 CASES = [("sd1", False, SD1_FACTS, "v1"), ("sd2", False, SD2_FACTS, "v2"), ("sd2", True, SD2_FACTS, "v2")]
 
 
-def _meta_models(configs):
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    with init_empty_weights():
-        return (
-            UNet2DConditionModel.from_config(configs["unet"]),
-            AutoencoderKL.from_config(configs["vae"]),
-            CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
-        )
-
-
 @pytest.mark.parametrize("version,v_pred,facts,diffusers_type", CASES)
 def test_full_size_configs_map_one_to_one(version, v_pred, facts, diffusers_type):
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     configs = sd_configs.shipped_configs(version, v_pred)
-    unet, vae, text = _meta_models(configs)
+    unet, vae, text = empty_components(configs)
     sds = {"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": text.state_dict()}
     core, extras = to_original(sds["unet"], sds["vae"], sds["text_encoder"], version, configs)
     original = {**core, **extras}

@@ -136,18 +136,25 @@ def _load_into(model, sd, name, path, dtype):
     return model.eval()
 
 
-def build_components(state_dict, version, configs, path, torch_dtype=None):
-    """(unet, vae, text_encoder) built from configs and filled from an original-layout state dict."""
+def empty_components(configs):
+    """(unet, vae, text_encoder) built from configs on the meta device: no memory, no weights yet."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    with init_empty_weights():
+        return (
+            UNet2DConditionModel.from_config(configs["unet"]),
+            AutoencoderKL.from_config(configs["vae"]),
+            CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+        )
+
+
+def build_components(state_dict, version, configs, path, torch_dtype=None):
+    """(unet, vae, text_encoder) built from configs and filled from an original-layout state dict."""
     dtype = torch_dtype or torch.float32
     converted = convert_to_diffusers(state_dict, version, configs)
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(configs["unet"])
-        vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    unet, vae, text_encoder = empty_components(configs)
     return (
         _load_into(unet, converted["unet"], "U-Net", path, dtype),
         _load_into(vae, converted["vae"], "VAE", path, dtype),
