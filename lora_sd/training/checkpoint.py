@@ -30,15 +30,22 @@ from lora_sd.lora_weights import LoraWeights
 logger = logging.getLogger(__name__)
 
 
-def lora_file_name(cfg, epoch: int | None = None, step: int | None = None) -> str:
-    name = cfg.output_name
+def _stem(cfg, epoch: int | None = None, step: int | None = None) -> str:
     if step is not None:
-        name = f"{name}-step{step:08d}"
-    elif epoch is not None:
-        name = f"{name}-{epoch:06d}"
-    if cfg.save_model_as in ("diffusers", "peft"):
-        return name
-    return f"{name}.{cfg.save_model_as}"
+        return f"{cfg.output_name}-step{step:08d}"
+    if epoch is not None:
+        return f"{cfg.output_name}-{epoch:06d}"
+    return cfg.output_name
+
+
+def lora_file_name(cfg, epoch: int | None = None, step: int | None = None) -> str:
+    """`<output_name>[-<epoch>|-step<step>]` plus `.safetensors`/`.ckpt`; folders (diffusers, peft) have none."""
+    stem = _stem(cfg, epoch, step)
+    return stem if cfg.save_model_as in ("diffusers", "peft") else f"{stem}.{cfg.save_model_as}"
+
+
+def state_dir_name(cfg, epoch=None, step=None) -> str:
+    return _stem(cfg, epoch, step) + "-state"
 
 
 def trained_lora(accelerator, unet, text_encoder, cfg) -> LoraWeights:
@@ -104,13 +111,6 @@ def only_lora_weights(models, weights, output_dir):
     """accelerate save-state hook: keep the LoRA tensors of each model, not the frozen base."""
     for i, state in enumerate(weights):
         weights[i] = {k: v for k, v in state.items() if "lora_" in k}
-
-
-def state_dir_name(cfg, epoch=None, step=None) -> str:
-    name = lora_file_name(cfg, epoch, step)
-    if cfg.save_model_as not in ("diffusers", "peft"):
-        name = name[: -len(cfg.save_model_as) - 1]
-    return name + "-state"
 
 
 def save_training_state(accelerator, folder: Path):

@@ -2,9 +2,10 @@
 
 `optimizer_args` are sd-scripts' `key=value` strings: values are Python
 literals, a comma makes a tuple (`betas=0.9,0.99`). Schedules come from
-diffusers' `get_scheduler`; like sd-scripts, warmup and total steps are
-multiplied by the number of processes because accelerate steps a prepared
-scheduler once per process per optimizer step.
+diffusers' `get_scheduler`; accelerate steps a prepared scheduler once per
+process per optimizer step, so total steps are multiplied by the number of
+processes (as sd-scripts does) and so are warmup steps (sd-scripts does not,
+which makes its warmup num_processes times shorter than asked).
 """
 
 import ast
