@@ -155,7 +155,8 @@ def build_index(configs, *, skip_bad_images: bool = False) -> datasets.Dataset:
             rows = _metadata_rows(sub) if sub.metadata_file else _dreambooth_rows(sub)
             rows = _header_rows(rows, assigner, ds.bucket_reso_steps, skip_bad_images, f"reading {sub.name}")
             if not rows:
-                raise DataError(f"`image_dir` {sub.image_dir}: no readable images left")
+                where = f"`metadata_file` {sub.metadata_file}" if sub.metadata_file else f"`image_dir` {sub.image_dir}"
+                raise DataError(f"{where}: no readable images left")
             for row in rows:
                 row.update(num_repeats=sub.num_repeats, is_reg=sub.is_reg, dataset=d, subset=s)
             if sub.is_reg:
