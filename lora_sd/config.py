@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_sd.errors import ConfigError
+from lora_sd.errors import ConfigError, ConfigErrors
 
 
 def opt(default, help=""):
@@ -152,18 +152,6 @@ CHOICES = {
 DATASET_TABLES = ("general", "datasets")
 
 
-class _Errors:
-    def __init__(self, where):
-        self.where, self.items = where, []
-
-    def add(self, key, msg):
-        self.items.append(f"`{key}` {msg}")
-
-    def raise_if_any(self):
-        if self.items:
-            raise ConfigError(f"{self.where}: " + "; ".join(self.items))
-
-
 def _base_type(typ):
     """(type, optional) of `int | None` style annotations."""
     args = typing.get_args(typ)
@@ -220,7 +208,7 @@ def _type_name(typ):
             list[str]: "a list of strings", tuple[int, int]: "a size `W,H` or `S`"}.get(typ, str(typ))
 
 
-def _flatten(raw: dict, where: str, errors: _Errors) -> tuple[dict, dict]:
+def _flatten(raw: dict, where: str, errors: ConfigErrors) -> tuple[dict, dict]:
     """(options, dataset tables): sd-scripts' config_file tables are flattened into options."""
     flat, dataset = {}, {}
     for key, value in raw.items():
@@ -255,19 +243,18 @@ def load_config(path=None, overrides: dict | None = None) -> TrainConfig:
     wrong type and impossible value is reported in one ConfigError.
     """
     where = str(path) if path else "command line"
-    errors = _Errors(where)
+    errors = ConfigErrors(where)
     raw = read_toml(path) if path else {}
     flat, dataset_tables = _flatten(raw, where, errors)
     values = {}
-    for source, table, from_cli in (("file", flat, False), ("cli", overrides or {}, True)):
+    for table, from_cli in ((flat, False), (overrides or {}, True)):
         for key, value in table.items():
             if key in _ACCEPTED:
                 if value not in _ACCEPTED[key] and not (from_cli and str(value) in map(str, _ACCEPTED[key])):
                     errors.add(key, "is an sd-scripts option lora-sd does not implement; remove it")
                 continue
             if key not in _FIELDS:
-                close = difflib.get_close_matches(key, list(_FIELDS), n=1)
-                errors.add(key, "is not a known option" + (f" (did you mean `{close[0]}`?)" if close else ""))
+                errors.unknown(key, _FIELDS, what="option")
                 continue
             value = _coerce(key, value, errors, from_cli=from_cli and isinstance(value, str))
             if value is not dataclasses.MISSING:
@@ -280,7 +267,7 @@ def load_config(path=None, overrides: dict | None = None) -> TrainConfig:
     return cfg
 
 
-def _check_values(cfg: TrainConfig, errors: _Errors, inline_datasets: bool):
+def _check_values(cfg: TrainConfig, errors: ConfigErrors, inline_datasets: bool):
     from lora_sd.generate import SAMPLERS  # generation's sampler names serve the training samples too
 
     for key, allowed in {**CHOICES, "sample_sampler": tuple(SAMPLERS)}.items():
