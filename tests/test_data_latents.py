@@ -93,7 +93,10 @@ def test_flip_aug_caches_both_and_matches_uncached(tmp_path):
     assert flips > 0
 
 
-def test_in_memory_cache_encodes_once_per_run(tmp_path):
+def test_in_memory_cache_encodes_once_per_run(tmp_path, monkeypatch):
+    import lora_sd.data.latents
+
+    monkeypatch.setattr(lora_sd.data.latents, "file_digest", None)  # keys of a one-run cache hash no file
     encoder = CountingEncoder()
     data = build(tmp_path, encoder, cache_latents_to_disk=False)
     assert encoder.images == 4 and not (tmp_path / "cache").exists()

@@ -53,10 +53,14 @@ def file_digest(path) -> str:
     return _file_hashes[memo]
 
 
-def latent_key(row: dict, flip: bool, vae_id: str) -> str:
-    """What an entry depends on: image bytes, bucket, resized size, flip, VAE."""
-    parts = [file_digest(row["image_path"]), row["bucket_w"], row["bucket_h"], row["resized_w"],
-             row["resized_h"], int(flip), vae_id]
+def latent_key(row: dict, flip: bool, vae_id: str, content: bool = True) -> str:
+    """What an entry depends on: image bytes, bucket, resized size, flip, VAE.
+
+    `content=False`, for the in-memory cache (filled and read within one run), names the image by its
+    path instead of hashing its bytes, so that images are not read once more just for the key.
+    """
+    image = file_digest(row["image_path"]) if content else row["image_path"]
+    parts = [image, row["bucket_w"], row["bucket_h"], row["resized_w"], row["resized_h"], int(flip), vae_id]
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
 
 

@@ -161,7 +161,7 @@ def _latent_cache(index_rows, configs, *, cache_latents, cache_latents_to_disk, 
     for i, row in enumerate(index_rows):
         if row["num_repeats"] > 0:
             flip = configs[row["dataset"]].subsets[row["subset"]].flip_aug
-            keys[i] = latent_key(row, flip, vae_id)
+            keys[i] = latent_key(row, flip, vae_id, content=cache_latents_to_disk)
             items.append((keys[i], row, flip))
     cache.fill(items, encode_fn, vae_batch_size)
     return cache, keys
