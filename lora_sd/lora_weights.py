@@ -66,8 +66,13 @@ class LoraWeights:
     def components(self) -> list[str]:
         return [c for c in COMPONENTS if any(k.startswith(c + ".") for k in self.modules)]
 
-    def to(self, dtype) -> "LoraWeights":
-        mods = {k: LoraModule(m.down.to(dtype), m.up.to(dtype), m.alpha) for k, m in self.modules.items()}
+    def to(self, dtype, device="cpu") -> "LoraWeights":
+        """A copy with every tensor detached, contiguous, in `dtype` on `device` (the CPU: what files hold)."""
+
+        def convert(t):
+            return t.detach().to(device, dtype).contiguous()
+
+        mods = {k: LoraModule(convert(m.down), convert(m.up), m.alpha) for k, m in self.modules.items()}
         return LoraWeights(mods, dict(self.metadata))
 
     # --- PEFT models ------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_sd.cli import run_main  # noqa: E402
-from lora_sd.formats import FORMATS, detect_format, load_lora, save_lora  # noqa: E402
+from lora_sd.formats import FORMATS, read_lora, save_lora  # noqa: E402
 from lora_sd.formats.metadata import lora_version  # noqa: E402
 
 logger = logging.getLogger("convert_lora")
@@ -34,8 +34,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    fmt_in = detect_format(args.input)
-    lora = load_lora(args.input)
+    lora, fmt_in = read_lora(args.input)
     version = "sd2" if args.v2 else lora_version(lora.metadata) or "sd1"
     v_param = args.v_parameterization or lora.metadata.get("modelspec.prediction_type") == "v"
     out = save_lora(lora, args.output, args.to, args.save_precision, version=version, v_parameterization=v_param)

@@ -155,3 +155,33 @@ def test_sdxl_text_encoder_names_readable(tiny_sd1, tmp_path):
     back = load_lora(tmp_path / "xl.safetensors")
     assert set(back.component("text_encoder")) == set(lora.component("text_encoder"))
     assert set(back.component("text_encoder_2")) == {"text_model.encoder.layers.0.mlp.fc1"}
+
+
+@pytest.mark.parametrize("fmt,existing", [("peft", "folder"), ("peft", "file"), ("kohya", "folder"), ("diffusers", "folder")])
+def test_save_refuses_to_replace_what_is_not_a_lora(tiny_sd1, tmp_path, fmt, existing):
+    """A PEFT folder replaces an existing PEFT folder only: another folder (or file) there is left alone."""
+    from lora_sd.errors import FormatError
+
+    lora, _, _ = random_adapted(tiny_sd1)
+    target = tmp_path / "out"
+    if existing == "folder":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+    else:
+        target.write_text("mine")
+    with pytest.raises(FormatError, match=f"^{target}: "):
+        save_lora(lora, target, fmt)
+    assert (target / "notes.txt" if existing == "folder" else target).read_text() == "mine"
+    save_lora(lora, tmp_path / "p", "peft")
+    save_lora(lora, tmp_path / "p", "peft")  # an adapter folder is replaced
+    assert_same(lora, load_lora(tmp_path / "p"))
+
+
+def test_unreadable_diffusers_adapter_metadata_is_one_line(tiny_sd1, tmp_path):
+    from lora_sd.errors import FormatError
+
+    lora, _, _ = random_adapted(tiny_sd1)
+    path = save_lora(lora, tmp_path / "d.safetensors", "diffusers")
+    safetensors.torch.save_file(safetensors.torch.load_file(path), path, metadata={"lora_adapter_metadata": "{oops"})
+    with pytest.raises(FormatError, match="d.safetensors: unreadable lora_adapter_metadata"):
+        load_lora(path)

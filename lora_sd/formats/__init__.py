@@ -17,58 +17,55 @@ from lora_sd.io import atomic_path, precision_dtype, read_tensor_file  # noqa: F
 from lora_sd.lora_weights import LoraWeights
 
 FORMATS = ("kohya", "diffusers", "peft")
-def detect_format(path) -> str:
+
+
+def read_lora(path) -> tuple[LoraWeights, str]:
+    """(the LoRA, its format) from a kohya file, a diffusers LoRA file or a PEFT adapter folder."""
     path = Path(path)
     if path.is_dir():
-        if is_peft_folder(path):
-            return "peft"
-        raise FormatError(f"{path}: a folder, but not a PEFT adapter folder (unet/ or text_encoder/ with adapter_config.json)")
-    state, _ = read_tensor_file(path)
-    return _detect_state(state, path)
-
-
-def _detect_state(state, path):
+        if not is_peft_folder(path):
+            raise FormatError(f"{path}: a folder, but not a PEFT adapter folder (unet/ or text_encoder/ with adapter_config.json)")
+        return read_peft_folder(path), "peft"
+    state, metadata = read_tensor_file(path)
     if is_kohya(state):
-        return "kohya"
-    if is_diffusers(state):
-        return "diffusers"
-    first = next(iter(state), "<no keys>")
-    raise FormatError(
-        f"{path}: keys of no known LoRA format (first key: {first!r}); expected kohya "
-        "(lora_unet_*/lora_te_*), diffusers (unet.*.lora_A.weight) or a PEFT folder"
-    )
+        fmt, reader = "kohya", lora_from_kohya
+    elif is_diffusers(state):
+        fmt, reader = "diffusers", lora_from_diffusers
+    else:
+        raise FormatError(
+            f"{path}: keys of no known LoRA format (first key: {next(iter(state))!r}); expected kohya "
+            "(lora_unet_*/lora_te_*), diffusers (unet.*.lora_A.weight) or a PEFT folder"
+        )
+    lora = reader(state, metadata, source=str(path))
+    if not lora.modules:
+        raise FormatError(f"{path}: holds no LoRA modules")
+    return lora, fmt
 
 
 def load_lora(path) -> LoraWeights:
     """Read a kohya file, a diffusers LoRA file or a PEFT adapter folder."""
-    path = Path(path)
-    if path.is_dir():
-        detect_format(path)
-        return read_peft_folder(path)
-    state, metadata = read_tensor_file(path)
-    fmt = _detect_state(state, path)
-    reader = lora_from_kohya if fmt == "kohya" else lora_from_diffusers
-    lora = reader(state, metadata, source=str(path))
-    if not lora.modules:
-        raise FormatError(f"{path}: holds no LoRA modules")
-    return lora
+    return read_lora(path)[0]
 
 
 def save_lora(lora: LoraWeights, path, fmt="kohya", save_precision="float", **kohya_meta):
     """Write `lora` atomically. kohya_meta: version, v_parameterization, title (kohya only)."""
     if fmt not in FORMATS:
         raise FormatError(f"--to: format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-    dtype = precision_dtype(save_precision)
+    lora = lora.to(precision_dtype(save_precision))
     path = Path(path)
+    if fmt == "peft" and path.exists() and not is_peft_folder(path):  # replacing it would delete what is there
+        raise FormatError(f"{path}: exists and is not a PEFT adapter folder; give a new folder name")
+    if fmt != "peft" and path.is_dir():
+        raise FormatError(f"{path}: is a folder; a {fmt} LoRA is a file (give a file name)")
     with atomic_path(path) as tmp:
         if fmt == "peft":
             tmp.mkdir()
-            write_peft_folder(lora, tmp, dtype)
+            write_peft_folder(lora, tmp)
             return path
         if fmt == "kohya":
-            state, metadata = kohya_file_contents(lora, dtype, **kohya_meta)
+            state, metadata = kohya_file_contents(lora, **kohya_meta)
         else:
-            state, metadata = diffusers_file_contents(lora, dtype)
+            state, metadata = diffusers_file_contents(lora)
         if path.suffix in (".ckpt", ".pt", ".bin"):
             torch.save(state, tmp)  # pickles carry no metadata; sd-scripts' ckpt LoRAs have none either
         else:

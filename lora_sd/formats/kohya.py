@@ -41,14 +41,14 @@ def lora_from_kohya(state_dict, metadata=None, source="") -> LoraWeights:
     return lora
 
 
-def kohya_state_dict(lora: LoraWeights, dtype=torch.float32) -> dict[str, torch.Tensor]:
+def kohya_state_dict(lora: LoraWeights) -> dict[str, torch.Tensor]:
+    """The file's tensors; alphas in the LoRA's dtype, as sd-scripts saves its alpha buffer."""
     state = {}
     for key, m in lora.modules.items():
         name = kohya_name(key)
-        state[f"{name}.lora_down.weight"] = m.down.detach().to("cpu", dtype).contiguous()
-        state[f"{name}.lora_up.weight"] = m.up.detach().to("cpu", dtype).contiguous()
-        # sd-scripts saves its alpha buffer in the save dtype too
-        state[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
+        state[f"{name}.lora_down.weight"] = m.down
+        state[f"{name}.lora_up.weight"] = m.up
+        state[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=m.down.dtype)
     return state
 
 
@@ -71,7 +71,7 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def kohya_file_contents(lora, dtype=torch.float32, **meta_kwargs):
-    """(tensors, metadata with sshs hashes) of the kohya file for this LoRA."""
-    state = kohya_state_dict(lora, dtype)
+def kohya_file_contents(lora, **meta_kwargs):
+    """(tensors, metadata with sshs hashes) of the kohya file for this LoRA (tensors as they are in `lora`)."""
+    state = kohya_state_dict(lora)
     return state, with_hashes(state, kohya_metadata(lora, **meta_kwargs))

@@ -1,27 +1,46 @@
 """PEFT adapter folders: `<out>/unet/`, `<out>/text_encoder/`, each with
-`adapter_config.json` and `adapter_model.safetensors` as `PeftModel.save_pretrained` writes."""
+`adapter_config.json` and `adapter_model.safetensors` as `PeftModel.save_pretrained` writes.
+
+`lora_modules` (PEFT-named tensors + a LoraConfig dict -> LoraWeights entries)
+also reads diffusers' LoRA files, which use the same names per component.
+"""
 
 import json
 from pathlib import Path
 
 import safetensors.torch
-import torch
-from peft import LoraConfig
+from peft.utils.other import get_pattern_key
 
 from lora_sd.errors import FormatError
-from lora_sd.lora_weights import COMPONENTS, LoraWeights, key_for_module, model_module_name
-from lora_sd.formats.diffusers import _pattern_value
-from lora_sd.lora_weights import LoraModule
+from lora_sd.io import read_tensor_file
+from lora_sd.lora_weights import COMPONENTS, LoraModule, LoraWeights, key_for_module
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
-def _transformers_has_text_model() -> bool:
-    """transformers < 5 keeps `text_model.` in CLIPTextModel's module names."""
-    import transformers
+def lora_modules(component, state, config, source) -> dict[str, LoraModule]:
+    """{LoraWeights key: LoraModule} from `<module>.lora_A.weight` / `.lora_B.weight` tensors of one component.
 
-    return int(transformers.__version__.split(".")[0]) < 5
+    Alphas come from `config` (a LoraConfig dict: `lora_alpha`, `alpha_pattern`,
+    matched as PEFT matches them); none given means alpha = rank.
+    """
+    pairs = {}
+    for key, tensor in state.items():
+        name, part = key[: -len(LORA_A)], key[-len(LORA_A):]
+        if part not in (LORA_A, LORA_B):
+            raise FormatError(f"{source}: {component} key {key!r} is not a LoRA tensor (<module>.lora_A/lora_B.weight)")
+        pairs.setdefault(name, {})[part] = tensor
+    patterns = config.get("alpha_pattern") or {}
+    modules = {}
+    for name, p in pairs.items():
+        if len(p) != 2:
+            raise FormatError(f"{source}: module {component}.{name} has only one of lora_A/lora_B")
+        down, up = p[LORA_A], p[LORA_B]
+        alpha = patterns.get(get_pattern_key(patterns, name), config.get("lora_alpha", down.shape[0]))
+        modules[key_for_module(component, name)] = LoraModule(down, up, float(alpha))
+    return modules
 
 
 def is_peft_folder(path) -> bool:
@@ -41,48 +60,22 @@ def read_peft_folder(path) -> LoraWeights:
         except (OSError, json.JSONDecodeError) as e:
             raise FormatError(f"{folder / CONFIG_NAME}: not a readable adapter config ({e})") from None
         weights = folder / WEIGHTS_NAME
-        from lora_sd.io import read_tensor_file
-
-        state, _ = read_tensor_file(weights if weights.is_file() else folder / "adapter_model.bin")
-        pairs = {}
-        for key, tensor in state.items():
-            name = key.removeprefix(_PREFIX)
-            for part in (".lora_A.weight", ".lora_B.weight"):
-                if name.endswith(part):
-                    pairs.setdefault(name[: -len(part)], {})[part] = tensor
-                    break
-            else:
-                raise FormatError(f"{weights}: key {key!r} is not a LoRA tensor (lora_A/lora_B)")
-        for name, p in pairs.items():
-            if len(p) != 2:
-                raise FormatError(f"{weights}: module {name} has only one of lora_A/lora_B")
-            down, up = p[".lora_A.weight"], p[".lora_B.weight"]
-            alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", down.shape[0]))
-            lora.modules[key_for_module(component, name)] = LoraModule(down, up, float(alpha))
+        if not weights.is_file():
+            weights = folder / "adapter_model.bin"
+        state, _ = read_tensor_file(weights)
+        state = {k.removeprefix(_PREFIX): t for k, t in state.items()}
+        lora.modules.update(lora_modules(component, state, cfg, weights))
     if not lora.modules:
         raise FormatError(f"{path}: no PEFT adapter (expected unet/ or text_encoder/ with {CONFIG_NAME})")
     return lora
 
 
-def write_peft_folder(lora: LoraWeights, folder, dtype=torch.float32):
-    """Write the adapter folders into `folder` (which must exist and be empty)."""
+def write_peft_folder(lora: LoraWeights, folder):
+    """Write the adapter folders into `folder` (which must exist and be empty); tensors as they are in `lora`."""
     folder = Path(folder)
     for component in lora.components:
         sub = folder / component
         sub.mkdir(parents=True)
-        # module names as the installed transformers spells them, so PeftModel loads the folder
-        te_model = _NamingProbe() if component.startswith("text_encoder") and _transformers_has_text_model() else None
-        config: LoraConfig = lora.peft_config(component, te_model)
-        config.save_pretrained(str(sub))
-        state = {}
-        for name, m in lora.component(component).items():
-            mname = model_module_name(component, name, te_model)
-            state[f"{_PREFIX}{mname}.lora_A.weight"] = m.down.detach().to("cpu", dtype).contiguous()
-            state[f"{_PREFIX}{mname}.lora_B.weight"] = m.up.detach().to("cpu", dtype).contiguous()
+        lora.peft_config(component).save_pretrained(str(sub))
+        state = {_PREFIX + k: t for k, t in lora.peft_state_dict(component).items()}
         safetensors.torch.save_file(state, str(sub / WEIGHTS_NAME), metadata={"format": "pt"})
-
-
-class _NamingProbe:
-    """Stands for a transformers-4 CLIPTextModel in `model_module_name` (it has `text_model`)."""
-
-    text_model = True
