@@ -68,6 +68,7 @@ def run_row(model: str, gradient_checkpointing: bool, steps: int, mixed_precisio
     batch = {"latents": torch.randn(1, 4, latent_side, latent_side, generator=gen), "captions": ["a photo"],
              "loss_weights": torch.ones(1)}
     hidden = torch.randn(1, 77, hidden_size, generator=gen).to(device)
+    scheduler = noise_scheduler()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -75,7 +76,7 @@ def run_row(model: str, gradient_checkpointing: bool, steps: int, mixed_precisio
         start = time.perf_counter()
         with accelerator.autocast():
             loss = compute_loss(batch, unet=unet, text_conditioning=lambda captions: hidden, vae=vae,
-                                scheduler=noise_scheduler(), cfg=cfg, generator=gen, weight_dtype=torch.float32)
+                                scheduler=scheduler, cfg=cfg, generator=gen, weight_dtype=torch.float32)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
