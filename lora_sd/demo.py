@@ -65,7 +65,9 @@ def _wait_for(path: Path, seconds=600):
     deadline = time.monotonic() + seconds
     while not path.exists():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} was not made by the main process within {seconds} s")
+            from lora_sd.errors import DataError
+
+            raise DataError(f"{path}: the demo asset was not made by the main process within {seconds} s")
         time.sleep(0.5)
 
 
