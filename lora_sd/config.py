@@ -364,12 +364,11 @@ def check_unknown_flags(unknown: list[str]):
         return
     if not flags:
         raise ConfigError(f"command line: unexpected argument(s) {' '.join(unknown)}")
-    problems = []
+    errors = ConfigErrors("command line")
+    known = [f"--{name}" for name in (*_FIELDS, "config")]
     for flag in flags:
-        name = flag[2:].split("=", 1)[0]
-        close = difflib.get_close_matches(name, list(_FIELDS) + ["config"], n=1)
-        problems.append(f"`--{name}` is not a known option" + (f" (did you mean `--{close[0]}`?)" if close else ""))
-    raise ConfigError("command line: " + "; ".join(problems))
+        errors.unknown(flag.split("=", 1)[0], known, what="option")
+    errors.raise_if_any()
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
