@@ -185,3 +185,17 @@ def test_unreadable_diffusers_adapter_metadata_is_one_line(tiny_sd1, tmp_path):
     safetensors.torch.save_file(safetensors.torch.load_file(path), path, metadata={"lora_adapter_metadata": "{oops"})
     with pytest.raises(FormatError, match="d.safetensors: unreadable lora_adapter_metadata"):
         load_lora(path)
+
+
+def test_mismatched_up_and_down_are_refused_on_reading(tiny_sd1, tmp_path):
+    """A pair whose ranks differ would merge into a silently broken file or die in a matmul later."""
+    from lora_sd.errors import FormatError
+
+    lora, _, _ = random_adapted(tiny_sd1)
+    path = save_lora(lora, tmp_path / "x.safetensors")
+    tensors = safetensors.torch.load_file(path)
+    name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    tensors[f"{name}.lora_up.weight"] = tensors[f"{name}.lora_up.weight"][:, :3].contiguous()
+    safetensors.torch.save_file(tensors, path)
+    with pytest.raises(FormatError, match=r"x.safetensors: module text_encoder.*q_proj has down \(4, 32\), up \(32, 3\)"):
+        load_lora(path)

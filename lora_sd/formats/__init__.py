@@ -25,21 +25,34 @@ def read_lora(path) -> tuple[LoraWeights, str]:
     if path.is_dir():
         if not is_peft_folder(path):
             raise FormatError(f"{path}: a folder, but not a PEFT adapter folder (unet/ or text_encoder/ with adapter_config.json)")
-        return read_peft_folder(path), "peft"
-    state, metadata = read_tensor_file(path)
-    if is_kohya(state):
-        fmt, reader = "kohya", lora_from_kohya
-    elif is_diffusers(state):
-        fmt, reader = "diffusers", lora_from_diffusers
+        lora, fmt = read_peft_folder(path), "peft"
     else:
-        raise FormatError(
-            f"{path}: keys of no known LoRA format (first key: {next(iter(state))!r}); expected kohya "
-            "(lora_unet_*/lora_te_*), diffusers (unet.*.lora_A.weight) or a PEFT folder"
-        )
-    lora = reader(state, metadata, source=str(path))
+        state, metadata = read_tensor_file(path)
+        if is_kohya(state):
+            fmt, reader = "kohya", lora_from_kohya
+        elif is_diffusers(state):
+            fmt, reader = "diffusers", lora_from_diffusers
+        else:
+            raise FormatError(
+                f"{path}: keys of no known LoRA format (first key: {next(iter(state))!r}); expected kohya "
+                "(lora_unet_*/lora_te_*), diffusers (unet.*.lora_A.weight) or a PEFT folder"
+            )
+        lora = reader(state, metadata, source=str(path))
     if not lora.modules:
         raise FormatError(f"{path}: holds no LoRA modules")
+    for key, m in lora.modules.items():
+        if not _is_lora_pair(m.down, m.up):
+            raise FormatError(
+                f"{path}: module {key} has down {tuple(m.down.shape)}, up {tuple(m.up.shape)}; a LoRA pair is "
+                "down [rank, in] or [rank, in, k, k] with up [out, rank] or [out, rank, 1, 1]"
+            )
     return lora, fmt
+
+
+def _is_lora_pair(down, up) -> bool:
+    if down.dim() not in (2, 4) or up.dim() not in (2, 4) or up.shape[1] != down.shape[0]:
+        return False
+    return up.dim() == 2 or up.shape[2:] == (1, 1)
 
 
 def load_lora(path) -> LoraWeights:
