@@ -119,11 +119,6 @@ class BucketAssigner:
         return bucket, resized
 
 
-def bucket_ar_error(bucket, width, height) -> float:
-    """Bucket aspect ratio minus image aspect ratio (sd-scripts' mean_img_ar_error uses |this|)."""
-    return bucket[0] / bucket[1] - width / height
-
-
 def crop_box(resized, bucket, rng=None) -> tuple[int, int, int, int]:
     """Left, top, right, bottom of the bucket inside the resized image: centered, or random."""
     boxes = []

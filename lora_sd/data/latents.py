@@ -68,7 +68,6 @@ class LatentCache:
     """key -> latents [4, h, w] (and the flipped image's latents), in memory or in `datasets` shards."""
 
     def __init__(self, root: Path | None, vae_id: str):
-        self.vae_id = vae_id
         self.memory: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.root = None if root is None else Path(root) / hashlib.sha256(vae_id.encode()).hexdigest()[:16]
         self.shards: list[datasets.Dataset] = []

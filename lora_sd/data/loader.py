@@ -136,7 +136,7 @@ class TrainData:
             if repeats == 0:
                 continue
             counts[(bucket_w, bucket_h)] = counts.get((bucket_w, bucket_h), 0) + repeats
-            errors.append(abs(bucket_w / bucket_h - width / height))
+            errors.append(abs(bucket_w / bucket_h - width / height))  # sd-scripts' ar_error
         buckets = {i: {"resolution": list(reso), "count": counts[reso]} for i, reso in enumerate(sorted(counts))}
         return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
 
