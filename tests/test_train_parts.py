@@ -140,3 +140,26 @@ def test_clip_skip_uses_penultimate_layer_through_final_norm(tiny_sd1):
         cached = CachedTextEncoder(te, tiny_sd1.tokenizer, clip_skip=2)
         assert torch.equal(cached(["a photo of a cat", "a photo of a cat"])[1], got[0])
         assert len(cached.cache) == 1
+
+
+def test_uncached_latents_are_encoded_in_float32_under_autocast(tiny_sd1, monkeypatch):
+    """mixed_precision autocasts the U-Net; the VAE encodes in float32 as for the latent cache (no_half_vae)."""
+    from lora_sd.config import TrainConfig
+    from lora_sd.training.loop import compute_loss
+
+    vae, seen = tiny_sd1.vae, []
+    real_encode = vae.encode
+
+    def encode(x):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real_encode(x)
+
+    monkeypatch.setattr(vae, "encode", encode)
+    gen = torch.Generator().manual_seed(0)
+    batch = {"pixel_values": torch.rand(1, 3, 64, 64, generator=gen) * 2 - 1, "captions": ["a photo"],
+             "loss_weights": torch.ones(1)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = compute_loss(batch, unet=tiny_sd1.unet, text_conditioning=lambda c: torch.zeros(1, 77, 32), vae=vae,
+                            scheduler=tiny_sd1.scheduler, cfg=TrainConfig(), generator=gen,
+                            weight_dtype=torch.float32)
+    assert seen == [False] and torch.isfinite(loss)

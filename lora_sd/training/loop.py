@@ -82,7 +82,7 @@ def compute_loss(batch, *, unet, text_conditioning, vae, scheduler, cfg, generat
     if "latents" in batch:
         latents = batch["latents"].to(device)
     else:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # a float32 VAE (as the latent cache)
             latents = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.sample(generator)
     latents = (latents * vae.config.scaling_factor).float()  # [B, 4, h, w]
     eps = noise.sample_noise(latents, cfg.noise_offset, generator)
