@@ -80,9 +80,9 @@ class GenerationSettings:
 
 def add_networks(pipe, loras, multipliers, merge=False, names=None, model_version=None):
     """Put LoRAs on a pipeline: adapters weighted by `multipliers`, or merged into the weights."""
-    from lora_sd.ops.merge import check_model_version, merge_into_models
+    from lora_sd.ops.merge import check_model_version, lora_names, merge_into_models
 
-    names = names or [f"LoRA #{i + 1}" for i in range(len(loras))]
+    names = lora_names(loras, names)
     if not loras:
         return []
     if merge:
@@ -157,16 +157,15 @@ def run_pipeline(pipe, settings: GenerationSettings, outdir, networks=()):
 def generate(ckpt, outdir, settings: GenerationSettings, network_weights=(), network_mul=None, network_merge=False,
              v2=False, v_parameterization=False, model_config=None, device=None, dtype="float"):
     """generate.py: load a model and LoRA files, write PNG images to `outdir`; returns their paths."""
-    from lora_sd.formats import load_lora, precision_dtype
+    from lora_sd.formats import precision_dtype
     from lora_sd.models import load_base
-    from lora_sd.ops.merge import parse_ratios, resolve_device
+    from lora_sd.ops.merge import load_loras, parse_ratios, resolve_device
 
     settings.check()
     muls = parse_ratios(network_weights, network_mul, option="--network_mul")
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = precision_dtype(dtype, "--precision")
-    names = [str(p) for p in network_weights]
-    loras = [load_lora(p) for p in network_weights]
+    loras, names = load_loras(network_weights)
     model = load_base(ckpt, v2=v2, v_parameterization=v_parameterization, model_config=model_config,
                       torch_dtype=torch_dtype)
     pipe = model.pipeline(scheduler=make_scheduler(settings.sampler, model.scheduler.config))

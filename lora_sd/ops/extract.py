@@ -14,7 +14,9 @@ import logging
 import torch
 
 from lora_sd.errors import ConfigError, ModelMismatchError
+from lora_sd.formats import save_lora
 from lora_sd.formats.metadata import version_metadata
+from lora_sd.io import precision_dtype
 from lora_sd.lora_weights import LoraModule, LoraWeights, key_for_module
 from lora_sd.ops.lowrank import as_matrix, max_rank, to_lora_shapes, truncated_svd
 from lora_sd.ops.merge import VERSION_NAMES, check_rank, resolve_device
@@ -108,7 +110,6 @@ def _metadata(dim, conv_dim):
 def extract_lora_files(model_org, model_tuned, save_to, dim, conv_dim=None, v2=False, device="cpu",
                        save_precision="float", min_diff=0.01, model_config=None):
     """extract_lora_from_models.py: two model files/folders -> a kohya LoRA file at `save_to`."""
-    from lora_sd.formats import precision_dtype, save_lora
     from lora_sd.models import load_base
 
     check_rank(dim, "--dim")

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from lora_sd.errors import ConfigError, ModelMismatchError
+from lora_sd.formats import load_lora, save_lora
 from lora_sd.formats.metadata import lora_version, version_metadata
+from lora_sd.io import precision_dtype
 from lora_sd.lora_weights import LoraModule, LoraWeights, fit_to_layer, model_module_name
 from lora_sd.ops.lowrank import to_lora_shapes
 
@@ -67,6 +69,16 @@ def check_rank(value, option) -> int:
     if value is None or int(value) != value or value <= 0:
         raise ConfigError(f"{option}: must be a positive whole number, got {value!r}")
     return int(value)
+
+
+def lora_names(loras, names=None) -> list[str]:
+    """The names messages use for `loras`: the given ones (file paths) or "LoRA #1", "LoRA #2", ..."""
+    return list(names) if names else [f"LoRA #{i + 1}" for i in range(len(loras))]
+
+
+def load_loras(paths) -> tuple[list[LoraWeights], list[str]]:
+    """(the LoRA files read, their paths as names for messages)."""
+    return [load_lora(p) for p in paths], [str(p) for p in paths]
 
 
 def common_version(loras, names) -> str | None:
@@ -174,7 +186,7 @@ def merge_loras(loras, ratios, mode="exact", names=None) -> LoraWeights:
     """Merge LoRAs into one LoRA ('exact' concatenates ranks; 'kohya' is sd-scripts' weighted sum)."""
     if mode not in MODES:
         raise ConfigError(f"merge mode must be one of {MODES}, got {mode!r}")
-    names = names or [f"LoRA #{i + 1}" for i in range(len(loras))]
+    names = lora_names(loras, names)
     version = common_version(loras, names)
     merged = LoraWeights(metadata={"ss_network_module": "networks.lora", **version_metadata(version)})
     for entry in gather_modules(loras, ratios, names):
@@ -218,7 +230,7 @@ def merge_into_models(loras, ratios, models: dict, precision=torch.float32, name
     and the module. The sum is computed in `precision` and stored in each
     weight's own dtype. Returns the number of weights changed.
     """
-    names = names or [f"LoRA #{i + 1}" for i in range(len(loras))]
+    names = lora_names(loras, names)
     plan = []  # (layer, ratio, LoraModule shaped for the layer) for every module, checked first
     for lora, ratio, name in zip(loras, ratios, names):
         check_model_version(lora, name, model_version)
@@ -246,15 +258,11 @@ def merge_into_models(loras, ratios, models: dict, precision=torch.float32, name
 
 def merge_lora_files(models, ratios, save_to, concat=True, save_precision="float"):
     """merge_lora.py without --sd_model: LoRA files into one kohya LoRA file at `save_to`."""
-    from lora_sd.formats import load_lora, precision_dtype, save_lora
-
     ratios = parse_ratios(models, ratios)
     precision_dtype(save_precision, "--save_precision")
-    names = [str(p) for p in models]
-    loras = [load_lora(p) for p in models]
+    loras, names = load_loras(models)
     merged = merge_loras(loras, ratios, "exact" if concat else "kohya", names)
-    version = common_version(loras, names) or "sd1"
-    save_lora(merged, save_to, save_precision=save_precision, version=version)
+    save_lora(merged, save_to, save_precision=save_precision, version=lora_version(merged.metadata) or "sd1")
     logger.info("wrote %s: %d modules (%s merge)", save_to, len(merged.modules), "exact" if concat else "kohya")
     return merged
 
@@ -267,7 +275,6 @@ def merge_into_model_file(sd_model, save_to, models, ratios, v2=False, precision
     the original layout, keeping the other keys of a single-file `sd_model`;
     anything else becomes a diffusers folder. Nothing is written on error.
     """
-    from lora_sd.formats import load_lora, precision_dtype
     from lora_sd.models import load_base, save_diffusers, save_single_file
     from lora_sd.models.load import SINGLE_FILE_SUFFIXES
 
@@ -275,8 +282,7 @@ def merge_into_model_file(sd_model, save_to, models, ratios, v2=False, precision
     merge_dtype = precision_dtype(precision, "--precision")
     save_precision = save_precision or precision
     precision_dtype(save_precision, "--save_precision")  # a bad value is refused before any work
-    names = [str(p) for p in models]
-    loras = [load_lora(p) for p in models]
+    loras, names = load_loras(models)
     model = load_base(sd_model, v2=v2, model_config=model_config)
     parts = {"unet": model.unet, "text_encoder": model.text_encoder}
     merge_into_models(loras, ratios, parts, merge_dtype, names, model_version=model.version)

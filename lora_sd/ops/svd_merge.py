@@ -14,10 +14,13 @@ import logging
 
 import torch
 
-from lora_sd.formats.metadata import version_metadata
+from lora_sd.formats import save_lora
+from lora_sd.formats.metadata import lora_version, version_metadata
+from lora_sd.io import precision_dtype
 from lora_sd.lora_weights import LoraWeights
 from lora_sd.ops.lowrank import factorize_product, max_rank
-from lora_sd.ops.merge import check_rank, common_version, gather_modules, parse_ratios, resolve_device
+from lora_sd.ops.merge import (check_rank, common_version, gather_modules, load_loras, lora_names, parse_ratios,
+                               resolve_device)
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ def svd_merge(loras, ratios, new_rank, new_conv_rank=None, device="cpu", precisi
     new_rank = check_rank(new_rank, "--new_rank")
     new_conv_rank = check_rank(new_conv_rank if new_conv_rank is not None else new_rank, "--new_conv_rank")
     dev = resolve_device(str(device))
-    names = names or [f"LoRA #{i + 1}" for i in range(len(loras))]
+    names = lora_names(loras, names)
     version = common_version(loras, names)
     work = torch.float64 if precision == torch.float64 else torch.float32
     merged = LoraWeights(metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(new_rank),
@@ -61,8 +64,6 @@ def svd_merge(loras, ratios, new_rank, new_conv_rank=None, device="cpu", precisi
 def svd_merge_files(models, ratios, save_to, new_rank, new_conv_rank=None, device="cpu", precision="float",
                     save_precision="float"):
     """svd_merge_lora.py: LoRA files into one kohya LoRA file of rank `new_rank` at `save_to`."""
-    from lora_sd.formats import load_lora, precision_dtype, save_lora
-
     ratios = parse_ratios(models, ratios)
     check_rank(new_rank, "--new_rank")
     if new_conv_rank is not None:
@@ -70,9 +71,8 @@ def svd_merge_files(models, ratios, save_to, new_rank, new_conv_rank=None, devic
     resolve_device(device)
     dtype = precision_dtype(precision, "--precision")
     precision_dtype(save_precision, "--save_precision")
-    names = [str(p) for p in models]
-    loras = [load_lora(p) for p in models]
+    loras, names = load_loras(models)
     merged = svd_merge(loras, ratios, new_rank, new_conv_rank, device, dtype, names)
-    save_lora(merged, save_to, save_precision=save_precision, version=common_version(loras, names) or "sd1")
+    save_lora(merged, save_to, save_precision=save_precision, version=lora_version(merged.metadata) or "sd1")
     logger.info("wrote %s: %d modules at rank %d", save_to, len(merged.modules), new_rank)
     return merged
