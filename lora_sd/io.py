@@ -8,6 +8,23 @@ import tempfile
 from pathlib import Path
 
 
+def replace(tmp, path):
+    """os.replace(tmp, path), also for a folder over a folder: the old one is moved aside (and back
+    if the move fails), then deleted, so `path` is never left half-deleted."""
+    tmp, path = Path(tmp), Path(path)
+    if not (path.is_dir() and tmp.is_dir()):
+        os.replace(tmp, path)
+        return
+    old = tmp.with_name(tmp.name + ".old")
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; on success move it into place.
@@ -27,17 +44,7 @@ def atomic_path(path):
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)
-        if path.is_dir() and tmp.is_dir():  # the old folder is moved aside, not deleted in place
-            old = tmp.with_name(tmp.name + ".old")
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except OSError:
-                os.replace(old, path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
