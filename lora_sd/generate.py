@@ -10,7 +10,7 @@ per setting, and an AUTOMATIC1111-style `parameters` string.
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 # sd-scripts' --sampler names -> (diffusers scheduler class, extra config)
 SAMPLERS = {
-    "ddim": ("DDIMScheduler", {}),
+    "ddim": ("DDIMScheduler", {"set_alpha_to_one": False}),
     "pndm": ("PNDMScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
@@ -45,10 +45,7 @@ def make_scheduler(sampler: str, base_config):
     if sampler not in SAMPLERS:
         raise ConfigError(f"--sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
     class_name, extra = SAMPLERS[sampler]
-    config = dict(base_config)
-    if class_name == "DDIMScheduler":
-        extra = {"set_alpha_to_one": False, **extra}
-    return getattr(diffusers, class_name).from_config(config, steps_offset=1, **extra)
+    return getattr(diffusers, class_name).from_config(base_config, steps_offset=1, **extra)
 
 
 @dataclass
@@ -174,7 +171,7 @@ def generate(ckpt, outdir, settings: GenerationSettings, network_weights=(), net
     pipe.set_progress_bar_config(disable=True)
     networks = list(zip(names, muls))
     if network_merge and networks:
-        settings.extra["network_merge"] = "true"
+        settings = replace(settings, extra={**settings.extra, "network_merge": "true"})
     paths = run_pipeline(pipe, settings, outdir, networks)
     logger.info("wrote %d image(s) to %s", len(paths), outdir)
     return paths

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_sd.cli import run_main  # noqa: E402
 from lora_sd.formats import FORMATS, read_lora, save_lora  # noqa: E402
 from lora_sd.formats.metadata import lora_version  # noqa: E402
+from lora_sd.io import PRECISIONS  # noqa: E402
 
 logger = logging.getLogger("convert_lora")
 
@@ -26,7 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--to", required=True, choices=FORMATS, help="output format")
     p.add_argument("input", help="kohya/diffusers .safetensors (.ckpt/.pt) file or PEFT folder")
     p.add_argument("output", help="output file (kohya, diffusers) or folder (peft)")
-    p.add_argument("--save_precision", default="float", choices=["float", "fp16", "bf16"])
+    p.add_argument("--save_precision", default="float", choices=PRECISIONS)
     p.add_argument("--v2", action="store_true", help="SD 2.x LoRA (metadata of kohya output, when the input has none)")
     p.add_argument("--v_parameterization", action="store_true")
     return p.parse_args(argv)

@@ -30,8 +30,6 @@ from lora_sd.cli import run_main  # noqa: E402
 from lora_sd.errors import ConfigError  # noqa: E402
 from lora_sd.ops import merge_into_model_file, merge_lora_files  # noqa: E402
 
-PRECISIONS = ("float", "fp16", "bf16")
-
 
 def _bool(value: str) -> bool:
     if value.lower() in ("true", "1", "yes"):
