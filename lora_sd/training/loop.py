@@ -27,7 +27,7 @@ from lora_sd.training import checkpoint, noise, optim
 from lora_sd.training.metadata import at_save, training_metadata
 from lora_sd.training.network import add_network, check_attention, enable_gradient_checkpointing, set_attention
 from lora_sd.training.sampling import read_prompts, sample_images
-from lora_sd.training.text import CachedTextEncoder, encode, tokenize
+from lora_sd.training.text import conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -192,11 +192,8 @@ def train(cfg) -> TrainResult:
     optimizer, dataloader, lr_scheduler = prepared[len(trained):]
     unet, text_encoder = models.get("unet", unet), models.get("text_encoder", text_encoder)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if cfg.train_text_encoder:
-        def text_conditioning(captions):
-            return encode(text_encoder, tokenize(tokenizer, captions, cfg.max_token_length), cfg.clip_skip)
-    else:  # not trained: each caption's hidden states are computed once
-        text_conditioning = CachedTextEncoder(text_encoder, tokenizer, cfg.max_token_length, cfg.clip_skip)
+    text_conditioning = conditioning(text_encoder, tokenizer, cfg.max_token_length, cfg.clip_skip,
+                                     cached=not cfg.train_text_encoder)
 
     progress = checkpoint.Progress()
     accelerator.register_for_checkpointing(progress)

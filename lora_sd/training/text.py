@@ -51,6 +51,14 @@ def encode(text_encoder, input_ids: torch.Tensor, clip_skip: int | None = None) 
     return torch.cat([hidden[:, 0, :1], middle, hidden[:, -1, -1:]], dim=1)
 
 
+def conditioning(text_encoder, tokenizer, max_token_length=None, clip_skip=None, cached=False):
+    """captions -> [B, 77|152|227, hidden]: encoded at each call, or once per caption when `cached`
+    (a text encoder that is not trained)."""
+    if cached:
+        return CachedTextEncoder(text_encoder, tokenizer, max_token_length, clip_skip)
+    return lambda captions: encode(text_encoder, tokenize(tokenizer, captions, max_token_length), clip_skip)
+
+
 class CachedTextEncoder:
     """Hidden states per caption, computed once: for a text encoder that is not trained."""
 
