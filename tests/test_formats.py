@@ -156,6 +156,9 @@ def test_sdxl_text_encoder_names_readable(tiny_sd1, tmp_path):
     assert set(back.component("text_encoder")) == set(lora.component("text_encoder"))
     assert set(back.component("text_encoder_2")) == {"text_model.encoder.layers.0.mlp.fc1"}
 
+    written = safetensors.torch.load_file(save_lora(back, tmp_path / "xl2.safetensors"))  # SDXL names kept
+    assert set(written) == {k for k in xl} | {k.replace(".lora_down.weight", ".alpha") for k in xl if "lora_te2_" in k}
+
 
 @pytest.mark.parametrize("fmt,existing", [("peft", "folder"), ("peft", "file"), ("kohya", "folder"), ("diffusers", "folder")])
 def test_save_refuses_to_replace_what_is_not_a_lora(tiny_sd1, tmp_path, fmt, existing):

@@ -41,11 +41,12 @@ def lora_from_kohya(state_dict, metadata=None, source="") -> LoraWeights:
     return lora
 
 
-def kohya_state_dict(lora: LoraWeights) -> dict[str, torch.Tensor]:
+def kohya_state_dict(lora: LoraWeights, version="sd1") -> dict[str, torch.Tensor]:
     """The file's tensors; alphas in the LoRA's dtype, as sd-scripts saves its alpha buffer."""
+    sdxl = version == "sdxl" or "text_encoder_2" in lora.components
     state = {}
     for key, m in lora.modules.items():
-        name = kohya_name(key)
+        name = kohya_name(key, sdxl)
         state[f"{name}.lora_down.weight"] = m.down
         state[f"{name}.lora_up.weight"] = m.up
         state[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=m.down.dtype)
@@ -71,7 +72,7 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def kohya_file_contents(lora, **meta_kwargs):
+def kohya_file_contents(lora, version="sd1", **meta_kwargs):
     """(tensors, metadata with sshs hashes) of the kohya file for this LoRA (tensors as they are in `lora`)."""
-    state = kohya_state_dict(lora)
-    return state, with_hashes(state, kohya_metadata(lora, **meta_kwargs))
+    state = kohya_state_dict(lora, version)
+    return state, with_hashes(state, kohya_metadata(lora, version, **meta_kwargs))

@@ -32,10 +32,14 @@ _SEGMENTS = {
 _MAX_PARTS = max(s.count("_") + 1 for s in _SEGMENTS)
 
 
-def kohya_name(key: str) -> str:
-    """`unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`."""
+def kohya_name(key: str, sdxl=False) -> str:
+    """`unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`.
+
+    SDXL files name the first text encoder `lora_te1_` (SD 1.x/2.x: `lora_te_`).
+    """
     component, path = key.split(".", 1)
-    return COMPONENT_PREFIX[component] + path.replace(".", "_")
+    prefix = "lora_te1_" if sdxl and component == "text_encoder" else COMPONENT_PREFIX[component]
+    return prefix + path.replace(".", "_")
 
 
 def key_from_kohya(name: str, source="") -> str:
