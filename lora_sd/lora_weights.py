@@ -127,12 +127,17 @@ class LoraWeights:
         return state
 
     def apply_to(self, adapter_name="default", **models):
-        """Inject this LoRA into models (unet=..., text_encoder=...) as a PEFT adapter."""
+        """Inject this LoRA into models (unet=..., text_encoder=...) as a PEFT adapter.
+
+        Every module of every component is checked to fit before any model changes.
+        """
+        states = {}
         for component in self.components:
-            model = models.get(component)
-            if model is None:
+            if models.get(component) is None:
                 raise ModelMismatchError(f"the LoRA has {component} modules but no {component} was given")
-            state = self.peft_state_dict(component, model)  # checks fit before touching the model
+            states[component] = self.peft_state_dict(component, models[component])
+        for component, state in states.items():
+            model = models[component]
             with warnings.catch_warnings():  # PEFT warns on every adapter after a model's first
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 model.add_adapter(self.peft_config(component, model), adapter_name=adapter_name)

@@ -109,3 +109,15 @@ def test_version_from_any_metadata_key(kohya_file, tmp_path):
     assert run_main(main, ["--to", "kohya", str(d), str(tmp_path / "k.safetensors")]) == 0
     meta = load_lora(tmp_path / "k.safetensors").metadata
     assert meta["ss_v2"] == "True" and meta["modelspec.architecture"].startswith("stable-diffusion-v2")
+
+
+def test_lora_whose_text_encoder_does_not_fit_leaves_the_unet_alone(kohya_file, tiny_sd1):
+    _, lora = kohya_file
+    bad = copy.deepcopy(lora)
+    key = next(k for k in bad.modules if k.startswith("text_encoder."))
+    m = bad.modules[key]
+    m.down = torch.zeros(m.rank, m.down.shape[1] + 1)
+    unet = copy.deepcopy(tiny_sd1.unet)
+    with pytest.raises(ModelMismatchError, match="does not fit the model"):
+        bad.apply_to(unet=unet, text_encoder=copy.deepcopy(tiny_sd1.text_encoder))
+    assert not hasattr(unet, "peft_config")
