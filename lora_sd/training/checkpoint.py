@@ -15,7 +15,6 @@ The resolved config (`config_toml`) is written beside the outputs.
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from lora_sd.config import OPTION_NAMES
 from lora_sd.errors import ConfigError
 from lora_sd.formats import save_lora
-from lora_sd.io import atomic_path
+from lora_sd.io import atomic_path, replace
 from lora_sd.lora_weights import LoraWeights
 
 logger = logging.getLogger(__name__)
@@ -123,9 +122,7 @@ def save_training_state(accelerator, folder: Path):
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        replace(tmp, folder)  # an older state of that name is moved aside, never left half-deleted
         logger.info("saved training state %s", folder)
     accelerator.wait_for_everyone()
 
