@@ -5,12 +5,10 @@ diffusers' `convert_state_dict_to_kohya` is not used for writing: it writes
 alpha = rank (the real alpha is lost) and misnames text-encoder keys.
 """
 
-import json
-
 import torch
 
 from lora_sd.errors import FormatError
-from lora_sd.formats.metadata import modelspec_metadata, version_metadata, with_hashes
+from lora_sd.formats.metadata import modelspec_metadata, network_metadata, version_metadata, with_hashes
 from lora_sd.formats.names import KOHYA_PREFIXES, key_from_kohya, kohya_name
 from lora_sd.lora_weights import LoraModule, LoraWeights
 
@@ -58,18 +56,11 @@ def kohya_metadata(lora: LoraWeights, version="sd1", v_parameterization=False, t
     meta = dict(lora.metadata)
     linear = [m for m in lora.modules.values() if not m.is_3x3]  # Linear and 1x1 convs: network_dim
     conv = [m for m in lora.modules.values() if m.is_3x3]  # 3x3 convs: conv_dim
-    meta.setdefault("ss_network_module", "networks.lora")
-    meta.setdefault("ss_network_dim", str(max(m.rank for m in linear or conv)))
-    meta.setdefault("ss_network_alpha", _num((linear or conv)[0].alpha))
-    if conv and "ss_network_args" not in meta:
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv[0].rank), "conv_alpha": _num(conv[0].alpha)})
-    for k, v in {**version_metadata(version), **modelspec_metadata(version, v_parameterization, title)}.items():
+    network = network_metadata(max(m.rank for m in linear or conv), (linear or conv)[0].alpha,
+                               conv[0].rank if conv else None, conv[0].alpha if conv else None)
+    for k, v in {**network, **version_metadata(version), **modelspec_metadata(version, v_parameterization, title)}.items():
         meta.setdefault(k, v)
     return meta
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
 
 
 def kohya_file_contents(lora, version="sd1", **meta_kwargs):

@@ -1,7 +1,8 @@
-"""Metadata that kohya files carry: base-model version keys, modelspec.* keys and the sshs_* hashes."""
+"""Metadata that kohya files carry: network and base-model keys, modelspec.* keys and the sshs_* hashes."""
 
 import datetime
 import hashlib
+import json
 import time
 
 import safetensors.torch
@@ -27,6 +28,19 @@ def lora_version(metadata) -> str | None:
     if base.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
         return "sd1"
     return None
+
+
+def network_metadata(dim, alpha, conv_dim=None, conv_alpha=None) -> dict[str, str]:
+    """sd-scripts' `ss_network_*` keys for a networks.lora LoRA (`ss_network_args` only with conv_dim)."""
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": _num(dim), "ss_network_alpha": _num(alpha)}
+    if conv_dim is not None:
+        meta["ss_network_args"] = json.dumps({"conv_dim": _num(conv_dim), "conv_alpha": _num(conv_alpha)})
+    return meta
+
+
+def _num(x) -> str:
+    """1 -> "1", 1.0 -> "1", 1.5 -> "1.5"."""
+    return str(int(x)) if float(x).is_integer() else str(x)
 
 
 def version_metadata(version) -> dict[str, str]:

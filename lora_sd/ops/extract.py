@@ -8,14 +8,13 @@ is left out when no weight differs by more than `min_diff` (sd-scripts' rule).
 Singular values go into `up` and alpha = rank (scale 1), as sd-scripts writes.
 """
 
-import json
 import logging
 
 import torch
 
 from lora_sd.errors import ConfigError, ModelMismatchError
 from lora_sd.formats import save_lora
-from lora_sd.formats.metadata import version_metadata
+from lora_sd.formats.metadata import network_metadata, version_metadata
 from lora_sd.io import precision_dtype
 from lora_sd.lora_weights import LoraModule, LoraWeights, key_for_module
 from lora_sd.ops.lowrank import as_matrix, max_rank, to_lora_shapes, truncated_svd
@@ -67,7 +66,7 @@ def extract_lora(org: dict, tuned: dict, dim, conv_dim=None, min_diff=0.01, devi
     if conv_dim is not None:
         conv_dim = check_rank(conv_dim, "--conv_dim")
     dev = resolve_device(str(device))
-    lora = LoraWeights(metadata=_metadata(dim, conv_dim))
+    lora = LoraWeights(metadata=network_metadata(dim, dim, conv_dim, conv_dim))
     clamped = []
     for component in ("text_encoder", "unet"):
         if org.get(component) is None or tuned.get(component) is None:
@@ -98,13 +97,6 @@ def extract_lora(org: dict, tuned: dict, dim, conv_dim=None, min_diff=0.01, devi
     if not lora.modules:
         raise ConfigError("nothing to extract: the models have no target modules")
     return lora
-
-
-def _metadata(dim, conv_dim):
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(dim), "ss_network_alpha": str(dim)}
-    if conv_dim is not None:
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)})
-    return meta
 
 
 def extract_lora_files(model_org, model_tuned, save_to, dim, conv_dim=None, v2=False, device="cpu",

@@ -9,13 +9,12 @@ at a fraction of the cost of a full SVD. Singular values go into `up` and
 alpha = rank, so the file's scale is 1, as sd-scripts' svd_merge_lora writes.
 """
 
-import json
 import logging
 
 import torch
 
 from lora_sd.formats import save_lora
-from lora_sd.formats.metadata import lora_version, version_metadata
+from lora_sd.formats.metadata import lora_version, network_metadata, version_metadata
 from lora_sd.io import precision_dtype
 from lora_sd.lora_weights import LoraWeights
 from lora_sd.ops.lowrank import factorize_product, max_rank
@@ -39,8 +38,7 @@ def svd_merge(loras, ratios, new_rank, new_conv_rank=None, device="cpu", precisi
     names = lora_names(loras, names)
     version = common_version(loras, names)
     work = torch.float64 if precision == torch.float64 else torch.float32
-    merged = LoraWeights(metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(new_rank),
-                                   "ss_network_alpha": str(new_rank), **version_metadata(version)})
+    merged = LoraWeights(metadata=version_metadata(version))
     clamped, has_conv = [], False
     for entry in gather_modules(loras, ratios, names):
         ups = [u.to(precision).to(dev, work) for u in entry.scaled_ups(torch.float32)]
@@ -56,8 +54,8 @@ def svd_merge(loras, ratios, new_rank, new_conv_rank=None, device="cpu", precisi
     if clamped:
         logger.warning("%d module(s) allow less than the rank asked for and were clamped (e.g. %s to rank %d)",
                        len(clamped), *clamped[0])
-    if has_conv:
-        merged.metadata["ss_network_args"] = json.dumps({"conv_dim": str(new_conv_rank), "conv_alpha": str(new_conv_rank)})
+    conv_rank = new_conv_rank if has_conv else None
+    merged.metadata.update(network_metadata(new_rank, new_rank, conv_rank, conv_rank))
     return merged
 
 
