@@ -38,13 +38,17 @@ SAMPLERS = {
 SAMPLERS.update({f"k_{k}": v for k, v in SAMPLERS.items() if k in ("lms", "euler", "euler_a", "dpm_2", "dpm_2_a")})
 
 
+def _sampler(name: str):
+    if name not in SAMPLERS:
+        raise ConfigError(f"--sampler: {name!r} is not one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
 def make_scheduler(sampler: str, base_config):
     """A diffusers scheduler for an sd-scripts sampler name, on the model's noise schedule."""
     import diffusers
 
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"--sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
-    class_name, extra = SAMPLERS[sampler]
+    class_name, extra = _sampler(sampler)
     return getattr(diffusers, class_name).from_config(base_config, steps_offset=1, **extra)
 
 
@@ -71,8 +75,7 @@ class GenerationSettings:
                 raise ConfigError(f"--{name}: must be positive, got {getattr(self, name)}")
         if self.W % 8 or self.H % 8:
             raise ConfigError(f"--W/--H: must be multiples of 8, got {self.W}x{self.H}")
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"--sampler: {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        _sampler(self.sampler)
 
 
 def add_networks(pipe, loras, multipliers, merge=False, names=None, model_version=None):
