@@ -215,3 +215,14 @@ def test_2d_factors_merge_into_1x1_conv_and_4d_into_linear(tiny_sd1, tiny_sd2):
         assert merge_into_models([lora], [0.5], {"unet": unet}) == 1
         want = before + 0.5 * (up.flatten(1) @ down.flatten(1) / 2).reshape(before.shape)
         assert torch.allclose(layer.weight, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["merged", "merged.safetensors"])
+def test_save_to_an_existing_folder_that_is_not_a_model_is_refused(setup, tmp_path, capsys, name):
+    s = setup("sd1")
+    out = tmp_path / name
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    rc, err = _run(["--sd_model", s["folder"], "--save_to", out, "--models", s["files"]["a"]], capsys)
+    assert rc == 2 and f"--save_to {out}: an existing folder" in err and err.count("\n") == 1
+    assert (out / "notes.txt").read_text() == "mine"

@@ -20,6 +20,7 @@ in only some LoRAs is merged exactly (the others contribute nothing).
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -282,13 +283,17 @@ def merge_into_model_file(sd_model, save_to, models, ratios, v2=False, precision
     merge_dtype = precision_dtype(precision, "--precision")
     save_precision = save_precision or precision
     precision_dtype(save_precision, "--save_precision")  # a bad value is refused before any work
+    single_file = str(save_to).lower().endswith(SINGLE_FILE_SUFFIXES)
+    if Path(save_to).is_dir() and (single_file or not (Path(save_to) / "model_index.json").is_file()):
+        # a diffusers folder replaces the one there: never a folder that is not a model
+        raise ConfigError(f"--save_to {save_to}: an existing folder that is not a diffusers model; give a new name")
     loras, names = load_loras(models)
     model = load_base(sd_model, v2=v2, model_config=model_config)
     parts = {"unet": model.unet, "text_encoder": model.text_encoder}
     merge_into_models(loras, ratios, parts, merge_dtype, names, model_version=model.version)
     for name, ratio in zip(names, ratios):
         logger.info("merged %s at ratio %g", name, ratio)
-    if str(save_to).lower().endswith(SINGLE_FILE_SUFFIXES):
+    if single_file:
         original = model.source if model.source_format == "single_file" else None
         save_single_file(model, save_to, save_precision=save_precision, original_state_dict=original)
     else:
