@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lora_sd.errors import ConfigError, ModelMismatchError
-from lora_sd.io import atomic_path
+from lora_sd.io import atomic_path, precision_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,6 @@ def run_pipeline(pipe, settings: GenerationSettings, outdir, networks=()):
 def generate(ckpt, outdir, settings: GenerationSettings, network_weights=(), network_mul=None, network_merge=False,
              v2=False, v_parameterization=False, model_config=None, device=None, dtype="float"):
     """generate.py: load a model and LoRA files, write PNG images to `outdir`; returns their paths."""
-    from lora_sd.formats import precision_dtype
     from lora_sd.models import load_base
     from lora_sd.ops.merge import load_loras, parse_ratios, resolve_device
 

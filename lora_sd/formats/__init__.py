@@ -13,7 +13,7 @@ from lora_sd.errors import FormatError
 from lora_sd.formats.diffusers import diffusers_file_contents, is_diffusers, lora_from_diffusers
 from lora_sd.formats.kohya import is_kohya, kohya_file_contents, lora_from_kohya
 from lora_sd.formats.peft import is_peft_folder, read_peft_folder, write_peft_folder
-from lora_sd.io import atomic_path, precision_dtype, read_tensor_file  # noqa: F401 (re-exported)
+from lora_sd.io import atomic_path, precision_dtype, read_tensor_file
 from lora_sd.lora_weights import LoraWeights
 
 FORMATS = ("kohya", "diffusers", "peft")
