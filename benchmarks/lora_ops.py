@@ -44,10 +44,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_sd.lora_weights import LoraModule, LoraWeights, key_for_module  # noqa: E402
+from lora_sd.lora_weights import LoraModule, LoraWeights, key_for_module, model_module_name  # noqa: E402
 from lora_sd.models import sd_configs  # noqa: E402
 from lora_sd.ops import extract_lora  # noqa: E402
-from lora_sd.ops.lowrank import as_matrix, factorize_product, max_rank, truncated_svd  # noqa: E402
+from lora_sd.ops.lowrank import factorize_product, max_rank, truncated_svd  # noqa: E402
 from lora_sd.ops.merge import gather_modules  # noqa: E402
 from lora_sd.targets import (  # noqa: E402
     TEXT_ENCODER_TARGET_CLASSES,
@@ -121,7 +121,7 @@ def extraction_errors(models, tuned, lora):
     for component in lora.components:
         org_named, tuned_named = dict(models[component].named_modules()), dict(tuned[component].named_modules())
         for path, m in lora.component(component).items():
-            name = path.removeprefix("text_model.") if component == "text_encoder" else path
+            name = model_module_name(component, path, models[component])
             d = (tuned_named[name].weight - org_named[name].weight).double()
             out[f"{component}.{path}"] = (torch.linalg.norm(d - m.delta(torch.float64)).item(), torch.linalg.norm(d).item())
     return out
@@ -196,7 +196,7 @@ def bench_svd_merge(args, rows):
         seconds_in_error = 0.0
         for entry in entries:
             ups, downs = torch.cat(entry.scaled_ups(), dim=1), torch.cat(entry.downs(), dim=0)
-            is_conv = len(entry.shape) == 3 and entry.shape[-1] > 1
+            is_conv = entry.parts[0][1].is_3x3
             rank = min(args.new_conv_rank if is_conv else args.new_rank, max_rank(entry.weight_shape(ups.shape[0])))
             if method == "full":
                 summed = ups @ downs
@@ -233,7 +233,7 @@ def main(argv=None):
         bench_extract(args, rows)
     if "svd_merge" in args.what:
         bench_svd_merge(args, rows)
-    print(f"\n| case | method | seconds | relative error | worst module error / optimum |")
+    print("\n| case | method | seconds | relative error | worst module error / optimum |")
     print("|---|---|---:|---:|---:|")
     for case, method, seconds, rel, worst in rows:
         print(f"| {case} | {method} | {seconds:.1f} | {rel:.5f} | {'-' if worst is None else f'{worst:.5f}'} |")

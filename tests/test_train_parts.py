@@ -1,7 +1,6 @@
 """The training pieces against their definitions: optimizers, schedules, noise, targets, text conditioning."""
 
 import importlib.util
-import math
 
 import pytest
 import torch

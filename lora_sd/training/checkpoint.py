@@ -18,8 +18,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
-
 from lora_sd.config import OPTION_NAMES
 from lora_sd.errors import ConfigError
 from lora_sd.formats import save_lora
