@@ -15,13 +15,13 @@ or `dataset_config = "file.toml"`, or `train_data_dir` (DreamBooth folders).
 import argparse
 import dataclasses
 import difflib
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_sd.errors import ConfigError, ConfigErrors
+from lora_sd.io import read_toml
 
 
 def opt(default, help=""):
@@ -224,16 +224,6 @@ def _flatten(raw: dict, where: str, errors: ConfigErrors) -> tuple[dict, dict]:
                 errors.add(key, "is set twice")
             flat[key] = value
     return flat, dataset
-
-
-def read_toml(path) -> dict:
-    path = Path(path)
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not a valid TOML file ({e})") from None
 
 
 def load_config(path=None, overrides: dict | None = None) -> TrainConfig:

@@ -154,3 +154,18 @@ def read_tensor_file(path, allow_pickle=False):
     """(tensors, metadata) of a `.safetensors` file or a torch pickle: see `open_tensor_file`."""
     keys, get, metadata = open_tensor_file(path, allow_pickle)
     return {k: get(k) for k in keys}, metadata
+
+
+def read_toml(path, what="config file", shown_as=None) -> dict:
+    """A TOML file as a dict; a missing or invalid file is a one-line ConfigError naming it."""
+    import tomllib
+
+    from lora_sd.errors import ConfigError
+
+    where = shown_as or path
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {what} not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: not a valid TOML file ({e})") from None

@@ -12,12 +12,12 @@ Also the DreamBooth folder convention without a TOML: `train_data_dir/10_sks dog
 import dataclasses
 import logging
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_sd.data.buckets import bucket_reso_range
-from lora_sd.errors import ConfigError, ConfigErrors, DataError
+from lora_sd.errors import ConfigErrors, DataError
+from lora_sd.io import read_toml
 
 logger = logging.getLogger(__name__)
 
@@ -226,14 +226,8 @@ def load_dataset_config(source, *, path_for_errors=None, defaults: dict | None =
     if isinstance(source, dict):
         raw, where = source, str(path_for_errors or "dataset config")
     else:
-        path = Path(source)
-        where = str(path_for_errors or path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{where}: dataset config file not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{where}: not a valid TOML file ({e})") from None
+        where = str(path_for_errors or source)
+        raw = read_toml(source, "dataset config file", where)
     errors = ConfigErrors(where)
     _check_unknown(raw, {"general", "datasets"}, "", errors)
     general = raw.get("general", {}) or {}
