@@ -116,3 +116,14 @@ def test_color_aug_or_random_crop_disable_caching(tmp_path, caplog):
 def test_cache_latents_needs_encode_fn(tmp_path):
     with pytest.raises(ConfigError, match="encode_fn"):
         build(tmp_path, None)
+
+
+def test_vae_fingerprint_follows_the_weights():
+    from lora_sd.data.latents import vae_fingerprint
+    from lora_sd.tiny import build_tiny_sd
+
+    a, b = build_tiny_sd("sd1").vae, build_tiny_sd("sd1").vae
+    assert vae_fingerprint(a) == vae_fingerprint(b)
+    with torch.no_grad():
+        next(b.parameters())[0].add_(1e-3)
+    assert vae_fingerprint(a) != vae_fingerprint(b)

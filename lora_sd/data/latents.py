@@ -44,6 +44,15 @@ def default_cache_dir() -> Path:
 _file_hashes: dict[tuple[str, int, int], str] = {}
 
 
+def vae_fingerprint(vae) -> str:
+    """sha256 of the VAE's weights: cached latents are invalidated when the VAE changes, not only its path."""
+    h = hashlib.sha256()
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def file_digest(path) -> str:
     """sha256 of the file's bytes, remembered per (path, size, mtime) within a process."""
     st = Path(path).stat()

@@ -115,17 +115,6 @@ def load_model(cfg, device):
     return model, weight_dtype
 
 
-def vae_fingerprint(vae) -> str:
-    """sha256 of the VAE's weights: cached latents are invalidated when the VAE changes, not only its path."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(vae.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _every(n, count) -> bool:
     return bool(n) and count % n == 0
 
@@ -143,6 +132,7 @@ def _seed(cfg, accelerator):
 
 def train(cfg) -> TrainResult:
     from lora_sd.data import build_train_data
+    from lora_sd.data.latents import vae_fingerprint
 
     # --- setup: devices, base model, LoRA ----------------------------------------------------------
     check_attention(cfg)
