@@ -64,6 +64,7 @@ class TrainConfig:
     prior_loss_weight: float = opt(1.0, "loss weight of regularization images")
     cache_latents: bool = opt(False, "encode images with the VAE once, in memory")
     cache_latents_to_disk: bool = opt(False, "cache latents on disk too")
+    vae_batch_size: int = opt(1, "images per VAE call when caching latents")
     max_data_loader_n_workers: int | None = opt(None, "DataLoader workers (default min(8, cpus-1))")
     persistent_data_loader_workers: bool = opt(False, "")
     max_token_length: int | None = opt(None, "75 (default), 150 or 225 caption tokens")
@@ -74,6 +75,7 @@ class TrainConfig:
     network_alpha: float = opt(1.0, "scale is alpha / rank")
     network_args: list[str] = opt([], "key=value: conv_dim, conv_alpha")
     network_weights: str | None = opt(None, "a LoRA file/folder to continue training from")
+    network_multiplier: float = opt(1.0, "strength of the LoRA while training (a dataset's own multiplies it)")
     dim_from_weights: bool = opt(False, "take ranks and alphas from network_weights")
     network_train_unet_only: bool = opt(False, "")
     network_train_text_encoder_only: bool = opt(False, "")
@@ -108,6 +110,7 @@ class TrainConfig:
     save_every_n_epochs: int | None = opt(None, "")
     save_every_n_steps: int | None = opt(None, "")
     save_state: bool = opt(False, "also save the training state (for resume) at each save")
+    save_state_on_train_end: bool = opt(False, "save the training state at the end of training (only)")
     resume: str | None = opt(None, "a state folder written by save_state")
     training_comment: str | None = opt(None, "")
     logging_dir: str | None = opt(None, "TensorBoard logs")
@@ -140,7 +143,7 @@ _ACCEPTED = {"mem_eff_attn": (False,), "lowram": (False,), "full_fp16": (False,)
              "huggingface_repo_id": (None,), "tokenizer_cache_dir": (None,), "vae": (None,),
              "console_log_level": (None,), "sample_at_first": (False,), "zero_terminal_snr": (False,),
              "multires_noise_iterations": (None,), "ip_noise_gamma": (None,), "face_crop_aug_range": (None,),
-             "wandb_api_key": (None,), "max_bucket_reso_steps": (None,), "save_state_on_train_end": (False, True)}
+             "wandb_api_key": (None,), "max_bucket_reso_steps": (None,)}
 CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "save_model_as": ("safetensors", "ckpt", "pt", "diffusers", "peft"),

@@ -24,6 +24,10 @@ class DataError(LoraSdError):
     """A dataset, image or caption problem."""
 
 
+class TrainingError(LoraSdError):
+    """Training had to stop (a NaN loss, non-finite LoRA weights, ...)."""
+
+
 class ConfigErrors:
     """Collects config problems so that one ConfigError lists them all: "where: `key` problem; ..."."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lora_sd.demo import resolve_demo_path
-from lora_sd.errors import ConfigError, LoraSdError
+from lora_sd.errors import ConfigError, TrainingError
 from lora_sd.io import atomic_path
 from lora_sd.training import checkpoint, noise, optim
 from lora_sd.training.metadata import at_save, training_metadata
@@ -30,10 +30,6 @@ from lora_sd.training.sampling import read_prompts, sample_images
 from lora_sd.training.text import conditioning
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingError(LoraSdError):
-    """Training had to stop (a NaN loss, ...)."""
 
 
 @dataclass
