@@ -52,6 +52,24 @@ def atomic_path(path):
             tmp.unlink()
 
 
+def refuse_overwriting_inputs(output, inputs, option="--save_to"):
+    """ConfigError when writing `output` would destroy one of `inputs`: the same file or folder (links and
+    hard links resolved), an output inside an input folder, or an output folder that holds an input.
+    Called before any work, so that nothing is read or computed for a run that must not write."""
+    from lora_sd.errors import ConfigError
+
+    out = Path(output).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        inp = Path(given).resolve()
+        same = out == inp or (out.exists() and inp.exists() and os.path.samefile(out, inp))
+        if same or inp in out.parents or out in inp.parents:
+            how = "is" if same else ("is inside" if inp in out.parents else "holds")
+            raise ConfigError(f"{option} {output}: {how} the input {given}; writing it would overwrite or change that input "
+                              "(give another output path)")
+
+
 PRECISIONS = {"float": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
