@@ -1,8 +1,11 @@
-"""The demo's assets, made on first use: a tiny SD1 model and a small procedurally drawn image set.
+"""The demo's assets, made when its training starts: a tiny SD1 model and a small procedurally drawn image set.
 
 configs/demo.toml names them `demo:tiny-sd1` and `demo:images`; those paths
 resolve to a cache folder (`$LORA_SD_CACHE`, default `~/.cache/lora_sd`),
 written atomically so that two processes starting together are safe.
+Loading a config writes nothing: it takes the image folder's layout from
+`IMAGE_FOLDERS` (`asset_path`), and resolving any asset when training loads
+the model (`resolve_demo_path`) makes all of them.
 """
 
 import math
@@ -18,6 +21,9 @@ PREFIX = "demo:"
 VERSION = "demo-v1"
 NUM_IMAGES = 8
 SIZE = 64
+MODEL, IMAGES = PREFIX + "tiny-sd1", PREFIX + "images"
+ASSETS = (MODEL, IMAGES)
+IMAGE_FOLDERS = ("10_sks shape",)  # the DreamBooth subfolders _make_images writes
 
 
 def cache_root() -> Path:
@@ -32,31 +38,40 @@ def is_demo_path(value) -> bool:
     return isinstance(value, str) and value.startswith(PREFIX)
 
 
-def resolve_demo_path(value):
-    """`demo:<name>` -> the cached asset (made now if missing); anything else unchanged."""
-    if not is_demo_path(value):
-        return value
-    name = value[len(PREFIX):]
-    makers = {"tiny-sd1": _make_model, "images": _make_images}
-    if name not in makers:
+def asset_path(value) -> Path:
+    """Where the asset `demo:<name>` is (or will be) in the cache; makes nothing."""
+    if value not in ASSETS:
         from lora_sd.errors import ConfigError
 
-        raise ConfigError(f"{value}: unknown demo asset; known: " + ", ".join(PREFIX + k for k in makers))
-    path = demo_folder() / name
+        raise ConfigError(f"{value}: unknown demo asset; known: " + ", ".join(ASSETS))
+    return demo_folder() / value[len(PREFIX):]
+
+
+def resolve_demo_path(value):
+    """`demo:<name>` -> the cached asset, all the demo's assets made now if missing; anything else unchanged."""
+    if not is_demo_path(value):
+        return value
+    path = asset_path(value)
+    makers = {MODEL: _make_model, IMAGES: _make_images}
+    for asset, make in makers.items():
+        _make(asset_path(asset), make)
+    return str(path)
+
+
+def _make(path: Path, make):
     if not path.exists() and int(os.environ.get("LOCAL_RANK", "0")) != 0:
         _wait_for(path)  # under `accelerate launch` the local main process makes the assets
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            makers[name](tmp / name)
-            os.rename(tmp / name, path)  # fails if another process got there first: theirs is kept
+            make(tmp / path.name)
+            os.rename(tmp / path.name, path)  # fails if another process got there first: theirs is kept
         except OSError:
             if not path.exists():
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
 
 
 def _wait_for(path: Path, seconds=600):
@@ -96,7 +111,7 @@ def draw_image(rng: random.Random, size=SIZE):
 
 
 def _make_images(folder: Path):
-    sub = folder / "10_sks shape"
+    sub = folder / IMAGE_FOLDERS[0]
     sub.mkdir(parents=True)
     rng = random.Random(0)
     for i in range(NUM_IMAGES):
@@ -109,7 +124,7 @@ def render_with_lora(lora_path, out_path, prompt="a photo of sks shape, red, blu
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_demo_path(PREFIX + "tiny-sd1"), safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_demo_path(MODEL), safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
     pipe.load_lora_weights(str(lora_path))
     pipe.set_progress_bar_config(disable=True)

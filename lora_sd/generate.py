@@ -15,28 +15,11 @@ from pathlib import Path
 
 import torch
 
+from lora_sd.config.choices import SAMPLERS  # sd-scripts' --sampler names, also for training samples
 from lora_sd.errors import ConfigError, ModelMismatchError
 from lora_sd.io import atomic_path, precision_dtype
 
 logger = logging.getLogger(__name__)
-
-# sd-scripts' --sampler names -> (diffusers scheduler class, extra config)
-SAMPLERS = {
-    "ddim": ("DDIMScheduler", {"set_alpha_to_one": False}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm_2": ("KDPM2DiscreteScheduler", {}),
-    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-SAMPLERS.update({f"k_{k}": v for k, v in SAMPLERS.items() if k in ("lms", "euler", "euler_a", "dpm_2", "dpm_2_a")})
-
 
 def _sampler(name: str):
     if name not in SAMPLERS:

@@ -1,6 +1,33 @@
+import os
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
+
+# Every cache a test may fill lives in one temporary folder, HOME included, so that no test writes the
+# user's ~/.cache. Set at import, before any test module imports `datasets` (which reads its cache path then).
+SANDBOX = Path(tempfile.mkdtemp(prefix="lora_sd-tests-"))
+for _var, _sub in {"HOME": "home", "XDG_CACHE_HOME": "xdg-cache", "HF_HOME": "hf", "HF_DATASETS_CACHE": "hf/datasets",
+                   "LORA_SD_CACHE": "lora_sd-cache"}.items():
+    os.environ[_var] = str(SANDBOX / _sub)
+(SANDBOX / "home").mkdir()
+
+
+@pytest.fixture(autouse=True)
+def _no_home_cache():
+    """Fails the test that wrote into ~/.cache (HOME is the sandbox's: anything there bypassed the cache variables)."""
+    yield
+    written = SANDBOX / "home" / ".cache"
+    if written.exists():
+        found = sorted(str(p.relative_to(written)) for p in written.rglob("*"))[:5]
+        shutil.rmtree(written)
+        pytest.fail(f"the test wrote into ~/.cache: {found}")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SANDBOX, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

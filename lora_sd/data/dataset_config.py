@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_sd import demo
+from lora_sd.config.coerce import CoercionError, coerce
 from lora_sd.data.buckets import bucket_reso_range
 from lora_sd.errors import ConfigErrors, DataError
 from lora_sd.io import read_toml
@@ -103,36 +105,12 @@ def _check_refused(table: dict, section: str, errors: ConfigErrors):
 
 
 def _coerce(key: str, value, section: str, errors: ConfigErrors):
-    """Check a TOML value against the field's type; returns the converted value."""
-    typ = _TYPES.get(key)
-    label = f"{section}.{key}"
-    if key == "resolution":
-        if isinstance(value, str):  # sd-scripts' command line form: "512" or "768,512"
-            try:
-                numbers = [int(part) for part in value.split(",")]
-                value = numbers[0] if len(numbers) == 1 else numbers
-            except ValueError:
-                pass  # reported below
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = (value, value)
-        if not (isinstance(value, (list, tuple)) and len(value) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
-            errors.add(label, f"must be a positive int or [width, height], got {value!r}")
-            return None
-        return tuple(value)
-    if typ is bool:
-        ok = isinstance(value, bool)
-    elif typ is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif typ is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:  # str or str | None
-        ok = isinstance(value, str)
-    if not ok:
-        errors.add(label, f"must be {getattr(typ, '__name__', 'a string')}, got {value!r}")
+    """A TOML value as the field's type (the training config's coercer); None with an error added."""
+    try:
+        return coerce(value, _TYPES[key])
+    except CoercionError as e:
+        errors.add(f"{section}.{key}", str(e))
         return None
-    return value
 
 
 # Numeric keys' (minimum, maximum or None).
@@ -275,13 +253,18 @@ def _parse_folder_name(name: str) -> tuple[int, str] | None:
         return None
 
 
-def _folder_subsets(root: str, is_reg: bool) -> list[dict]:
+def _subfolders(root: str, kind: str) -> list[Path]:
+    if root == demo.IMAGES:  # made when training starts (lora_sd.demo); loading a config writes nothing
+        return [demo.asset_path(root) / name for name in demo.IMAGE_FOLDERS]
     root_path = Path(root)
     if not root_path.is_dir():
-        kind = "reg_data_dir" if is_reg else "train_data_dir"
         raise DataError(f"`{kind}` {root} is not a folder")
+    return sorted(p for p in root_path.iterdir() if p.is_dir())
+
+
+def _folder_subsets(root: str, is_reg: bool) -> list[dict]:
     subsets = []
-    for child in sorted(p for p in root_path.iterdir() if p.is_dir()):
+    for child in _subfolders(root, "reg_data_dir" if is_reg else "train_data_dir"):
         parsed = _parse_folder_name(child.name)
         if parsed is None:
             logger.warning("ignoring %s: its name does not start with a repeat count like `10_`", child)

@@ -12,26 +12,16 @@ import logging
 
 import torch
 
+from lora_sd.config.kv_args import NETWORK_ARGS, parse_network_args  # noqa: F401
 from lora_sd.errors import ConfigError
 from lora_sd.targets import NetworkSpec, lora_configs
 
 logger = logging.getLogger(__name__)
-NETWORK_ARGS = ("conv_dim", "conv_alpha")
 
 
 def network_args(cfg) -> dict:
     """`network_args` ["conv_dim=4", "conv_alpha=1"] -> {"conv_dim": 4, "conv_alpha": 1.0}."""
-    out = {}
-    for item in cfg.network_args:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or key not in NETWORK_ARGS:
-            raise ConfigError(f"got {item!r}; supported: " + ", ".join(f"{k}=N" for k in NETWORK_ARGS))
-        try:
-            out[key] = int(value) if key == "conv_dim" else float(value)
-        except ValueError:
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
-    return out
+    return parse_network_args(cfg.network_args)
 
 
 def network_spec(cfg) -> NetworkSpec:

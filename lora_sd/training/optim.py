@@ -8,29 +8,16 @@ processes (as sd-scripts does) and so are warmup steps (sd-scripts does not,
 which makes its warmup num_processes times shorter than asked).
 """
 
-import ast
 import importlib
 import logging
 
 import torch
 
+from lora_sd.config.choices import OPTIMIZERS  # name -> (module, class, pip package, default kwargs)
+from lora_sd.config.kv_args import parse_optimizer_args
 from lora_sd.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-# name -> (module, class, pip package or None, default kwargs)
-OPTIMIZERS = {
-    "AdamW": ("torch.optim", "AdamW", None, {}),
-    "AdamW8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", {}),
-    "Lion": ("bitsandbytes.optim", "Lion", "bitsandbytes", {}),  # 32-bit Lion (lion-pytorch's algorithm)
-    "Lion8bit": ("bitsandbytes.optim", "Lion8bit", "bitsandbytes", {}),
-    "SGDNesterov": ("torch.optim", "SGD", None, {"momentum": 0.9, "nesterov": True}),
-    "Adafactor": ("transformers.optimization", "Adafactor", "transformers",
-                  {"relative_step": False, "scale_parameter": False, "warmup_init": False}),
-    "Prodigy": ("prodigyopt", "Prodigy", "prodigyopt", {}),
-    "DAdaptAdam": ("dadaptation", "DAdaptAdam", "dadaptation", {}),
-}
-
 
 def canonical_optimizer(name: str) -> str:
     """sd-scripts matches optimizer names case-insensitively."""
@@ -38,22 +25,6 @@ def canonical_optimizer(name: str) -> str:
         if known.lower() == name.lower():
             return known
     raise ConfigError(f"`optimizer_type` must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
-
-
-def parse_optimizer_args(items: list[str]) -> dict:
-    """["weight_decay=0.01", "betas=0.9,0.99"] -> {"weight_decay": 0.01, "betas": (0.9, 0.99)}."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"`optimizer_args`: {item!r} is not key=value")
-        parts = [v.strip() for v in value.split(",")]
-        try:
-            parsed = [ast.literal_eval(p) if p not in ("", "None") else None for p in parts]
-        except (ValueError, SyntaxError):
-            parsed = parts  # plain strings, as sd-scripts keeps them
-        out[key.strip()] = tuple(parsed) if len(parsed) > 1 else parsed[0]
-    return out
 
 
 def _optimizer_class(name):

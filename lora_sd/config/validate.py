@@ -1,0 +1,105 @@
+"""Value checks of a TrainConfig, after its types are right: each problem added to one ConfigErrors.
+
+Only tables of this package are consulted (choices, kv_args): checking a
+config loads neither torch nor diffusers, and writes nothing.
+"""
+
+import difflib
+import os
+from pathlib import Path
+
+from lora_sd import demo
+from lora_sd.config.choices import CHOICES, OPTIMIZERS
+from lora_sd.config.kv_args import parse_network_args, parse_optimizer_args
+from lora_sd.config.options import TrainConfig
+from lora_sd.errors import ConfigError, ConfigErrors
+
+AT_LEAST_1 = ("network_dim", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "vae_batch_size",
+              "lr_scheduler_num_cycles")
+AT_LEAST_1_WHEN_GIVEN = ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps",
+                         "sample_every_n_epochs", "clip_skip")
+NOT_NEGATIVE = ("learning_rate", "unet_lr", "text_encoder_lr", "lr_warmup_steps", "max_grad_norm",
+                "prior_loss_weight", "network_alpha", "noise_offset", "keep_tokens", "caption_dropout_every_n_epochs",
+                "max_data_loader_n_workers")
+PROBABILITIES = ("caption_dropout_rate", "caption_tag_dropout_rate")
+
+
+def check_values(cfg: TrainConfig, errors: ConfigErrors, inline_datasets: bool):
+    _check_choices(cfg, errors)
+    _check_ranges(cfg, errors)
+    _check_output_name(cfg, errors)
+    for key, parse in (("network_args", parse_network_args), ("optimizer_args", parse_optimizer_args)):
+        try:
+            parse(getattr(cfg, key))
+        except ConfigError as e:
+            errors.add(key, str(e).removeprefix(f"`{key}`: "))
+    _check_demo_paths(cfg, errors)
+    if cfg.network_train_unet_only and cfg.network_train_text_encoder_only:
+        errors.add("network_train_unet_only", "and `network_train_text_encoder_only` are both set: nothing "
+                   "would be trained (set one, or neither to train both)")
+    if not cfg.pretrained_model_name_or_path:
+        errors.add("pretrained_model_name_or_path", "is required (a diffusers folder or a .safetensors/.ckpt file)")
+    sources = [k for k in ("dataset_config", "train_data_dir") if getattr(cfg, k)] + (["[[datasets]]"] if inline_datasets else [])
+    if not sources:
+        errors.add("dataset_config", "is required: give a dataset TOML, inline [[datasets]] tables or `train_data_dir`")
+    elif len(sources) > 1:
+        errors.add(sources[0], f"and `{sources[1]}` are both given: use one dataset source")
+    if cfg.dim_from_weights and not cfg.network_weights:
+        errors.add("dim_from_weights", "needs `network_weights`")
+
+
+def _check_choices(cfg, errors):
+    for key, allowed in CHOICES.items():
+        value = getattr(cfg, key)
+        if value not in allowed:
+            errors.add(key, f"must be one of {', '.join(str(a) for a in allowed if a is not None)}; got {value!r}")
+    lower = {o.lower(): o for o in OPTIMIZERS}  # sd-scripts matches optimizer names case-insensitively
+    if cfg.optimizer_type.lower() not in lower:
+        close = [lower[c] for c in difflib.get_close_matches(cfg.optimizer_type.lower(), list(lower), n=1, cutoff=0.4)]
+        errors.add("optimizer_type", f"must be one of {', '.join(OPTIMIZERS)}; got {cfg.optimizer_type!r}"
+                   + (f" (did you mean `{close[0]}`?)" if close else ""))
+
+
+def _check_ranges(cfg, errors):
+    """Values that make no sense (floats are already finite: lora_sd.config.coerce)."""
+    for key in AT_LEAST_1:
+        if getattr(cfg, key) < 1:
+            errors.add(key, f"must be >= 1, got {getattr(cfg, key)}")
+    for key in AT_LEAST_1_WHEN_GIVEN:
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            errors.add(key, f"must be >= 1 when given, got {getattr(cfg, key)}")
+    for key in NOT_NEGATIVE:
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
+            errors.add(key, f"must be >= 0, got {getattr(cfg, key)}")
+    for key in PROBABILITIES:
+        if not 0 <= getattr(cfg, key) <= 1:
+            errors.add(key, f"must be in [0, 1], got {getattr(cfg, key)}")
+    if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:  # gamma 0 weighs every loss 0
+        errors.add("min_snr_gamma", f"must be > 0 when given (5 is usual), got {cfg.min_snr_gamma}")
+    if not 0 <= cfg.min_timestep < cfg.max_timestep <= 1000:
+        errors.add("min_timestep", f"and `max_timestep` must satisfy 0 <= min < max <= 1000, got "
+                   f"{cfg.min_timestep}, {cfg.max_timestep}")
+
+
+def _check_output_name(cfg, errors):
+    """output_name is a file name inside output_dir: no path, nothing that resolves elsewhere."""
+    name = cfg.output_name
+    separators = {"/", "\\", os.sep, os.altsep} - {None}
+    if name in ("", ".", "..") or any(s in name for s in separators) or "\0" in name or Path(name).is_absolute():
+        errors.add("output_name", f"must be a plain file name without a path (it is written in `output_dir`); "
+                   f"got {name!r}")
+        return
+    folder = Path(cfg.output_dir).resolve()
+    if Path(folder, name).resolve().parent != folder:  # e.g. a link in output_dir that points elsewhere
+        errors.add("output_name", f"{name!r} resolves outside `output_dir` {cfg.output_dir}")
+
+
+def _check_demo_paths(cfg, errors):
+    for key in ("pretrained_model_name_or_path", "train_data_dir", "reg_data_dir"):
+        value = getattr(cfg, key)
+        if demo.is_demo_path(value) and value not in demo.ASSETS:
+            errors.add(key, f"{value!r} is not a demo asset; known: {', '.join(demo.ASSETS)}")
+    if demo.is_demo_path(cfg.train_data_dir) and not demo.is_demo_path(cfg.pretrained_model_name_or_path):
+        # the demo's assets are made together when training loads the demo model (lora_sd.demo)
+        errors.add("train_data_dir", f"{cfg.train_data_dir!r} goes with `pretrained_model_name_or_path = "
+                   f"\"{demo.MODEL}\"` (the demo's assets are made together when its training starts)")
