@@ -48,6 +48,9 @@ def test_load_config_writes_nothing(tmp_path, monkeypatch):
 def test_demo_images_need_the_demo_model(tmp_path):
     with pytest.raises(ConfigError, match="`train_data_dir` 'demo:images' goes with `pretrained_model_name_or_path"):
         load_config(None, {"pretrained_model_name_or_path": "m", "train_data_dir": "demo:images"})
+    with pytest.raises(ConfigError, match="`reg_data_dir` 'demo:images' goes with"):
+        load_config(None, {"pretrained_model_name_or_path": "m", "train_data_dir": str(tmp_path),
+                           "reg_data_dir": "demo:images"})
     with pytest.raises(ConfigError, match="`pretrained_model_name_or_path` 'demo:sd3' is not a demo asset"):
         load_config(None, {"pretrained_model_name_or_path": "demo:sd3", "train_data_dir": str(tmp_path)})
 

@@ -87,6 +87,8 @@ def test_optimizer_args_numbers_must_be_finite(tmp_path, base, arg):
     ("lr_scheduler_num_cycles = 0", "`lr_scheduler_num_cycles` must be >= 1"),
     ("keep_tokens = -1", "`keep_tokens` must be >= 0"),
     ("max_data_loader_n_workers = -1", "`max_data_loader_n_workers` must be >= 0"),
+    ("seed = -1", "`seed` must be in [0, 4294967295]"),
+    ("seed = 4294967296", "`seed` must be in [0, 4294967295]"),
 ])
 def test_impossible_values_refused(tmp_path, base, line, message):
     with pytest.raises(ConfigError) as e:

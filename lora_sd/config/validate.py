@@ -74,6 +74,8 @@ def _check_ranges(cfg, errors):
     for key in PROBABILITIES:
         if not 0 <= getattr(cfg, key) <= 1:
             errors.add(key, f"must be in [0, 1], got {getattr(cfg, key)}")
+    if cfg.seed is not None and not 0 <= cfg.seed < 2**32:  # numpy's seed range (accelerate's set_seed seeds numpy)
+        errors.add("seed", f"must be in [0, {2**32 - 1}], got {cfg.seed}")
     if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:  # gamma 0 weighs every loss 0
         errors.add("min_snr_gamma", f"must be > 0 when given (5 is usual), got {cfg.min_snr_gamma}")
     if not 0 <= cfg.min_timestep < cfg.max_timestep <= 1000:
@@ -99,7 +101,8 @@ def _check_demo_paths(cfg, errors):
         value = getattr(cfg, key)
         if demo.is_demo_path(value) and value not in demo.ASSETS:
             errors.add(key, f"{value!r} is not a demo asset; known: {', '.join(demo.ASSETS)}")
-    if demo.is_demo_path(cfg.train_data_dir) and not demo.is_demo_path(cfg.pretrained_model_name_or_path):
-        # the demo's assets are made together when training loads the demo model (lora_sd.demo)
-        errors.add("train_data_dir", f"{cfg.train_data_dir!r} goes with `pretrained_model_name_or_path = "
-                   f"\"{demo.MODEL}\"` (the demo's assets are made together when its training starts)")
+    for key in ("train_data_dir", "reg_data_dir"):
+        if demo.is_demo_path(getattr(cfg, key)) and not demo.is_demo_path(cfg.pretrained_model_name_or_path):
+            # the demo's assets are made together when training loads the demo model (lora_sd.demo)
+            errors.add(key, f"{getattr(cfg, key)!r} goes with `pretrained_model_name_or_path = "
+                       f"\"{demo.MODEL}\"` (the demo's assets are made together when its training starts)")
