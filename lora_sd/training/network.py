@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from lora_sd.config.kv_args import NETWORK_ARGS, parse_network_args  # noqa: F401
+from lora_sd.config.kv_args import parse_network_args
 from lora_sd.errors import ConfigError
 from lora_sd.targets import NetworkSpec, lora_configs
 
