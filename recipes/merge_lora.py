@@ -62,7 +62,7 @@ def main(argv=None):
                               model_config=args.model_config)
     else:
         merge_lora_files(args.models, args.ratios, args.save_to, concat=_bool(args.concat),
-                         save_precision=args.save_precision or args.precision)
+                         save_precision=args.save_precision, precision=args.precision)
 
 
 if __name__ == "__main__":
