@@ -102,3 +102,21 @@ def test_cuda_without_gpu(loras, tmp_path, capsys):
     rc = run_main(main, ["--save_to", str(out), "--models", str(d / "a.safetensors"), "--device", "cuda"])
     err = capsys.readouterr().err
     assert rc == 2 and "no CUDA GPU" in err and not out.exists()
+
+
+def test_precision_rounds_the_inputs(loras, tmp_path):
+    """--precision bf16: the merge is that of the scaled factors rounded to bf16 (full rank: exactly their sum)."""
+    _, a, b, d = loras
+    out = tmp_path / "bf16.safetensors"
+    main(["--save_to", str(out), "--models", str(d / "a.safetensors"), str(d / "b.safetensors"),
+          "--ratios", *map(str, RATIOS), "--new_rank", "10", "--new_conv_rank", "5", "--precision", "bf16"])
+    merged = load_lora(out)
+    far = 0
+    for key, m in merged.modules.items():
+        parts = [(r, x.modules[key]) for r, x in zip(RATIOS, (a, b), strict=True) if key in x.modules]
+        want = sum((x.up.flatten(1) * (r * x.scale)).bfloat16().float() @ x.down.flatten(1).bfloat16().float()
+                   for r, x in parts)
+        got = m.delta().flatten(1)
+        assert torch.allclose(got, want, atol=1e-5), key
+        far += (got - as_matrix(_summed(a, b, key))).abs().max().item() > 1e-4
+    assert far > len(merged.modules) // 2  # bf16 rounding is visible
