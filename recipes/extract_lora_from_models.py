@@ -8,7 +8,8 @@ Models are single files or diffusers folders. Per sd-scripts target module the d
 tuned - org is truncated by SVD to --dim (3x3 convs to --conv_dim; without it they are left out);
 the text encoder is left out when no weight differs by more than --min_diff (and the log says so);
 models of which no weight differs by more than --min_diff are refused (nothing is written).
-The output is a kohya LoRA file with sd-scripts' metadata.
+The output is a kohya LoRA file with sd-scripts' metadata; a --save_to that is (or is inside) one
+of the models is refused before any work.
 """
 
 import argparse
