@@ -168,7 +168,7 @@ def bench_extract(args, rows):
 def random_loras(models, found, ranks, conv_ranks, seed=2):
     gen = torch.Generator().manual_seed(seed)
     loras = []
-    for rank, conv_rank in zip(ranks, conv_ranks):
+    for rank, conv_rank in zip(ranks, conv_ranks, strict=True):
         lora = LoraWeights()
         for component, names in found.items():
             named = dict(models[component].named_modules())

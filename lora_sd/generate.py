@@ -63,9 +63,9 @@ class GenerationSettings:
 
 def add_networks(pipe, loras, multipliers, merge=False, names=None, model_version=None):
     """Put LoRAs on a pipeline: adapters weighted by `multipliers`, or merged into the weights."""
-    from lora_sd.ops.merge import check_model_version, lora_names, merge_into_models
+    from lora_sd.ops.merge import check_model_version, checked_pairs, merge_into_models
 
-    names = lora_names(loras, names)
+    multipliers, names = checked_pairs(loras, multipliers, names, "multipliers")
     if not loras:
         return []
     if merge:
@@ -73,7 +73,7 @@ def add_networks(pipe, loras, multipliers, merge=False, names=None, model_versio
                           names=names, model_version=model_version)
         return []
     adapters = []
-    for i, (lora, name) in enumerate(zip(loras, names)):
+    for i, (lora, name) in enumerate(zip(loras, names, strict=True)):
         check_model_version(lora, name, model_version)
         try:
             lora.apply_to(unet=pipe.unet, text_encoder=pipe.text_encoder, adapter_name=f"lora{i}")
@@ -109,31 +109,39 @@ def png_info(settings: GenerationSettings, prompt, seed, networks):
     return info
 
 
-def run_pipeline(pipe, settings: GenerationSettings, outdir, networks=()):
-    """Generate `images_per_prompt` images per prompt into `outdir`; returns the PNG paths.
+@dataclass
+class PlannedImage:
+    prompt: str
+    seed: int
+    path: Path
 
-    Image j of the run gets seed `seed + j` (a random seed when none given),
-    on a CPU generator, so the same settings give the same images.
-    """
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+
+def plan_images(settings: GenerationSettings, outdir) -> list[PlannedImage]:
+    """Every image of a run, before any is made: image j of the run gets seed `seed + j` (a random
+    seed when none is given), and a name with its prompt's index, its index and its seed."""
     seed = settings.seed if settings.seed is not None else random.randint(0, 2**31 - 1)
     stamp = time.strftime("%Y%m%d%H%M%S")
-    written = []
-    index = 0
+    plan = []
     for p, prompt in enumerate(settings.prompts):
         for j in range(settings.images_per_prompt):
-            image_seed = seed + index
-            generator = torch.Generator("cpu").manual_seed(image_seed)
-            image = pipe(
-                prompt, negative_prompt=settings.negative_prompt, num_inference_steps=settings.steps,
-                guidance_scale=settings.scale, width=settings.W, height=settings.H, generator=generator,
-            ).images[0]
-            path = outdir / f"im_{stamp}_{p:03d}_{j:03d}_{image_seed}.png"
-            with atomic_path(path) as tmp:
-                image.save(tmp, format="PNG", pnginfo=png_info(settings, prompt, image_seed, networks))
-            written.append(path)
-            index += 1
+            image_seed = seed + len(plan)
+            plan.append(PlannedImage(prompt, image_seed, Path(outdir) / f"im_{stamp}_{p:03d}_{j:03d}_{image_seed}.png"))
+    return plan
+
+
+def run_pipeline(pipe, settings: GenerationSettings, plan, networks=()):
+    """Make the planned images (`plan_images`), each on a CPU generator seeded with its seed, so the
+    same settings give the same images; returns the PNG paths."""
+    written = []
+    for planned in plan:
+        generator = torch.Generator("cpu").manual_seed(planned.seed)
+        image = pipe(
+            planned.prompt, negative_prompt=settings.negative_prompt, num_inference_steps=settings.steps,
+            guidance_scale=settings.scale, width=settings.W, height=settings.H, generator=generator,
+        ).images[0]
+        with atomic_path(planned.path) as tmp:
+            image.save(tmp, format="PNG", pnginfo=png_info(settings, planned.prompt, planned.seed, networks))
+        written.append(planned.path)
     return written
 
 
@@ -141,12 +149,16 @@ def generate(ckpt, outdir, settings: GenerationSettings, network_weights=(), net
              v2=False, v_parameterization=False, model_config=None, device=None, dtype="float"):
     """generate.py: load a model and LoRA files, write PNG images to `outdir`; returns their paths."""
     from lora_sd.models import load_base
-    from lora_sd.ops.merge import load_loras, parse_ratios, resolve_device
+    from lora_sd.ops.args import check_output, parse_ratios, resolve_device
+    from lora_sd.ops.merge import load_loras
 
     settings.check()
     muls = parse_ratios(network_weights, network_mul, option="--network_mul")
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = precision_dtype(dtype, "--precision")
+    plan = plan_images(settings, outdir)
+    for planned in plan:  # an image never replaces an input, nor goes into an input's folder (a model folder)
+        check_output(planned.path, [ckpt, *network_weights, model_config], "--outdir")
     loras, names = load_loras(network_weights)
     model = load_base(ckpt, v2=v2, v_parameterization=v_parameterization, model_config=model_config,
                       torch_dtype=torch_dtype)
@@ -154,9 +166,10 @@ def generate(ckpt, outdir, settings: GenerationSettings, network_weights=(), net
     add_networks(pipe, loras, muls, network_merge, names, model_version=model.version)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
-    networks = list(zip(names, muls))
+    networks = list(zip(names, muls, strict=True))
     if network_merge and networks:
         settings = replace(settings, extra={**settings.extra, "network_merge": "true"})
-    paths = run_pipeline(pipe, settings, outdir, networks)
+    Path(outdir).mkdir(parents=True, exist_ok=True)
+    paths = run_pipeline(pipe, settings, plan, networks)
     logger.info("wrote %d image(s) to %s", len(paths), outdir)
     return paths

@@ -6,7 +6,8 @@
         [--sampler ddim|euler|euler_a|dpmsolver++|...] [--v2] [--v_parameterization] [--device cpu|cuda]
 
 LoRAs are named adapters weighted with diffusers' set_adapters, or merged into the weights with
---network_merge. Images are PNGs with the prompt and settings in their text chunk.
+--network_merge. Images are PNGs with the prompt and settings in their text chunk; image j of a run
+gets seed --seed + j. An --outdir that is an input or inside one (a model folder) is refused.
 """
 
 import argparse

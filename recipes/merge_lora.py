@@ -18,6 +18,9 @@ LoRAs into one LoRA (no --sd_model):
 --concat true (default): ranks concatenated, exactly sum ratio_i * delta_i for any ranks and alphas.
 --concat false: sd-scripts' same-shape weighted sum of ups and downs (not the sum of deltas;
 refused when ranks or alphas differ: use svd_merge_lora.py). LoRAs for SD 1.x and 2.x are refused.
+
+A --save_to that is an input (a LoRA, --sd_model, --model_config), inside one or a folder holding one
+is refused before any work; nothing is ever half-written (a failed write leaves no output).
 """
 
 import argparse
@@ -62,7 +65,7 @@ def main(argv=None):
                               model_config=args.model_config)
     else:
         merge_lora_files(args.models, args.ratios, args.save_to, concat=_bool(args.concat),
-                         save_precision=args.save_precision or args.precision)
+                         save_precision=args.save_precision, precision=args.precision)
 
 
 if __name__ == "__main__":

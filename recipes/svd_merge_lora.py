@@ -6,7 +6,8 @@
 
 Per module the weighted deltas are summed and truncated to --new_rank (3x3 convs to --new_conv_rank,
 default --new_rank) with an exact SVD of the concatenated factors; alpha = rank (scale 1). A rank
-larger than a module allows is clamped (and reported).
+larger than a module's merged delta can have (the sum of the input ranks, or the module's size) is
+clamped to it, with no zero rows (and reported). A --save_to that is one of --models is refused.
 """
 
 import argparse

@@ -66,11 +66,75 @@ def test_adapters_and_merged_give_the_same_image(files, tmp_path):
     assert np.abs(adapters[0] - merged[0]).max() <= 2
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmsolver++", "k_dpm_2_a"])
-def test_samplers_run(files, tmp_path, sampler):
+# sd-scripts' --sampler names and the diffusers schedulers they stand for (gen_img_diffusers.py)
+INTENDED = {
+    "ddim": ("DDIMScheduler", {"set_alpha_to_one": False}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "k_lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "k_euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+@pytest.mark.parametrize("v_parameterization", [False, True])
+def test_each_sampler_builds_its_scheduler_on_the_model_schedule(v_parameterization):
+    import diffusers
+
+    from lora_sd.generate import make_scheduler
+    from lora_sd.models import noise_scheduler
+
+    assert set(SAMPLERS) == set(INTENDED)  # a new name needs its intended scheduler here
+    base = noise_scheduler(v_parameterization).config
+    for name, (class_name, extra) in INTENDED.items():
+        scheduler = make_scheduler(name, base)
+        assert type(scheduler) is getattr(diffusers, class_name), name
+        config = scheduler.config
+        assert config.get("steps_offset", 1) == 1, name  # (DPMSolverSinglestepScheduler has no such option)
+        for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type"):
+            assert config[key] == base[key], (name, key)
+        for key, value in extra.items():
+            assert config[key] == value, (name, key)
+
+
+def test_the_sampler_reaches_the_pipeline(files, tmp_path):
+    """Same seed and settings, other samplers: other images (the scheduler is the one asked for)."""
     model, _, _ = files
-    paths, _ = _generate(model, tmp_path, "--sampler", sampler, "--steps", "2")
-    assert len(paths) == 1 and sampler in SAMPLERS
+    images = {}
+    for sampler in ("ddim", "euler_a", "dpmsolver++"):
+        paths, (image,) = _generate(model, tmp_path / sampler, "--sampler", sampler, "--steps", "2")
+        assert Image.open(paths[0]).text["sampler"] == sampler
+        images[sampler] = image
+    assert not np.array_equal(images["ddim"], images["euler_a"])
+    assert not np.array_equal(images["ddim"], images["dpmsolver++"])
+    assert not np.array_equal(images["euler_a"], images["dpmsolver++"])
+
+
+def test_image_j_gets_seed_plus_j(files, tmp_path):
+    """Two prompts, two images each, --seed 7: images 0..3 equal single-image runs at seeds 7..10."""
+    model, _, _ = files
+    argv = ["--ckpt", model, "--W", "32", "--H", "32", "--steps", "2", "--device", "cpu"]
+    main([str(x) for x in [*argv, "--outdir", tmp_path / "run", "--prompt", "a cat", "--prompt", "a dog",
+                           "--images_per_prompt", "2", "--seed", "7"]])
+    paths, images = _images(tmp_path / "run")
+    seeds = [int(Image.open(p).text["seed"]) for p in paths]
+    assert seeds == [7, 8, 9, 10]
+    for j, prompt in ((1, "a cat"), (2, "a dog"), (3, "a dog")):
+        out = tmp_path / f"single{j}"
+        main([str(x) for x in [*argv, "--outdir", out, "--prompt", prompt, "--seed", 7 + j]])
+        assert np.array_equal(_images(out)[1][0], images[j]), j
+    assert not np.array_equal(images[2], images[3])  # the seed matters
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lora_sd.cli import run_main
+from lora_sd.errors import ConfigError
 from lora_sd.formats import load_lora
 from lora_sd.lora_weights import key_for_module
 from lora_sd.ops import extract_lora
@@ -65,6 +66,7 @@ def test_extraction_recovers_known_delta_and_skips_unchanged_te(models, tmp_path
 def test_changed_text_encoder_is_extracted(tiny_sd1):
     tuned = build_tiny_sd("sd1")
     te_deltas = add_known_delta(tuned.text_encoder, TEXT_ENCODER_TARGET_CLASSES, False, seed=6)
+    add_known_delta(tuned.unet, UNET_TARGET_CLASSES + UNET_CONV_TARGET_CLASSES, True, seed=7)
     lora = extract_lora({"unet": tiny_sd1.unet, "text_encoder": tiny_sd1.text_encoder},
                         {"unet": tuned.unet, "text_encoder": tuned.text_encoder}, dim=3, method="randomized")
     assert set(lora.components) == {"unet", "text_encoder"}
@@ -74,9 +76,48 @@ def test_changed_text_encoder_is_extracted(tiny_sd1):
     assert all(m.down.dim() == 2 or m.down.shape[-1] == 1 for m in lora.modules.values())
 
 
+def test_unchanged_unet_is_left_out(tiny_sd1):
+    tuned = build_tiny_sd("sd1")
+    te_deltas = add_known_delta(tuned.text_encoder, TEXT_ENCODER_TARGET_CLASSES, False, seed=6)
+    lora = extract_lora({"unet": tiny_sd1.unet, "text_encoder": tiny_sd1.text_encoder},
+                        {"unet": tuned.unet, "text_encoder": tuned.text_encoder}, dim=3)
+    assert lora.components == ["text_encoder"] and set(lora.modules) == set(te_deltas)
+
+
+def test_identical_models_are_refused_and_nothing_written(models, tmp_path, capsys):
+    """Identical weights (another copy of the original model) would give an all-zero LoRA."""
+    version, _, org_file, config, _, _ = models
+    same = save_tiny_diffusers(tmp_path / "same", version)
+    out = tmp_path / "x.safetensors"
+    for extra in ([], ["--min_diff", "0"]):
+        rc = run_main(main, ["--model_org", str(org_file), "--model_config", str(config), "--model_tuned", str(same),
+                             "--save_to", str(out), "--dim", "4", "--conv_dim", "2", *extra]
+                      + (["--v2"] if version == "sd2" else []))
+        errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+        assert rc == 2 and len(errors) == 1 and "the models do not differ" in errors[0], errors
+        assert str(org_file) in errors[0] and str(same) in errors[0]
+        assert list(tmp_path.iterdir()) == [same]
+
+
+def test_models_differing_by_no_more_than_min_diff_are_refused(tiny_sd1):
+    tuned = build_tiny_sd("sd1")
+    with torch.no_grad():
+        tuned.unet.down_blocks[0].attentions[0].proj_in.weight += 0.005
+    org_parts = {"unet": tiny_sd1.unet, "text_encoder": tiny_sd1.text_encoder}
+    tuned_parts = {"unet": tuned.unet, "text_encoder": tuned.text_encoder}
+    with pytest.raises(ConfigError, match="the models do not differ.*largest difference 0.005"):
+        extract_lora(org_parts, tuned_parts, dim=2)
+    lora = extract_lora(org_parts, tuned_parts, dim=2, min_diff=0.001)  # smaller differences on request
+    assert lora.components == ["unet"]  # the text encoder does not differ
+    delta = lora.modules["unet.down_blocks.0.attentions.0.proj_in"].delta()
+    assert torch.allclose(delta, torch.full_like(delta, 0.005), atol=1e-5)
+
+
 def test_rank_larger_than_module_is_clamped(tiny_sd1, caplog):
+    tuned = build_tiny_sd("sd1")
+    add_known_delta(tuned.unet, UNET_TARGET_CLASSES, False, seed=8)
     with caplog.at_level(logging.WARNING):
-        lora = extract_lora({"unet": tiny_sd1.unet}, {"unet": tiny_sd1.unet}, dim=100)
+        lora = extract_lora({"unet": tiny_sd1.unet}, {"unet": tuned.unet}, dim=100)
     assert "clamped" in caplog.text
     assert all(m.rank <= min(m.up.shape[0], m.down[0].numel()) for m in lora.modules.values())
 

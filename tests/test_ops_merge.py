@@ -226,3 +226,92 @@ def test_save_to_an_existing_folder_that_is_not_a_model_is_refused(setup, tmp_pa
     rc, err = _run(["--sd_model", s["folder"], "--save_to", out, "--models", s["files"]["a"]], capsys)
     assert rc == 2 and f"--save_to {out}: an existing folder" in err and err.count("\n") == 1
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def _weights(model, lora):
+    """{LoRA module key: the model's weight for it}."""
+    from lora_sd.lora_weights import model_module_name
+
+    parts = {"unet": model.unet, "text_encoder": model.text_encoder}
+    named = {c: dict(m.named_modules()) for c, m in parts.items()}
+    out = {}
+    for key in lora.modules:
+        component, path = key.split(".", 1)
+        out[key] = named[component][model_module_name(component, path, parts[component])].weight.detach()
+    return out
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_merge_into_model_is_computed_in_precision(setup, tmp_path, precision, dtype):
+    """W' = (W + r * delta), both in --precision, then stored at --save_precision (float here)."""
+    s = setup("sd1")
+    lora, ratio = s["loras"]["a"], 0.8
+    base = _weights(s["tiny"], lora)
+    merged = {}
+    for p in ("float", precision):
+        out = tmp_path / p
+        main([str(a) for a in ["--sd_model", s["folder"], "--save_to", out, "--models", s["files"]["a"],
+                               "--ratios", ratio, "--precision", p, "--save_precision", "float"]])
+        merged[p] = _weights(load_base(out), lora)
+    changed = 0
+    for key, m in lora.modules.items():
+        w = base[key]
+        want = (w.to(dtype) + ratio * m.delta(dtype).reshape(w.shape)).float()
+        assert torch.equal(merged[precision][key], want), key
+        changed += not torch.equal(merged[precision][key], merged["float"][key])
+    assert changed == len(lora.modules)  # the precision makes a difference everywhere
+
+
+@pytest.mark.parametrize("save_precision, dtype", [(None, torch.float16), ("bf16", torch.bfloat16),
+                                                   ("float", torch.float32)])
+def test_saved_dtype_follows_save_precision(setup, tmp_path, save_precision, dtype):
+    """--save_precision, or --precision when it is not given, for a merged model and a merged LoRA."""
+    s = setup("sd1")
+    extra = ["--precision", "fp16"] + (["--save_precision", save_precision] if save_precision else [])
+    model_out, lora_out = tmp_path / "m.safetensors", tmp_path / "l.safetensors"
+    main([str(a) for a in ["--sd_model", s["single"], "--model_config", s["config"], "--save_to", model_out,
+                           "--models", s["files"]["a"], *extra]])
+    main([str(a) for a in ["--save_to", lora_out, "--models", s["files"]["a"], s["files"]["b"], *extra]])
+    for out in (model_out, lora_out):
+        dtypes = {t.dtype for t in safetensors.torch.load_file(str(out)).values() if t.is_floating_point()}
+        assert dtypes == {dtype}, out
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_lora_merge_is_computed_in_precision(setup, tmp_path, precision, dtype):
+    """Each up is scaled by ratio * alpha / rank in --precision (sd-scripts' merge_dtype)."""
+    s = setup("sd1")
+    out = tmp_path / "ab.safetensors"
+    main([str(a) for a in ["--save_to", out, "--models", s["files"]["a"], s["files"]["b"], "--ratios", *RATIOS,
+                           "--precision", precision, "--save_precision", "float"]])
+    merged = load_lora(out)
+    a, b = s["loras"]["a"], s["loras"]["b"]
+    rounded = 0
+    for key, m in merged.modules.items():
+        parts = [(r, x.modules[key]) for r, x in zip(RATIOS, (a, b), strict=True) if key in x.modules]
+        up = torch.cat([x.up.to(dtype).flatten(1) * (r * x.scale) for r, x in parts], dim=1).float()
+        down = torch.cat([x.down.to(dtype).flatten(1) for _, x in parts]).float()
+        assert torch.equal(m.up.flatten(1), up) and torch.equal(m.down.flatten(1), down), key
+        exact = torch.cat([x.up.flatten(1) * (r * x.scale) for r, x in parts], dim=1)
+        rounded += not torch.equal(up, exact)
+    assert rounded == len(merged.modules)
+
+
+def test_lists_paired_by_position_must_have_one_value_each():
+    """merge_loras([a, b], [1.0]) used to drop b: every pairing of LoRAs and values is checked."""
+    from lora_sd.generate import add_networks
+    from lora_sd.ops import merge_into_models, svd_merge
+
+    m = LoraModule(torch.randn(2, 3), torch.randn(4, 2), 2.0)
+    a, b = LoraWeights({"unet.x": m}), LoraWeights({"unet.y": m})
+    calls = {
+        "merge_loras": lambda: merge_loras([a, b], [1.0]),
+        "merge_loras kohya": lambda: merge_loras([a, b], [1.0, 1.0, 1.0], mode="kohya"),
+        "merge_loras names": lambda: merge_loras([a, b], [1.0, 1.0], names=["a"]),
+        "svd_merge": lambda: svd_merge([a, b], [1.0], new_rank=2),
+        "merge_into_models": lambda: merge_into_models([a, b], [0.5], {}),
+        "generate's add_networks": lambda: add_networks(None, [a, b], [0.5]),
+    }
+    for what, call in calls.items():
+        with pytest.raises(ConfigError, match=r"\d value\(s\) for 2 LoRA\(s\)"):
+            call()

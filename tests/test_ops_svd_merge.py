@@ -59,13 +59,26 @@ def test_lower_rank_is_optimal_per_module(loras):
     assert convs > 0
 
 
-def test_rank_larger_than_module_allows_is_clamped(loras, caplog):
+def test_rank_above_what_the_merge_can_have_is_clamped_without_zero_rows(loras, caplog):
+    """Per module the merged delta has rank <= min(sum of the input ranks, out, in*k*k): that is the
+    rank written (no zero rows), the delta is unchanged, and one warning gives the counts."""
     _, a, b, _ = loras
-    with caplog.at_level(logging.WARNING):
-        merged = svd_merge([a, b], RATIOS, new_rank=64)
-    assert "clamped" in caplog.text
-    for m in merged.modules.values():
-        assert m.rank <= min(m.up.shape[0], m.down[0].numel())
+    with caplog.at_level(logging.WARNING, logger="lora_sd.ops.svd_merge"):
+        merged = svd_merge([a, b], RATIOS, new_rank=64, new_conv_rank=64)
+    n = len(merged.modules)
+    warnings = [r.getMessage() for r in caplog.records if "clamped" in r.getMessage()]
+    assert len(warnings) == 1 and f"{n} of {n} module(s) clamped" in warnings[0]
+    below_size = 0
+    for key, m in merged.modules.items():
+        total = sum(x.modules[key].rank for x in (a, b) if key in x.modules)
+        size = min(m.up.shape[0], m.down[0].numel())
+        below_size += total < size
+        assert m.rank == m.alpha == min(total, size), key
+        assert m.down.flatten(1).norm(dim=1).min() > 1e-6 and m.up.flatten(1).norm(dim=0).min() > 1e-6, key
+        assert torch.allclose(m.delta(), _summed(a, b, key), atol=1e-5), key
+    assert below_size > 0  # the sum of ranks, not only the module's size, limits some modules
+    linear = [m.rank for m in merged.modules.values() if not m.is_3x3]
+    assert merged.metadata["ss_network_dim"] == str(max(linear))
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -89,3 +102,21 @@ def test_cuda_without_gpu(loras, tmp_path, capsys):
     rc = run_main(main, ["--save_to", str(out), "--models", str(d / "a.safetensors"), "--device", "cuda"])
     err = capsys.readouterr().err
     assert rc == 2 and "no CUDA GPU" in err and not out.exists()
+
+
+def test_precision_rounds_the_inputs(loras, tmp_path):
+    """--precision bf16: the merge is that of the scaled factors rounded to bf16 (full rank: exactly their sum)."""
+    _, a, b, d = loras
+    out = tmp_path / "bf16.safetensors"
+    main(["--save_to", str(out), "--models", str(d / "a.safetensors"), str(d / "b.safetensors"),
+          "--ratios", *map(str, RATIOS), "--new_rank", "10", "--new_conv_rank", "5", "--precision", "bf16"])
+    merged = load_lora(out)
+    far = 0
+    for key, m in merged.modules.items():
+        parts = [(r, x.modules[key]) for r, x in zip(RATIOS, (a, b), strict=True) if key in x.modules]
+        want = sum((x.up.flatten(1) * (r * x.scale)).bfloat16().float() @ x.down.flatten(1).bfloat16().float()
+                   for r, x in parts)
+        got = m.delta().flatten(1)
+        assert torch.allclose(got, want, atol=1e-5), key
+        far += (got - as_matrix(_summed(a, b, key))).abs().max().item() > 1e-4
+    assert far > len(merged.modules) // 2  # bf16 rounding is visible

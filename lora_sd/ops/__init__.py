@@ -4,11 +4,12 @@
 - `svd_merge(loras, ratios, new_rank, new_conv_rank=None)`
 - `extract_lora(org_models, tuned_models, dim, conv_dim=None, min_diff=0.01)`
 - the `*_files` variants read and write files (what the recipes call)
-- `lowrank`: the tensor math under them
+- `lowrank`: the tensor math under them; `args`: the checks of their arguments
 """
 
+from lora_sd.ops.args import parse_ratios
 from lora_sd.ops.extract import extract_lora, extract_lora_files
-from lora_sd.ops.merge import merge_into_model_file, merge_into_models, merge_lora_files, merge_loras, parse_ratios
+from lora_sd.ops.merge import merge_into_model_file, merge_into_models, merge_lora_files, merge_loras
 from lora_sd.ops.svd_merge import svd_merge, svd_merge_files
 
 __all__ = [

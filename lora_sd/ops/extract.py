@@ -4,11 +4,13 @@ The modules are those sd-scripts' networks.lora adapts (`lora_sd.targets`):
 Linear and 1x1 convs of the U-Net's transformer blocks and of the text
 encoder's attention and MLP at rank `dim`; with `conv_dim` also the resnet and
 sampler convs (3x3 at `conv_dim`, their Linear/1x1 at `dim`). The text encoder
-is left out when no weight differs by more than `min_diff` (sd-scripts' rule).
+is left out when no weight differs by more than `min_diff` (sd-scripts' rule);
+models of which no weight differs by more than that are refused.
 Singular values go into `up` and alpha = rank (scale 1), as sd-scripts writes.
 """
 
 import logging
+import math
 
 import torch
 
@@ -18,7 +20,8 @@ from lora_sd.formats.metadata import network_metadata, version_metadata
 from lora_sd.io import precision_dtype
 from lora_sd.lora_weights import LoraModule, LoraWeights, key_for_module
 from lora_sd.ops.lowrank import as_matrix, max_rank, to_lora_shapes, truncated_svd
-from lora_sd.ops.merge import VERSION_NAMES, check_rank, resolve_device
+from lora_sd.ops.args import check_output, check_rank, resolve_device
+from lora_sd.ops.merge import VERSION_NAMES
 from lora_sd.targets import target_modules
 
 logger = logging.getLogger(__name__)
@@ -54,31 +57,63 @@ def max_difference(pairs, device) -> float:
     return biggest
 
 
+def check_min_diff(min_diff):
+    if not (isinstance(min_diff, (int, float)) and math.isfinite(min_diff) and min_diff >= 0):
+        raise ConfigError(f"--min_diff: must be a number >= 0, got {min_diff!r}")
+
+
+def _differing_components(org, tuned, with_conv, min_diff, device, names):
+    """{component: weight pairs} of the components to extract, by sd-scripts' rule and ours:
+
+    the text encoder only when a weight differs by more than `min_diff` (sd-scripts); the U-Net
+    unless it does not differ at all. When no weight of either differs by more than `min_diff`
+    the LoRA would be all zeros (or noise): a ConfigError naming both models.
+    """
+    found, biggest = {}, {}
+    for component in ("text_encoder", "unet"):
+        if org.get(component) is None or tuned.get(component) is None:
+            continue
+        pairs = _target_weights(component, org[component], tuned[component], with_conv)
+        biggest[component] = max_difference(pairs, device)
+        found[component] = pairs
+    if found and max(biggest.values()) <= min_diff:
+        raise ConfigError(
+            f"the models do not differ: no weight of {names[1]} differs from {names[0]} by more than "
+            f"--min_diff {min_diff:g} (largest difference {max(biggest.values()):.3g}); nothing to extract "
+            "(lower --min_diff to extract smaller differences)"
+        )
+    te = biggest.get("text_encoder")
+    if te is not None:
+        if te <= min_diff:
+            logger.info("text encoder: largest weight difference %.3g is not above --min_diff %g: "
+                        "the text encoder is left out of the LoRA", te, min_diff)
+            del found["text_encoder"]
+        else:
+            logger.info("text encoder: largest weight difference %.3g: extracting it", te)
+    if biggest.get("unet") == 0:
+        logger.info("U-Net: no weight differs: the U-Net is left out of the LoRA")
+        del found["unet"]
+    return found
+
+
 def extract_lora(org: dict, tuned: dict, dim, conv_dim=None, min_diff=0.01, device="cpu", method="auto",
-                 progress=None) -> LoraWeights:
+                 progress=None, names=("the original model", "the tuned model")) -> LoraWeights:
     """A LoRA whose deltas approximate tuned - org, from {'unet': ..., 'text_encoder': ...} dicts of modules.
 
     `dim` / `conv_dim`: ranks of Linear-and-1x1 / 3x3 modules (clamped to what
     each module allows, reported). `method`: 'auto' | 'full' | 'randomized'
     (see `lowrank.truncated_svd`). `progress(name)` is called per module.
+    `names` (original, tuned) name the models in messages. Models that do not
+    differ are refused (see `_differing_components`).
     """
     dim = check_rank(dim, "--dim")
     if conv_dim is not None:
         conv_dim = check_rank(conv_dim, "--conv_dim")
+    check_min_diff(min_diff)
     dev = resolve_device(str(device))
     lora = LoraWeights(metadata=network_metadata(dim, dim, conv_dim, conv_dim))
     clamped = []
-    for component in ("text_encoder", "unet"):
-        if org.get(component) is None or tuned.get(component) is None:
-            continue
-        pairs = _target_weights(component, org[component], tuned[component], with_conv=conv_dim is not None)
-        if component == "text_encoder":
-            biggest = max_difference(pairs, dev)
-            if biggest <= min_diff:
-                logger.info("text encoder: largest weight difference %.3g is not above --min_diff %g: "
-                            "the text encoder is left out of the LoRA", biggest, min_diff)
-                continue
-            logger.info("text encoder: largest weight difference %.3g: extracting it", biggest)
+    for component, pairs in _differing_components(org, tuned, conv_dim is not None, min_diff, dev, names).items():
         for name, is_conv, w_org, w_tuned in pairs:
             wanted = conv_dim if is_conv else dim
             rank = min(wanted, max_rank(w_org.shape))
@@ -107,8 +142,10 @@ def extract_lora_files(model_org, model_tuned, save_to, dim, conv_dim=None, v2=F
     check_rank(dim, "--dim")
     if conv_dim is not None:
         check_rank(conv_dim, "--conv_dim")
+    check_min_diff(min_diff)
     resolve_device(device)
     precision_dtype(save_precision, "--save_precision")
+    check_output(save_to, [model_org, model_tuned, model_config])
     org = load_base(model_org, v2=v2, model_config=model_config)
     tuned = load_base(model_tuned, v2=v2, model_config=model_config)
     if org.version != tuned.version:
@@ -116,7 +153,8 @@ def extract_lora_files(model_org, model_tuned, save_to, dim, conv_dim=None, v2=F
                                  f"{VERSION_NAMES[tuned.version]}: not two versions of one model")
     lora = extract_lora({"unet": org.unet, "text_encoder": org.text_encoder},
                         {"unet": tuned.unet, "text_encoder": tuned.text_encoder},
-                        dim, conv_dim, min_diff, device)
+                        dim, conv_dim, min_diff, device,
+                        names=(f"--model_org {model_org}", f"--model_tuned {model_tuned}"))
     lora.metadata.update(version_metadata(org.version))
     save_lora(lora, save_to, save_precision=save_precision, version=org.version,
               v_parameterization=org.v_parameterization)

@@ -45,16 +45,6 @@ def to_lora_shapes(up: torch.Tensor, down: torch.Tensor, weight_shape):
     return down.contiguous(), up.contiguous()
 
 
-def _pad_rank(up, down, rank):
-    """Zero columns/rows up to `rank` (a delta of lower rank than asked for)."""
-    missing = rank - down.shape[0]
-    if missing <= 0:
-        return up[:, :rank], down[:rank]
-    up = torch.cat([up, up.new_zeros(up.shape[0], missing)], dim=1)
-    down = torch.cat([down, down.new_zeros(missing, down.shape[1])], dim=0)
-    return up, down
-
-
 def truncated_svd(matrix: torch.Tensor, rank: int, method: str = "auto", niter: int = POWER_ITERATIONS):
     """(up [out, rank], down [rank, in]) with up @ down the best rank-`rank` approximation.
 
@@ -79,15 +69,15 @@ def factorize_product(up: torch.Tensor, down: torch.Tensor, rank: int):
 
     QR of both thin factors, SVD of the small [k, k] core: the optimum of the
     Eckart-Young theorem at O((out + in) k^2) instead of O(out * in * min(out, in)).
-    Returns (up [out, rank], down [rank, in]), padded with zeros when the product
-    has lower rank than asked for.
+    Returns (up [out, r], down [r, in]) with r = min(rank, k, out, in): never
+    padded with zero rows (a caller wanting more gets the product's full rank).
     """
     q_u, r_u = torch.linalg.qr(up)  # [out, k'], [k', k]
     q_d, r_d = torch.linalg.qr(down.T)  # [in, k''], [k'', k]
     u, s, vh = torch.linalg.svd(r_u @ r_d.T, full_matrices=False)
     new_up = q_u @ (u * s)
     new_down = vh @ q_d.T
-    return _pad_rank(new_up, new_down, rank)
+    return new_up[:, :rank], new_down[:rank]
 
 
 def approximation_error(matrix: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:

@@ -29,6 +29,7 @@ from lora_sd.formats import load_lora, save_lora
 from lora_sd.formats.metadata import lora_version, version_metadata
 from lora_sd.io import precision_dtype
 from lora_sd.lora_weights import LoraModule, LoraWeights, fit_to_layer, model_module_name
+from lora_sd.ops.args import check_output, check_pairs, parse_ratios
 from lora_sd.ops.lowrank import to_lora_shapes
 
 logger = logging.getLogger(__name__)
@@ -37,44 +38,18 @@ MODES = ("exact", "kohya")
 VERSION_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
-def parse_ratios(models, ratios, option="--ratios") -> list[float]:
-    """One float per model; none given means 1.0 each. ConfigError on a count or value problem."""
-    if ratios is None or len(ratios) == 0:
-        return [1.0] * len(models)
-    if len(ratios) != len(models):
-        raise ConfigError(f"{option}: {len(ratios)} value(s) for {len(models)} model(s); give one per model")
-    values = []
-    for r in ratios:
-        try:
-            values.append(float(r))
-        except (TypeError, ValueError):
-            raise ConfigError(f"{option}: {r!r} is not a number") from None
-        if not math.isfinite(values[-1]):
-            raise ConfigError(f"{option}: {r!r} is not a finite number")
-    return values
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """'cpu' / 'cuda' / 'cuda:N' as a torch.device; ConfigError when CUDA is asked for and absent."""
-    device = device or "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device: {device!r} is not a device (use cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
-    return dev
-
-
-def check_rank(value, option) -> int:
-    if value is None or int(value) != value or value <= 0:
-        raise ConfigError(f"{option}: must be a positive whole number, got {value!r}")
-    return int(value)
-
-
 def lora_names(loras, names=None) -> list[str]:
     """The names messages use for `loras`: the given ones (file paths) or "LoRA #1", "LoRA #2", ..."""
-    return list(names) if names else [f"LoRA #{i + 1}" for i in range(len(loras))]
+    if not names:
+        return [f"LoRA #{i + 1}" for i in range(len(loras))]
+    check_pairs(names, loras, "names", "LoRA")
+    return list(names)
+
+
+def checked_pairs(loras, ratios, names, option="ratios"):
+    """(ratios, names) for `loras`, one each (ConfigError naming the counts otherwise)."""
+    check_pairs(ratios, loras, option, "LoRA")
+    return list(ratios), lora_names(loras, names)
 
 
 def load_loras(paths) -> tuple[list[LoraWeights], list[str]]:
@@ -85,7 +60,7 @@ def load_loras(paths) -> tuple[list[LoraWeights], list[str]]:
 def common_version(loras, names) -> str | None:
     """The base-model version all LoRAs agree on (None if none says); ConfigError if they differ."""
     seen = {}
-    for lora, name in zip(loras, names):
+    for lora, name in zip(loras, names, strict=True):
         version = lora_version(lora.metadata)
         if version is not None:
             seen.setdefault(version, name)
@@ -143,8 +118,9 @@ def gather_modules(loras, ratios, names) -> list[ModuleParts]:
     module and both files. Modules or components found in only some LoRAs
     are reported.
     """
+    ratios, names = checked_pairs(loras, ratios, names)
     gathered: dict[str, ModuleParts] = {}
-    for lora, ratio, name in zip(loras, ratios, names):
+    for lora, ratio, name in zip(loras, ratios, names, strict=True):
         for key, m in lora.modules.items():
             entry = gathered.get(key)
             if entry is None:
@@ -171,7 +147,7 @@ def _describe(m: LoraModule):
 
 def _report_partial(gathered, loras, names):
     for component in {c for lora in loras for c in lora.components}:
-        missing = [n for lora, n in zip(loras, names) if component not in lora.components]
+        missing = [n for lora, n in zip(loras, names, strict=True) if component not in lora.components]
         if missing:
             logger.info("%s has no %s modules: the %s is merged from the other LoRAs only",
                         ", ".join(missing), component, component)
@@ -183,25 +159,29 @@ def _report_partial(gathered, loras, names):
 # --- LoRA + LoRA --------------------------------------------------------------------
 
 
-def merge_loras(loras, ratios, mode="exact", names=None) -> LoraWeights:
-    """Merge LoRAs into one LoRA ('exact' concatenates ranks; 'kohya' is sd-scripts' weighted sum)."""
+def merge_loras(loras, ratios, mode="exact", names=None, precision=torch.float32) -> LoraWeights:
+    """Merge LoRAs into one LoRA ('exact' concatenates ranks; 'kohya' is sd-scripts' weighted sum).
+
+    The factors are converted to `precision` and scaled and summed in it (sd-scripts' merge_dtype).
+    """
     if mode not in MODES:
         raise ConfigError(f"merge mode must be one of {MODES}, got {mode!r}")
-    names = lora_names(loras, names)
+    ratios, names = checked_pairs(loras, ratios, names)
     version = common_version(loras, names)
     merged = LoraWeights(metadata={"ss_network_module": "networks.lora", **version_metadata(version)})
+    merge = _merge_exact if mode == "exact" else _merge_kohya
     for entry in gather_modules(loras, ratios, names):
-        merged.modules[entry.key] = _merge_exact(entry) if mode == "exact" else _merge_kohya(entry)
+        merged.modules[entry.key] = merge(entry, precision)
     return merged
 
 
-def _merge_exact(entry: ModuleParts) -> LoraModule:
-    up = torch.cat(entry.scaled_ups(), dim=1)  # [out, sum rank_i]
-    down = torch.cat(entry.downs(), dim=0)  # [sum rank_i, in*k*k]
+def _merge_exact(entry: ModuleParts, precision) -> LoraModule:
+    up = torch.cat(entry.scaled_ups(precision), dim=1)  # [out, sum rank_i]
+    down = torch.cat(entry.downs(precision), dim=0)  # [sum rank_i, in*k*k]
     return entry.as_module(up, down, alpha=down.shape[0])  # scale 1: the ratios are in `up`
 
 
-def _merge_kohya(entry: ModuleParts) -> LoraModule:
+def _merge_kohya(entry: ModuleParts, precision) -> LoraModule:
     _, first, first_name = entry.parts[0]
     for _, m, name in entry.parts[1:]:
         if m.rank != first.rank or m.alpha != first.alpha:
@@ -211,12 +191,12 @@ def _merge_kohya(entry: ModuleParts) -> LoraModule:
                 "alphas: use the exact merge (--concat true) or svd_merge_lora.py to get one rank"
             )
     base_alpha = first.alpha
-    up = torch.zeros_like(first.up, dtype=torch.float32)
-    down = torch.zeros_like(first.down, dtype=torch.float32)
+    up = torch.zeros_like(first.up, dtype=precision)
+    down = torch.zeros_like(first.down, dtype=precision)
     for ratio, m, _ in entry.parts:
         s = math.sqrt(m.alpha / base_alpha) * ratio
-        up += abs(s) * m.up.float().reshape(up.shape)
-        down += s * m.down.float().reshape(down.shape)
+        up += abs(s) * m.up.to(precision).reshape(up.shape)
+        down += s * m.down.to(precision).reshape(down.shape)
     return LoraModule(down, up, base_alpha)
 
 
@@ -231,9 +211,9 @@ def merge_into_models(loras, ratios, models: dict, precision=torch.float32, name
     and the module. The sum is computed in `precision` and stored in each
     weight's own dtype. Returns the number of weights changed.
     """
-    names = lora_names(loras, names)
+    ratios, names = checked_pairs(loras, ratios, names)
     plan = []  # (layer, ratio, LoraModule shaped for the layer) for every module, checked first
-    for lora, ratio, name in zip(loras, ratios, names):
+    for lora, ratio, name in zip(loras, ratios, names, strict=True):
         check_model_version(lora, name, model_version)
         for component in lora.components:
             model = models.get(component)
@@ -257,12 +237,18 @@ def merge_into_models(loras, ratios, models: dict, precision=torch.float32, name
 # --- files ---------------------------------------------------------------------------
 
 
-def merge_lora_files(models, ratios, save_to, concat=True, save_precision="float"):
-    """merge_lora.py without --sd_model: LoRA files into one kohya LoRA file at `save_to`."""
+def merge_lora_files(models, ratios, save_to, concat=True, save_precision=None, precision="float"):
+    """merge_lora.py without --sd_model: LoRA files into one kohya LoRA file at `save_to`.
+
+    Merged in `precision`, saved in `save_precision` (default: `precision`).
+    """
     ratios = parse_ratios(models, ratios)
+    merge_dtype = precision_dtype(precision, "--precision")
+    save_precision = save_precision or precision
     precision_dtype(save_precision, "--save_precision")
+    check_output(save_to, models)
     loras, names = load_loras(models)
-    merged = merge_loras(loras, ratios, "exact" if concat else "kohya", names)
+    merged = merge_loras(loras, ratios, "exact" if concat else "kohya", names, merge_dtype)
     save_lora(merged, save_to, save_precision=save_precision, version=lora_version(merged.metadata) or "sd1")
     logger.info("wrote %s: %d modules (%s merge)", save_to, len(merged.modules), "exact" if concat else "kohya")
     return merged
@@ -284,6 +270,7 @@ def merge_into_model_file(sd_model, save_to, models, ratios, v2=False, precision
     save_precision = save_precision or precision
     precision_dtype(save_precision, "--save_precision")  # a bad value is refused before any work
     single_file = str(save_to).lower().endswith(SINGLE_FILE_SUFFIXES)
+    check_output(save_to, [sd_model, *models, model_config])
     if Path(save_to).is_dir() and (single_file or not (Path(save_to) / "model_index.json").is_file()):
         # a diffusers folder replaces the one there: never a folder that is not a model
         raise ConfigError(f"--save_to {save_to}: an existing folder that is not a diffusers model; give a new name")
@@ -291,7 +278,7 @@ def merge_into_model_file(sd_model, save_to, models, ratios, v2=False, precision
     model = load_base(sd_model, v2=v2, model_config=model_config)
     parts = {"unet": model.unet, "text_encoder": model.text_encoder}
     merge_into_models(loras, ratios, parts, merge_dtype, names, model_version=model.version)
-    for name, ratio in zip(names, ratios):
+    for name, ratio in zip(names, ratios, strict=True):
         logger.info("merged %s at ratio %g", name, ratio)
     if single_file:
         original = model.source if model.source_format == "single_file" else None

@@ -17,9 +17,9 @@ from lora_sd.formats import save_lora
 from lora_sd.formats.metadata import lora_version, network_metadata, version_metadata
 from lora_sd.io import precision_dtype
 from lora_sd.lora_weights import LoraWeights
+from lora_sd.ops.args import check_output, check_rank, parse_ratios, resolve_device
 from lora_sd.ops.lowrank import factorize_product, max_rank
-from lora_sd.ops.merge import (check_rank, common_version, gather_modules, load_loras, lora_names, parse_ratios,
-                               resolve_device)
+from lora_sd.ops.merge import checked_pairs, common_version, gather_modules, load_loras
 
 logger = logging.getLogger(__name__)
 
@@ -29,33 +29,38 @@ def svd_merge(loras, ratios, new_rank, new_conv_rank=None, device="cpu", precisi
     """LoRAs into one LoRA of rank `new_rank` (3x3 convs: `new_conv_rank`, default `new_rank`).
 
     `precision` is the dtype the inputs are rounded to before merging (the
-    linear algebra itself runs in float32 or wider). A rank above what a
-    module allows is clamped to min(out, in*k*k), and reported.
+    linear algebra itself runs in float32 or wider). A module gets at most the
+    rank its merged delta can have, min(sum of the input ranks, out, in*k*k):
+    a larger rank would only add zero rows. Clamped modules are reported once.
     """
     new_rank = check_rank(new_rank, "--new_rank")
     new_conv_rank = check_rank(new_conv_rank if new_conv_rank is not None else new_rank, "--new_conv_rank")
     dev = resolve_device(str(device))
-    names = lora_names(loras, names)
+    ratios, names = checked_pairs(loras, ratios, names)
     version = common_version(loras, names)
     work = torch.float64 if precision == torch.float64 else torch.float32
     merged = LoraWeights(metadata=version_metadata(version))
-    clamped, has_conv = [], False
+    clamped, written = [], {False: 0, True: 0}  # written: the largest rank written, per is-3x3
     for entry in gather_modules(loras, ratios, names):
         ups = [u.to(precision).to(dev, work) for u in entry.scaled_ups(torch.float32)]
         downs = [d.to(precision).to(dev, work) for d in entry.downs(torch.float32)]
         is_conv = entry.parts[0][1].is_3x3
-        has_conv |= is_conv
         wanted = new_conv_rank if is_conv else new_rank
-        rank = min(wanted, max_rank(entry.weight_shape(ups[0].shape[0])))
+        total = sum(d.shape[0] for d in downs)
+        rank = min(wanted, total, max_rank(entry.weight_shape(ups[0].shape[0])))
         if rank < wanted:
             clamped.append((entry.key, rank))
+        written[is_conv] = max(written[is_conv], rank)
         up, down = factorize_product(torch.cat(ups, dim=1), torch.cat(downs, dim=0), rank)
         merged.modules[entry.key] = entry.as_module(up.float().cpu(), down.float().cpu(), alpha=rank)
     if clamped:
-        logger.warning("%d module(s) allow less than the rank asked for and were clamped (e.g. %s to rank %d)",
-                       len(clamped), *clamped[0])
-    conv_rank = new_conv_rank if has_conv else None
-    merged.metadata.update(network_metadata(new_rank, new_rank, conv_rank, conv_rank))
+        logger.warning("%d of %d module(s) clamped to a lower rank than asked for: their merged delta has no "
+                       "higher rank (the sum of the input ranks, or the module's size), more would be zero rows "
+                       "(e.g. %s: rank %d)", len(clamped), len(merged.modules), *clamped[0])
+    # the ranks written, not the ones asked for (equal unless clamped everywhere)
+    conv_rank = written[True] or None
+    merged.metadata.update(network_metadata(written[False] or new_rank, written[False] or new_rank,
+                                            conv_rank, conv_rank))
     return merged
 
 
@@ -69,8 +74,9 @@ def svd_merge_files(models, ratios, save_to, new_rank, new_conv_rank=None, devic
     resolve_device(device)
     dtype = precision_dtype(precision, "--precision")
     precision_dtype(save_precision, "--save_precision")
+    check_output(save_to, models)
     loras, names = load_loras(models)
     merged = svd_merge(loras, ratios, new_rank, new_conv_rank, device, dtype, names)
     save_lora(merged, save_to, save_precision=save_precision, version=lora_version(merged.metadata) or "sd1")
-    logger.info("wrote %s: %d modules at rank %d", save_to, len(merged.modules), new_rank)
+    logger.info("wrote %s: %d modules at rank %s", save_to, len(merged.modules), merged.metadata["ss_network_dim"])
     return merged
