@@ -153,3 +153,20 @@ def test_two_sources_for_one_output_are_refused(src, tmp_path):
     with pytest.raises(ConfigError, match="256x256 is given twice"):
         recipe.main([str(src), str(dst), "--max_resolution", "256x256,256x256"])
     assert not dst.exists()
+
+
+def test_images_are_read_as_training_reads_them(tmp_path):
+    """EXIF orientation applied and 16-bit greyscale brought to 8 bits (data.images.open_rgb)."""
+    import numpy as np
+    src = tmp_path / "src"
+    src.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (400, 200), (30, 60, 90)).save(src / "phone.jpg", exif=exif)
+    Image.frombytes("I;16", (100, 100), np.full(100 * 100, 25700, "<u2").tobytes()).save(src / "grey16.png")
+    dst = tmp_path / "dst"
+    recipe.main([str(src), str(dst), "--max_resolution", "100x100", "--save_as_png"])
+    with Image.open(dst / "phone+100x100.png") as im:
+        assert im.size == (70, 141)  # upright: 200x400 shrunk to an area of 100x100
+    with Image.open(dst / "grey16+100x100.png") as im:
+        assert im.mode == "RGB" and im.getpixel((50, 50)) == (100, 100, 100)
