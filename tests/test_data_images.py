@@ -228,3 +228,16 @@ def test_image_size_reads_only_the_header(tmp_path, monkeypatch):
     for fmt in ("png", "jpeg", "webp"):
         assert image_size(tmp_path / f"p.{fmt}") == (4, 6)
     assert image_size(tmp_path / "plain.png") == (6, 4)
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp"])
+@pytest.mark.parametrize("exif", [b"Exif\x00\x00not a TIFF block", "orientation 9", "orientation 0"])
+def test_broken_or_unknown_orientation_leaves_the_image_as_stored(tmp_path, exif, fmt):
+    """Pillow raises on a PNG's or WebP's broken EXIF block: the image is still read, as stored."""
+    if isinstance(exif, str):
+        value, exif = int(exif.split()[1]), Image.Exif()
+        exif[0x0112] = value
+    path = tmp_path / f"odd.{fmt}"
+    pattern().save(path, exif=exif, lossless=True)
+    assert image_size(path) == open_rgb(path).size == (6, 4)
+    assert np.array_equal(np.asarray(open_rgb(path)), np.asarray(pattern()))

@@ -69,7 +69,8 @@ def orientation(im: Image.Image) -> int:
     way, before decoding, so both always agree)."""
     try:
         value = Image.Image.getexif(im).get(0x0112, 1)  # 0x0112: Orientation
-    except (OSError, SyntaxError, ValueError, TypeError, KeyError):  # a broken EXIF block: ignore it
+    except (SyntaxError, ValueError, OSError) as e:  # a broken EXIF block ("not a TIFF file"): the pixels are fine
+        logger.debug("%s: EXIF block ignored (%s)", getattr(im, "filename", "image"), e)
         return 1
     return value if value in _UPRIGHT else 1
 
