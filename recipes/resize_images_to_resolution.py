@@ -3,11 +3,14 @@
     python recipes/resize_images_to_resolution.py SRC DST --max_resolution 512x512,384x384,256x256 \
         [--save_as_png] [--copy_associated_files] [--divisible_by N] [--interpolation area|cubic|lanczos4]
 
-Each image is written once per area as `name+512x512.jpg` (JPEG quality 100,
-or .png): shrunk to the area keeping its aspect ratio, never enlarged, then
-center-cropped to multiples of --divisible_by. Other files are copied as they
-are; --copy_associated_files also copies captions etc. beside each resized
-image under its new name.
+The destination gets every file of SRC as it is (images included, never
+re-encoded) plus each image once per area as `name+512x512.jpg` (JPEG quality
+100, or .png): shrunk to the area keeping its aspect ratio, never enlarged,
+then center-cropped to multiples of --divisible_by. --copy_associated_files
+also copies captions etc. beside each resized image under its new name.
+Every image is read before anything reaches DST: an unreadable one stops the
+run with DST as it was. Images are read as the trainer reads them (EXIF
+orientation applied, transparency on white, 16-bit to 8-bit).
 """
 
 import argparse
@@ -26,7 +29,7 @@ logger = logging.getLogger("resize_images_to_resolution")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("src_img_folder", help="folder with the source images")
-    parser.add_argument("dst_img_folder", help="folder for the resized images (created if missing)")
+    parser.add_argument("dst_img_folder", help="folder for the originals and the resized images (created if missing)")
     parser.add_argument("--max_resolution", default="512x512,384x384,256x256,128x128",
                         help="areas as WIDTHxHEIGHT, comma separated")
     parser.add_argument("--divisible_by", type=int, default=1, help="crop sides to multiples of this")

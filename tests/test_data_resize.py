@@ -34,7 +34,7 @@ def sizes(folder):
 def test_names_areas_and_no_enlargement(src, tmp_path):
     dst = tmp_path / "dst"
     recipe.main([str(src), str(dst), "--max_resolution", "512x512,256x256"])
-    got = sizes(dst)
+    got = {name: size for name, size in sizes(dst).items() if "+" in name}
     assert set(got) == {f"{stem}+{res}.jpg" for stem in ("big", "small", "alpha") for res in ("512x512", "256x256")}
     for name, (w, h) in got.items():
         area = 512 * 512 if "+512x512" in name else 256 * 256
@@ -53,7 +53,7 @@ def test_divisible_by_png_and_associated_files(src, tmp_path):
     dst = tmp_path / "dst"
     recipe.main([str(src), str(dst), "--max_resolution", "384x384", "--divisible_by", "64", "--save_as_png",
                  "--copy_associated_files", "--interpolation", "lanczos4"])
-    got = sizes(dst)
+    got = {name: size for name, size in sizes(dst).items() if "+" in name}
     assert got == {"big+384x384.png": (448, 256), "small+384x384.png": (192, 64), "alpha+384x384.png": (384, 384)}
     assert (dst / "big+384x384.caption").read_text() == "a big red image"
     assert (dst / "big+384x384.txt").read_text() == "red"
@@ -82,3 +82,91 @@ def test_bad_arguments_exit_2_with_one_line(src, tmp_path):
     assert run_main(recipe.main, [str(src), str(tmp_path / "d")]) == 2
     assert run_main(recipe.main, [str(src), str(src)]) == 2  # into its own folder: refused, nothing written
     assert not any("+" in p.name for p in src.iterdir())
+
+
+@pytest.mark.parametrize("png", [False, True])
+def test_originals_are_copied_as_they_are(src, tmp_path, png):
+    dst = tmp_path / "dst"
+    recipe.main([str(src), str(dst), "--max_resolution", "256x256"] + (["--save_as_png"] if png else []))
+    for name in ("big.png", "small.jpg", "alpha.webp", "big.caption", "big.txt", "readme.md"):
+        assert (dst / name).read_bytes() == (src / name).read_bytes(), name  # not re-encoded, even as PNG
+    assert sorted(p.name for p in dst.iterdir()) == sorted(
+        [p.name for p in src.iterdir()] + [f"{s}+256x256.{'png' if png else 'jpg'}" for s in ("alpha", "big", "small")])
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} | {
+        p.relative_to(folder): "dir" for p in folder.rglob("*") if p.is_dir()}
+
+
+def test_corrupt_image_writes_nothing(src, tmp_path):
+    (src / "zz_truncated.png").write_bytes((src / "big.png").read_bytes()[:-200])  # sorts last: read after the others
+    dst = tmp_path / "new" / "dst"
+    run = [sys.executable, str(REPO / "recipes" / "resize_images_to_resolution.py"), str(src), str(dst)]
+    out = subprocess.run(run, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert [line for line in out.stderr.splitlines() if line.startswith("error")] == [
+        f"error: {src / 'zz_truncated.png'}: not a readable image (image file is truncated)"], out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "new").exists()  # the folders it made are gone too
+    dst.mkdir(parents=True)
+    (dst / "keep.txt").write_text("mine")
+    before = snapshot(dst)
+    from lora_sd.cli import run_main
+    assert run_main(recipe.main, [str(src), str(dst)]) == 2
+    assert snapshot(dst) == before  # an existing destination: untouched, no temporary left
+
+
+def test_disk_full_midway_leaves_destination_as_it_was(src, tmp_path, monkeypatch):
+    import errno
+
+    from lora_sd.data import resize
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "big+512x512.jpg").write_bytes(b"an older output")
+    before = snapshot(dst)
+    real_save, calls = resize._save, []
+
+    def save_then_fail(image, path, as_png):
+        calls.append(path)
+        if len(calls) == 3:
+            Path(path).write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(image, path, as_png)
+
+    monkeypatch.setattr(resize, "_save", save_then_fail)
+    with pytest.raises(OSError):
+        resize.resize_images(src, dst, "512x512,256x256")
+    assert len(calls) == 3 and snapshot(dst) == before
+
+
+def test_two_sources_for_one_output_are_refused(src, tmp_path):
+    from lora_sd.errors import ConfigError, DataError
+    dst = tmp_path / "dst"
+    Image.new("RGB", (64, 64)).save(src / "big.jpg")  # big.png and big.jpg -> big+512x512.jpg
+    with pytest.raises(DataError, match=r"big.jpg and big.png would both be written as big\+512x512.jpg"):
+        recipe.main([str(src), str(dst), "--max_resolution", "512x512"])
+    (src / "big.jpg").unlink()
+    Image.new("RGB", (64, 64)).save(src / "small+512x512.jpg")  # an earlier output left among the sources
+    with pytest.raises(DataError, match=r"small\+512x512.jpg and small.jpg would both be written as small\+512x512.jpg"):
+        recipe.main([str(src), str(dst), "--max_resolution", "512x512"])
+    with pytest.raises(ConfigError, match="256x256 is given twice"):
+        recipe.main([str(src), str(dst), "--max_resolution", "256x256,256x256"])
+    assert not dst.exists()
+
+
+def test_images_are_read_as_training_reads_them(tmp_path):
+    """EXIF orientation applied and 16-bit greyscale brought to 8 bits (data.images.open_rgb)."""
+    import numpy as np
+    src = tmp_path / "src"
+    src.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (400, 200), (30, 60, 90)).save(src / "phone.jpg", exif=exif)
+    Image.frombytes("I;16", (100, 100), np.full(100 * 100, 25700, "<u2").tobytes()).save(src / "grey16.png")
+    dst = tmp_path / "dst"
+    recipe.main([str(src), str(dst), "--max_resolution", "100x100", "--save_as_png"])
+    with Image.open(dst / "phone+100x100.png") as im:
+        assert im.size == (70, 141)  # upright: 200x400 shrunk to an area of 100x100
+    with Image.open(dst / "grey16+100x100.png") as im:
+        assert im.mode == "RGB" and im.getpixel((50, 50)) == (100, 100, 100)

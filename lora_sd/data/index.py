@@ -2,8 +2,8 @@
 
 Columns: image_path, caption (raw, before shuffle/dropout), caption_source
 ("file" | "class_tokens" | "metadata" | "none"), tag_text (what tag frequency
-counts), width, height, bucket_w, bucket_h, resized_w, resized_h,
-num_repeats (after regularization balancing; 0 = this reg image is unused),
+counts), width, height (upright: the EXIF orientation applied, see
+data.images), bucket_w, bucket_h, resized_w, resized_h, num_repeats (after regularization balancing; 0 = this reg image is unused),
 is_reg, dataset, subset. Only headers are read (PIL opens lazily), so
 indexing a large folder does not decode any image.
 """
@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from lora_sd.data.buckets import BucketAssigner, BucketSettings
 from lora_sd.data.captions import find_caption, read_caption_file
-from lora_sd.data.resize import IMAGE_EXTENSIONS, open_image
+from lora_sd.data.images import IMAGE_EXTENSIONS, image_size
 from lora_sd.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -26,12 +26,6 @@ logger = logging.getLogger(__name__)
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name (as sd-scripts' glob_images)."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the header only; a DataError naming the file if unreadable."""
-    with open_image(path) as im:
-        return im.size
 
 
 def _dreambooth_rows(sub) -> list[dict]:

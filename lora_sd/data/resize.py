@@ -9,14 +9,16 @@ area and enlarging lanczos, as sd-scripts' resize_image does.
 import contextlib
 import logging
 import math
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
+from lora_sd.data.images import IMAGE_EXTENSIONS, open_rgb
 from lora_sd.errors import ConfigError, DataError
-from lora_sd.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +30,6 @@ INTERPOLATIONS = {
     "linear": Image.Resampling.BILINEAR,
     "box": Image.Resampling.BOX,
 }
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def resize_image(image: Image.Image, size: tuple[int, int], interpolation: str | None = None) -> Image.Image:
@@ -41,25 +42,6 @@ def resize_image(image: Image.Image, size: tuple[int, int], interpolation: str |
     return image.resize(tuple(size), INTERPOLATIONS[interpolation])
 
 
-@contextlib.contextmanager
-def open_image(path):
-    """The image opened lazily (only its header is read until it is loaded); DataError naming the file."""
-    try:
-        with Image.open(path) as im:
-            yield im
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
-
-
-def load_rgb(path) -> Image.Image:
-    """The image decoded as RGB (palette and alpha images too); DataError naming the file."""
-    with open_image(path) as im:
-        im.load()
-        if im.mode == "P":
-            im = im.convert("RGBA")
-        return im.convert("RGB")
-
-
 def parse_resolutions(text: str) -> list[tuple[str, int]]:
     """"512x512,384x384" -> [("512x512", 262144), ("384x384", 147456)]."""
     out = []
@@ -67,6 +49,8 @@ def parse_resolutions(text: str) -> list[tuple[str, int]]:
         parts = item.split("x")
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise ConfigError(f"`--max_resolution`: {item!r} is not WIDTHxHEIGHT (e.g. 512x512)")
+        if item in (name for name, _ in out):
+            raise ConfigError(f"`--max_resolution`: {item} is given twice")
         out.append((item, int(parts[0]) * int(parts[1])))
     return out
 
@@ -83,51 +67,48 @@ def fit_to_area(width: int, height: int, max_area: int, divisible_by: int = 1) -
 
 
 def _save(image: Image.Image, path: Path, as_png: bool):
-    with atomic_path(path) as tmp:
-        if as_png:
-            image.save(tmp, format="PNG")
-        else:
-            image.save(tmp, format="JPEG", quality=100)
+    if as_png:
+        image.save(path, format="PNG")
+    else:
+        image.save(path, format="JPEG", quality=100)
 
 
-def _copy(src: Path, target: Path):
-    with atomic_path(target) as tmp:
-        shutil.copy2(src, tmp)
-
-
-def resize_images(src, dst, max_resolution="512x512,384x384,256x256,128x128", *, divisible_by: int = 1,
-                  interpolation: str | None = None, save_as_png: bool = False,
-                  copy_associated_files: bool = False) -> list[Path]:
-    """Write every image of `src` into `dst` once per area, named `stem+512x512.jpg`.
-
-    Images larger than an area are shrunk to it (aspect kept), smaller ones are
-    written at their own size; both are center-cropped to multiples of
-    `divisible_by`. Other files in `src` are copied as they are; with
-    `copy_associated_files` the files sharing an image's stem (captions...) are
-    also copied beside each resized image under its new name. Returns the paths written.
-    """
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise DataError(f"source folder {src} does not exist")
-    if divisible_by < 1:
-        raise ConfigError(f"`--divisible_by` must be >= 1, got {divisible_by}")
-    if interpolation is not None and interpolation not in INTERPOLATIONS:
-        raise ConfigError(f"`--interpolation` must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
-    if dst.resolve() == src.resolve():
-        raise ConfigError(f"destination {dst} is the source folder; give another folder")
-    resolutions = parse_resolutions(max_resolution)
-    dst.mkdir(parents=True, exist_ok=True)
+def _plan(src: Path, resolutions, save_as_png: bool, copy_associated_files: bool):
+    """(images, others, outputs): outputs maps each destination name to the source file it comes from;
+    two sources for one name (`a.png` and `a.jpg`, or a source already named `a+512x512.jpg`) are refused
+    before anything is read, as one would silently replace the other."""
     files = sorted(p for p in src.iterdir() if p.is_file())
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     others: dict[str, list[Path]] = {}
-    written = []
-    for path in files:
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            others.setdefault(path.stem, []).append(path)
-            _copy(path, dst / path.name)
-            written.append(dst / path.name)
+    for p in files:
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            others.setdefault(p.stem, []).append(p)
+    outputs: dict[str, Path] = {}
+
+    def add(name, source):
+        if name in outputs:
+            raise DataError(f"{src}: {outputs[name].name} and {source.name} would both be written as {name}; "
+                            "rename one of them")
+        outputs[name] = source
+
+    for p in files:  # originals and other files, as they are
+        add(p.name, p)
+    for p in images:
+        for name, _ in resolutions:
+            add(f"{p.stem}+{name}{'.png' if save_as_png else '.jpg'}", p)
+            for other in others.get(p.stem, []) if copy_associated_files else []:
+                add(f"{p.stem}+{name}{other.suffix}", other)
+    return images, others, outputs
+
+
+def _write_outputs(stage: Path, outputs, images, others, resolutions, *, divisible_by, interpolation, save_as_png,
+                   copy_associated_files):
+    """Every output into `stage`; the first unreadable image raises before anything reaches the destination."""
+    for name, source in outputs.items():
+        if name == source.name:  # the original (and every other file) as it is
+            shutil.copy2(source, stage / name)
     for path in tqdm(images, desc="resizing"):
-        original = load_rgb(path)
+        original = open_rgb(path)
         for name, area in resolutions:
             resized, final = fit_to_area(*original.size, area, divisible_by)
             if min(final) <= 0:
@@ -136,14 +117,54 @@ def resize_images(src, dst, max_resolution="512x512,384x384,256x256,128x128", *,
             image = resize_image(original, resized, interpolation)
             left, top = (resized[0] - final[0]) // 2, (resized[1] - final[1]) // 2
             image = image.crop((left, top, left + final[0], top + final[1]))
-            out = dst / f"{path.stem}+{name}{'.png' if save_as_png else '.jpg'}"
-            _save(image, out, save_as_png)
-            written.append(out)
+            out = f"{path.stem}+{name}{'.png' if save_as_png else '.jpg'}"
+            _save(image, stage / out, save_as_png)
             logger.info("%s %s as %s (%dx%d)", "resized" if resized != original.size else "saved",
-                        path.name, out.name, *final)
-        for other in others.get(path.stem, []) if copy_associated_files else []:
-            for name, _ in resolutions:
-                target = dst / f"{path.stem}+{name}{other.suffix}"
-                _copy(other, target)
-                written.append(target)
-    return written
+                        path.name, out, *final)
+            for other in others.get(path.stem, []) if copy_associated_files else []:
+                shutil.copy2(other, stage / f"{path.stem}+{name}{other.suffix}")
+
+
+def resize_images(src, dst, max_resolution="512x512,384x384,256x256,128x128", *, divisible_by: int = 1,
+                  interpolation: str | None = None, save_as_png: bool = False,
+                  copy_associated_files: bool = False) -> list[Path]:
+    """Copy every file of `src` into `dst` as it is, and write each image once more per area, as `stem+512x512.jpg`.
+
+    Images larger than an area are shrunk to it (aspect kept), smaller ones are
+    written at their own size; both are center-cropped to multiples of
+    `divisible_by`. With `copy_associated_files` the files sharing an image's
+    stem (captions...) are also copied beside each resized image under its new
+    name. Everything is written into a temporary folder inside `dst` first and
+    moved into place only when every image has been read and written: an
+    unreadable image (or a full disk) leaves `dst` as it was. Returns the paths written.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise DataError(f"source folder {src} does not exist")
+    if divisible_by < 1:
+        raise ConfigError(f"`--divisible_by` must be >= 1, got {divisible_by}")
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"`--interpolation` must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+    # outputs are files directly in dst, inputs files directly in src: only the same folder can collide
+    # (io.refuse_overwriting_inputs would also refuse a dst that merely holds src, where nothing collides)
+    if dst.is_dir() and os.path.samefile(dst, src):
+        raise ConfigError(f"destination {dst} is the source folder; give another folder")
+    resolutions = parse_resolutions(max_resolution)
+    images, others, outputs = _plan(src, resolutions, save_as_png, copy_associated_files)
+    created = [p for p in (dst, *dst.parents) if not p.exists()]
+    dst.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".resize_images.", suffix=".tmp", dir=dst))
+    try:
+        _write_outputs(stage, outputs, images, others, resolutions, divisible_by=divisible_by,
+                       interpolation=interpolation, save_as_png=save_as_png,
+                       copy_associated_files=copy_associated_files)
+        for name in outputs:
+            os.replace(stage / name, dst / name)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        for folder in created:  # the folders this run made, when still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    return [dst / name for name in outputs]

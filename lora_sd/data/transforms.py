@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from lora_sd.data.buckets import crop_box
-from lora_sd.data.resize import load_rgb, resize_image
+from lora_sd.data.images import open_rgb
+from lora_sd.data.resize import resize_image
 
 
 def color_aug(image: Image.Image, rng: random.Random) -> Image.Image:
@@ -42,7 +43,7 @@ def load_pixels(path, bucket, resized, *, crop_rng: random.Random | None = None,
 
     `crop_rng` set means random crop; `color_rng` set means color aug.
     """
-    image = resize_image(load_rgb(path), resized)
+    image = resize_image(open_rgb(path), resized)
     box = crop_box(resized, bucket, crop_rng)
     image = image.crop(box)
     if color_rng is not None:

@@ -2,7 +2,8 @@
 
 - `load_base(path, v2=False, v_parameterization=False, model_config=None, torch_dtype=None)` -> SDModel
 - `save_single_file(model, path, save_precision="float", original_state_dict=None)`: original layout
-- `save_diffusers(model, folder)`: a diffusers folder
+- `save_diffusers(model, folder)`: a diffusers folder that transformers 4 and 5 both load
+  (text encoder under transformers 4's `text_model.` names, tokenizer with vocab.json/merges.txt)
 """
 
 from .load import (

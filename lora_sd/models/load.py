@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,4 +222,29 @@ def save_diffusers(model, folder, save_precision="float"):
         m.to(dtype)
     with atomic_path(folder) as tmp:
         model.pipeline().save_pretrained(str(tmp))
+        shutil.rmtree(tmp / "text_encoder")  # written again with the names both transformers versions read
+        model.text_encoder.save_pretrained(str(tmp / "text_encoder"),
+                                           state_dict=text_encoder_state_dict_v4(model.text_encoder))
+        _save_tokenizer_vocab(model.tokenizer, tmp / "tokenizer")
     return Path(folder)
+
+
+# transformers 4 (sd-scripts' stack, older diffusers installs) names CLIPTextModel's weights
+# `text_model.embeddings...`; transformers 5 dropped that level and maps the old names when loading,
+# but writes them back only for a model it loaded itself (not one built from a single file). Given
+# 5's names, transformers 4 loads a randomly initialised text encoder with only a warning.
+_TEXT_MODEL_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def text_encoder_state_dict_v4(text_encoder):
+    """The text encoder's state dict with transformers 4's names (`text_model.` level), whichever version runs."""
+    return {("text_model." + k if k.startswith(_TEXT_MODEL_PARTS) else k): v
+            for k, v in text_encoder.state_dict().items()}
+
+
+def _save_tokenizer_vocab(tokenizer, folder):
+    """vocab.json + merges.txt beside tokenizer.json: transformers 4's CLIPTokenizer (the class model_index.json
+    names) reads only those, and transformers 5 writes only tokenizer.json. The `tokenizers` BPE model writes them."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not (Path(folder) / "vocab.json").exists():
+        backend.model.save(str(folder))
