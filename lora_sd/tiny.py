@@ -116,8 +116,11 @@ def build_tiny_sd(version="sd1", seed=0):
 
 
 def save_tiny_diffusers(path, version="sd1", seed=0):
-    """Write a tiny model as a diffusers folder (what `from_pretrained` loads)."""
-    build_tiny_sd(version, seed).pipeline().save_pretrained(str(path))
+    """Write a tiny model as a diffusers folder (what `from_pretrained` loads), as every folder we write:
+    text-encoder keys in the transformers-4 layout (see models.save_diffusers)."""
+    from lora_sd.models import save_diffusers
+
+    save_diffusers(build_tiny_sd(version, seed), path)
     return Path(path)
 
 
