@@ -53,11 +53,10 @@ class Case:
     file: dict  # the kohya file's tensors, read as the loaders read it (safetensors load_file)
 
 
-def make_case(tiny, tmp_path, **lora_kwargs):
-    """Write a random LoRA (alpha != rank, 3x3 convs at conv_dim / conv_alpha) with our writer."""
+def make_case(tiny, tmp_path):
+    """Write a random LoRA with our writer: rank 4 / alpha 3, 3x3 convs at rank 3 / alpha 1."""
     base = sd_shaped(tiny)
-    lora = random_lora(base, **{"network_dim": 4, "network_alpha": 2, "conv_dim": 3, "conv_alpha": 1.5,
-                                "scale": 0.3, **lora_kwargs})
+    lora = random_lora(base, network_dim=4, network_alpha=3, conv_dim=3, conv_alpha=1, scale=0.3)
     path = save_lora(lora, tmp_path / "lora.safetensors", version=tiny.version)
     merged = dataclasses.replace(base, unet=copy.deepcopy(base.unet), text_encoder=copy.deepcopy(base.text_encoder))
     # the LoRA as built, not as read back: a writer that loses the alpha must show
