@@ -22,7 +22,19 @@ def replace(tmp, path):
     except OSError:
         os.replace(old, path)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():  # the output was a link to a folder: drop the link, not what it points to
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask_permissions(path: Path):
+    """mkstemp and safetensors create 0600 files: give the written file(s) the permissions the umask gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    for f in files:
+        os.chmod(f, 0o666 & ~umask)
 
 
 @contextlib.contextmanager
@@ -40,10 +52,7 @@ def atomic_path(path):
     tmp = Path(tmp)
     try:
         yield tmp
-        if tmp.is_file():  # mkstemp and safetensors create 0600 files: give the usual permissions
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+        _umask_permissions(tmp)
         replace(tmp, path)
     finally:
         if tmp.is_dir():

@@ -102,8 +102,6 @@ def test_a_failed_final_move_of_a_folder_puts_the_old_folder_back(tmp_path, monk
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason="io.replace moves a symlinked output folder aside as `.<name>.*.tmp.old` and "
-                   "deletes it with rmtree(ignore_errors=True), which refuses symlinks: the link is left behind")
 def test_a_folder_written_over_a_symlink_to_a_folder_leaves_no_temporary(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "a.bin").write_bytes(b"old a")
@@ -178,8 +176,6 @@ def test_save_lora_under_a_failure_leaves_nothing_new(tmp_path, monkeypatch, lor
     assert snapshot(tmp_path) == before  # no partial file or folder, no temporary; the old one intact
 
 
-@pytest.mark.xfail(strict=True, reason="atomic_path gives the umask's permissions to a written file only: "
-                   "safetensors' 0600 files inside a written folder (PEFT adapter folder, diffusers model) stay 0600")
 def test_files_in_a_written_folder_get_the_permissions_the_umask_gives(tmp_path, lora):
     old = os.umask(0o022)
     try:
