@@ -81,7 +81,8 @@ def _refuse_non_finite(lora: LoraWeights, path):
             bad[key] = n
     if bad:
         key, n = next(iter(bad.items()))
-        more = f" ({len(bad) - 1} more modules too, {sum(bad.values())} values in all)" if len(bad) > 1 else ""
+        k = len(bad) - 1
+        more = f" (and {k} more module{'s' * (k > 1)}: {sum(bad.values())} in all)" if k else ""
         raise FormatError(f"{path}: module {key} holds {n} non-finite values (NaN/inf){more}; the LoRA is broken "
                           "(a diverged training run?): use an earlier save")
 
