@@ -98,6 +98,13 @@ _HARMLESS_GLOBALS = [
 ]
 
 
+# torch's RuntimeError texts for a broken file -> what they mean
+_TORCH_PROBLEMS = {
+    "failed finding central directory": "a truncated or corrupt torch zip archive (its end is missing)",
+    "unexpected EOF": "a truncated torch checkpoint (its data ends early)",
+}
+
+
 def _load_pickle(path, allow_pickle):
     """torch.load with weights_only=True (mmap when the file allows it); a corrupt file or one that
     needs code to load is a one-line FormatError. Only the exceptions torch raises for a bad file are
@@ -139,7 +146,9 @@ def _load_pickle(path, allow_pickle):
             raise
         raise FormatError(f"{path}: a truncated or corrupt torch zip archive (its end is missing)") from None
     except RuntimeError as e:  # torch: "unexpected EOF ... might be corrupted", "PytorchStreamReader failed ..."
-        raise FormatError(f"{path}: a corrupt torch checkpoint: {str(e).splitlines()[0][:160]}") from None
+        text = str(e)
+        problem = next((v for k, v in _TORCH_PROBLEMS.items() if k in text), None)
+        raise FormatError(f"{path}: {problem or 'a corrupt torch checkpoint: ' + text.split('. ')[0][:160]}") from None
     except (KeyError, IndexError, ValueError) as e:  # the unpickler on bytes that are no pickle (stack/memo
         # lookups fail), or a zip archive with undecodable names (UnicodeDecodeError)
         raise FormatError(f"{path}: not a torch checkpoint (its bytes are no valid pickle or torch archive: "

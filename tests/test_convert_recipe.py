@@ -63,7 +63,9 @@ def _bad_inputs(tmp_path, kohya_file):
     junk_ckpt.write_bytes(pickle.dumps([1, 2, 3])[:5])
     torch.save({"w": torch.zeros(1000)}, tmp_path / "whole.ckpt")
     truncated_zip = tmp_path / "truncated.ckpt"
-    truncated_zip.write_bytes((tmp_path / "whole.ckpt").read_bytes()[:-100])
+    truncated_zip.write_bytes((tmp_path / "whole.ckpt").read_bytes()[:-100])  # torch: OSError EINVAL
+    half_zip = tmp_path / "half.ckpt"
+    half_zip.write_bytes((tmp_path / "whole.ckpt").read_bytes()[:1000])  # torch: RuntimeError, no central directory
     old_pickle = tmp_path / "old.ckpt"
     torch.save({"w": torch.zeros(100)}, old_pickle, _use_new_zipfile_serialization=False)
     truncated_old = tmp_path / "truncated_old.ckpt"
@@ -77,13 +79,14 @@ def _bad_inputs(tmp_path, kohya_file):
         "pickle needing code": (code, "needs arbitrary code to load"),
         "broken pickle": (junk_ckpt, "not a torch checkpoint, or a corrupt one: unpickling failed"),
         "truncated zip ckpt": (truncated_zip, "a truncated or corrupt torch zip archive"),
-        "truncated old-style ckpt": (truncated_old, "a corrupt torch checkpoint: unexpected EOF"),
+        "half a zip ckpt": (half_zip, "a truncated or corrupt torch zip archive"),
+        "truncated old-style ckpt": (truncated_old, "a truncated torch checkpoint (its data ends early)"),
         "missing": (tmp_path / "nope.safetensors", "no such file"),
     }
 
 
 BAD_INPUTS = ["not a tensor file", "truncated", "bad header json", "empty", "unknown keys", "pickle needing code",
-              "broken pickle", "truncated zip ckpt", "truncated old-style ckpt", "missing"]
+              "broken pickle", "truncated zip ckpt", "half a zip ckpt", "truncated old-style ckpt", "missing"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
