@@ -107,17 +107,28 @@ _HARMLESS_GLOBALS = [
 ]
 
 
+# torch's RuntimeError texts for a broken file -> what they mean
+_TORCH_PROBLEMS = {
+    "failed finding central directory": "a truncated or corrupt torch zip archive (its end is missing)",
+    "unexpected EOF": "a truncated torch checkpoint (its data ends early)",
+}
+
+
 def _load_pickle(path, allow_pickle):
+    """torch.load with weights_only=True (mmap when the file allows it); a corrupt file or one that
+    needs code to load is a one-line FormatError. Only the exceptions torch raises for a bad file are
+    caught (each seen by loading broken files): anything else is a bug and goes through."""
+    import errno
     import pickle
 
     import torch
 
     from lora_sd.errors import FormatError
 
-    if allow_pickle:
-        logging.getLogger(__name__).warning("%s: loading a pickle with arbitrary code allowed", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
     try:
+        if allow_pickle:
+            logging.getLogger(__name__).warning("%s: loading a pickle with arbitrary code allowed", path)
+            return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(_HARMLESS_GLOBALS):
             try:  # mmap: a 4 GB checkpoint is not read into memory twice
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -126,14 +137,56 @@ def _load_pickle(path, allow_pickle):
                     raise
                 return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "GLOBAL" not in str(e):  # "Unsupported global: GLOBAL x" or "unsupported GLOBAL x ... is blocked"
-            raise  # a broken pickle: reported as unreadable by the caller
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        names = [n for n in names if n not in {g for _, g in _HARMLESS_GLOBALS}]
-        raise FormatError(
-            f"{path}: refusing to unpickle this file: it needs arbitrary code to load "
-            f"({', '.join(names[:3]) or 'unknown globals'}); convert it to .safetensors with a tool you trust"
-        ) from None
+        if "GLOBAL" in str(e):  # "Unsupported global: GLOBAL x" or "unsupported GLOBAL x ... is blocked"
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            names = [n for n in names if n not in {g for _, g in _HARMLESS_GLOBALS}]
+            raise FormatError(
+                f"{path}: refusing to unpickle this file: it needs arbitrary code to load "
+                f"({', '.join(names[:3]) or 'unknown globals'}); convert it to .safetensors with a tool you trust"
+            ) from None
+        # torch's text advises weights_only=False (which we never do); keep only its reason
+        reason = str(e).partition("WeightsUnpickler error:")[2].strip().splitlines() or str(e).splitlines()
+        raise FormatError(f"{path}: not a torch checkpoint, or a corrupt one: unpickling failed "
+                          f"({(reason or ['unknown reason'])[0][:120]})") from None
+    except EOFError:  # the pickle stream stops early
+        raise FormatError(f"{path}: not a torch checkpoint, or a truncated one: its data ends early") from None
+    except OSError as e:  # torch's zip reader (PyTorchFileReader) says EINVAL for a truncated archive
+        if e.errno != errno.EINVAL:
+            raise
+        raise FormatError(f"{path}: a truncated or corrupt torch zip archive (its end is missing)") from None
+    except RuntimeError as e:  # torch: "unexpected EOF ... might be corrupted", "PytorchStreamReader failed ..."
+        text = str(e)
+        problem = next((v for k, v in _TORCH_PROBLEMS.items() if k in text), None)
+        raise FormatError(f"{path}: {problem or 'a corrupt torch checkpoint: ' + text.split('. ')[0][:160]}") from None
+    except (KeyError, IndexError, ValueError) as e:  # the unpickler on bytes that are no pickle (stack/memo
+        # lookups fail), or a zip archive with undecodable names (UnicodeDecodeError)
+        raise FormatError(f"{path}: not a torch checkpoint (its bytes are no valid pickle or torch archive: "
+                          f"{type(e).__name__} {str(e)[:80]})") from None
+
+
+# safetensors' own reasons (SafetensorError text) -> what they mean for a user's file
+_SAFETENSORS_PROBLEMS = {
+    "header too small": "shorter than the 8-byte header length (empty or truncated)",
+    "invalid header length": "truncated inside its header",
+    "file not fully covered": "truncated: its header lists more tensor data than the file holds",
+    "header too large": "its first 8 bytes are no safetensors header length (not a safetensors file?)",
+    "invalid JSON in header": "its header is not valid JSON",
+}
+
+
+def _open_safetensors(path):
+    """(keys, get, metadata) of a .safetensors file; a broken file is a one-line FormatError saying how."""
+    from safetensors import SafetensorError, safe_open
+
+    from lora_sd.errors import FormatError
+
+    try:
+        f = safe_open(str(path), framework="pt")  # checks the header against the file size
+    except SafetensorError as e:
+        text = str(e).removeprefix("Error while deserializing header: ")
+        problem = next((v for k, v in _SAFETENSORS_PROBLEMS.items() if k in text), text[:160])
+        raise FormatError(f"{path}: not a valid safetensors file: {problem}") from None
+    return list(f.keys()), f.get_tensor, dict(f.metadata() or {})
 
 
 def open_tensor_file(path, allow_pickle=False):
@@ -141,37 +194,30 @@ def open_tensor_file(path, allow_pickle=False):
 
     A .safetensors file is read lazily, one tensor per `get`. Pickles load
     with `weights_only=True`: one that needs code to load is refused. A nested
-    `state_dict` (original SD checkpoints) is unwrapped. Every failure is a
-    one-line FormatError naming the file.
+    `state_dict` (original SD checkpoints) is unwrapped. A missing, empty,
+    truncated or corrupt file is a one-line FormatError naming the file.
     """
     import torch
-    from safetensors import safe_open
 
     from lora_sd.errors import FormatError
 
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise FormatError(f"{path}: is empty (0 bytes)")
     with open(path, "rb") as f:
         head = f.read(16)
-    try:
-        if path.suffix == ".safetensors" or head[8:9] == b"{":
-            f = safe_open(str(path), framework="pt")
-            keys, get, metadata = list(f.keys()), f.get_tensor, dict(f.metadata() or {})
-        else:
-            sd = _load_pickle(path, allow_pickle)
-            while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-                sd = sd["state_dict"]
-            if not isinstance(sd, dict):
-                raise FormatError(f"{path}: holds a {type(sd).__name__}, not a state dict")
-            tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-            keys, get, metadata = list(tensors), tensors.__getitem__, {}
-    except FormatError:
-        raise
-    except Exception as e:  # safetensors, zipfile, pickle and torch all raise their own types
-        # (torch's own text here advises weights_only=False, which we never do)
-        msg = (str(e).splitlines()[0] if str(e) else type(e).__name__).split(". ")[0][:160]
-        raise FormatError(f"{path}: not a readable safetensors or torch file (truncated or corrupt?): {msg}") from None
+    if path.suffix == ".safetensors" or head[8:9] == b"{":
+        keys, get, metadata = _open_safetensors(path)
+    else:
+        sd = _load_pickle(path, allow_pickle)
+        while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise FormatError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+        tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        keys, get, metadata = list(tensors), tensors.__getitem__, {}
     if not keys:
         raise FormatError(f"{path}: holds no tensors")
     return keys, get, metadata

@@ -11,7 +11,7 @@ import torch
 
 from lora_sd.errors import ModelMismatchError
 from lora_sd.formats import load_lora, save_lora
-from recipes.convert_lora import main
+from recipes.convert_lora import main, parse_args
 from lora_sd.cli import run_main
 from tests.helpers import random_lora
 
@@ -48,6 +48,12 @@ def _bad_inputs(tmp_path, kohya_file):
     text.write_text("hello, not a tensor file at all")
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(src.read_bytes()[:-100])
+    data = src.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    bad_json = tmp_path / "bad_json.safetensors"
+    bad_json.write_bytes(data[:8] + b"{" + b"x" * (n - 1) + data[8 + n:])
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
     unknown = tmp_path / "unknown.safetensors"
     safetensors.torch.save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, unknown)
     code = tmp_path / "code.ckpt"
@@ -55,24 +61,61 @@ def _bad_inputs(tmp_path, kohya_file):
         torch.save({"w": torch.zeros(2), "x": Evil()}, f)
     junk_ckpt = tmp_path / "junk.ckpt"
     junk_ckpt.write_bytes(pickle.dumps([1, 2, 3])[:5])
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "whole.ckpt")
+    truncated_zip = tmp_path / "truncated.ckpt"
+    truncated_zip.write_bytes((tmp_path / "whole.ckpt").read_bytes()[:-100])  # torch: OSError EINVAL
+    half_zip = tmp_path / "half.ckpt"
+    half_zip.write_bytes((tmp_path / "whole.ckpt").read_bytes()[:1000])  # torch: RuntimeError, no central directory
+    old_pickle = tmp_path / "old.ckpt"
+    torch.save({"w": torch.zeros(100)}, old_pickle, _use_new_zipfile_serialization=False)
+    truncated_old = tmp_path / "truncated_old.ckpt"
+    truncated_old.write_bytes(old_pickle.read_bytes()[:-100])
     return {
-        "not a tensor file": (text, "truncated or corrupt"),
-        "truncated": (truncated, "truncated or corrupt"),
+        "not a tensor file": (text, "not a valid safetensors file: its first 8 bytes are no safetensors header length"),
+        "truncated": (truncated, "not a valid safetensors file: truncated: its header lists more tensor data"),
+        "bad header json": (bad_json, "not a valid safetensors file: its header is not valid JSON"),
+        "empty": (empty, "is empty (0 bytes)"),
         "unknown keys": (unknown, "keys of no known LoRA format (first key: 'model.diffusion_model"),
         "pickle needing code": (code, "needs arbitrary code to load"),
-        "broken pickle": (junk_ckpt, "truncated or corrupt"),
+        "broken pickle": (junk_ckpt, "not a torch checkpoint, or a corrupt one: unpickling failed"),
+        "truncated zip ckpt": (truncated_zip, "a truncated or corrupt torch zip archive"),
+        "half a zip ckpt": (half_zip, "a truncated or corrupt torch zip archive"),
+        "truncated old-style ckpt": (truncated_old, "a truncated torch checkpoint (its data ends early)"),
         "missing": (tmp_path / "nope.safetensors", "no such file"),
     }
 
 
-@pytest.mark.parametrize("case", ["not a tensor file", "truncated", "unknown keys", "pickle needing code", "broken pickle", "missing"])
+BAD_INPUTS = ["not a tensor file", "truncated", "bad header json", "empty", "unknown keys", "pickle needing code",
+              "broken pickle", "truncated zip ckpt", "half a zip ckpt", "truncated old-style ckpt", "missing"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_one_line_and_nothing_written(kohya_file, tmp_path, capsys, case):
+    """Each broken file is named with what is wrong with it (no catch-all "truncated or corrupt")."""
     path, message = _bad_inputs(tmp_path, kohya_file)[case]
     out = tmp_path / "out" / "x.safetensors"
     assert run_main(main, ["--to", "diffusers", str(path), str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {path}") and message in err and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {path}: ") and message in err and len(err.splitlines()) == 1, err
     assert not out.exists() and not any((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
+
+
+def test_a_bug_is_not_renamed_a_corrupt_file(kohya_file, tmp_path, monkeypatch):
+    """Only the errors a bad file raises become "corrupt file" messages: a bug in reading stays a bug."""
+    import lora_sd.io
+
+    ckpt = tmp_path / "plain.ckpt"
+    torch.save({"w": torch.zeros(2)}, ckpt)
+
+    def buggy(*args, **kwargs):
+        raise AttributeError("a bug")
+
+    monkeypatch.setattr("safetensors.safe_open", buggy)
+    with pytest.raises(AttributeError, match="a bug"):
+        load_lora(kohya_file[0])
+    monkeypatch.setattr("torch.load", buggy)
+    with pytest.raises(AttributeError, match="a bug"):
+        lora_sd.io.read_tensor_file(ckpt)
 
 
 def test_recipe_process_exit_code_and_no_traceback(tmp_path):
@@ -121,3 +164,49 @@ def test_lora_whose_text_encoder_does_not_fit_leaves_the_unet_alone(kohya_file, 
     with pytest.raises(ModelMismatchError, match="does not fit the model"):
         bad.apply_to(unet=unet, text_encoder=copy.deepcopy(tiny_sd1.text_encoder))
     assert not hasattr(unet, "peft_config")
+
+
+def _tree_bytes(path):
+    """{relative path: bytes} of a file or of every file under a folder."""
+    if path.is_file():
+        return {".": path.read_bytes()}
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("case", ["same file", "same peft folder", "file inside peft folder",
+                                  "diffusers folder file", "same diffusers folder"])
+def test_output_over_the_input_is_refused_before_any_work(kohya_file, tmp_path, capsys, monkeypatch, case):
+    src, lora = kohya_file
+    k = tmp_path / "k.safetensors"
+    k.write_bytes(src.read_bytes())
+    peft = save_lora(lora, tmp_path / "p", "peft")
+    dfolder = tmp_path / "d"
+    dfolder.mkdir()
+    save_lora(lora, dfolder / "pytorch_lora_weights.safetensors", "diffusers")
+    to, inp, out, how = {
+        "same file": ("kohya", k, k, "is"),
+        "same peft folder": ("peft", peft, peft, "is"),
+        "file inside peft folder": ("kohya", peft, peft / "unet" / "adapter_model.safetensors", "is inside"),
+        "diffusers folder file": ("diffusers", dfolder, dfolder / "pytorch_lora_weights.safetensors", "is inside"),
+        "same diffusers folder": ("peft", dfolder, dfolder, "is"),
+    }[case]
+    before = _tree_bytes(inp)
+    monkeypatch.setattr("recipes.convert_lora.read_lora", lambda *a: pytest.fail("read before the output was checked"))
+    assert run_main(main, ["--to", to, str(inp), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: output {out}: {how} the input {inp}; writing it would overwrite or change that input "
+                   "(give another output path)"), err
+    assert _tree_bytes(inp) == before
+
+
+def test_diffusers_output_warns_that_other_tools_do_not_load_it(kohya_file, tmp_path, caplog, capsys):
+    src, _ = kohya_file
+    assert run_main(main, ["--to", "diffusers", str(src), str(tmp_path / "d.safetensors")]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("ComfyUI, AUTOMATIC1111 and sd-scripts do not load it" in m and "--to kohya" in m for m in warned), warned
+    caplog.clear()
+    assert run_main(main, ["--to", "kohya", str(src), str(tmp_path / "k.safetensors")]) == 0
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "not in ComfyUI, AUTOMATIC1111 or sd-scripts" in " ".join(capsys.readouterr().out.split())

@@ -95,9 +95,22 @@ def test_kohya_file_layout_and_metadata(tiny_sd1, tmp_path):
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
     assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + n:]).hexdigest()
-    # legacy hash: over the serialization with only the ss_* metadata
-    ss_only = safetensors.torch.save(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
-    assert meta["sshs_legacy_hash"] == hashlib.sha256(ss_only[0x100000:0x110000]).hexdigest()[:8]
+
+
+def test_legacy_hash_of_a_file_over_1_MiB(tmp_path):
+    """sshs_legacy_hash (FORMATS.md): the first 8 hex of sha256 of bytes [0x100000, 0x110000) of the file as
+    serialized with only the ss_* metadata. The file must pass 0x110000 bytes, or both sides hash nothing."""
+    gen = torch.Generator().manual_seed(0)
+    big = LoraModule(torch.randn(64, 2304, generator=gen), torch.randn(2304, 64, generator=gen), alpha=8.0)
+    lora = LoraWeights({"unet.down_blocks.0.attentions.0.proj_in": big}, {"ss_training_comment": "big"})
+    path = save_lora(lora, tmp_path / "big.safetensors")
+    assert path.stat().st_size > 0x110000
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    ss_only = safetensors.torch.save(safetensors.torch.load_file(path), {k: v for k, v in meta.items() if k.startswith("ss_")})
+    window = ss_only[0x100000:0x110000]
+    assert len(window) == 0x10000
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(window).hexdigest()[:8]
 
 
 def test_files_from_other_tools(tiny_sd2, tmp_path):
@@ -110,14 +123,17 @@ def test_files_from_other_tools(tiny_sd2, tmp_path):
     for k, v in tensors.items():
         if k.endswith(".alpha"):
             if "proj_out" in k:
-                other[k] = torch.tensor(4)  # int64, as sd-scripts' svd_merge writes
+                other[k] = torch.tensor(2)  # int64, as sd-scripts' svd_merge writes; 2 != rank 4 (the fallback)
             continue  # other files: no alpha -> alpha = rank (4 here)
         if "proj_in" in k:
             v = v[:, :, None, None]  # sd-scripts trained from a single file: 1x1 conv shapes
+        if "proj_out" in k and "lora_up" in k:
+            v = v * 2  # the same delta at alpha 2 (scale 2/4) as the reference's alpha 4
         other[k] = v.to(torch.bfloat16 if "up" in k else torch.float16)
     safetensors.torch.save_file(other, tmp_path / "other.safetensors")
     back = load_lora(tmp_path / "other.safetensors")
-    assert all(m.alpha == 4 for m in back.modules.values())
+    assert {k: m.alpha for k, m in back.modules.items() if m.alpha != 4} == {
+        k: 2 for k in back.modules if k.endswith("proj_out")} != {}
     unet = copy.deepcopy(tiny_sd2.unet)
     back.apply_to(unet=unet)
     out = model_outputs(tiny_sd2, unet, tiny_sd2.text_encoder)[1]

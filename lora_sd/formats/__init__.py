@@ -1,16 +1,20 @@
 """Read any supported LoRA file into LoraWeights; write LoraWeights in any format.
 
 Formats: `kohya` (single .safetensors/.ckpt/.pt, the default everywhere),
-`diffusers` (what `save_lora_weights` writes), `peft` (adapter folders).
+`diffusers` (what `save_lora_weights` writes, and the older names diffusers'
+training scripts write; a file or a folder holding `pytorch_lora_weights.safetensors`),
+`peft` (adapter folders).
 """
 
+import math
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
 from lora_sd.errors import FormatError
-from lora_sd.formats.diffusers import diffusers_file_contents, is_diffusers, lora_from_diffusers
+from lora_sd.formats.diffusers import (FOLDER_FILES, diffusers_file_contents, diffusers_folder_file, is_diffusers,
+                                      lora_from_diffusers)
 from lora_sd.formats.kohya import is_kohya, kohya_file_contents, lora_from_kohya
 from lora_sd.formats.peft import is_peft_folder, read_peft_folder, write_peft_folder
 from lora_sd.io import atomic_path, precision_dtype, read_tensor_file
@@ -20,24 +24,16 @@ FORMATS = ("kohya", "diffusers", "peft")
 
 
 def read_lora(path) -> tuple[LoraWeights, str]:
-    """(the LoRA, its format) from a kohya file, a diffusers LoRA file or a PEFT adapter folder."""
+    """(the LoRA, its format) from a kohya file, a diffusers LoRA file or folder, or a PEFT adapter folder.
+
+    Every LoRA input of every recipe comes through here: a file of non-finite
+    or mismatched tensors is refused, naming the file and the module.
+    """
     path = Path(path)
     if path.is_dir():
-        if not is_peft_folder(path):
-            raise FormatError(f"{path}: a folder, but not a PEFT adapter folder (unet/ or text_encoder/ with adapter_config.json)")
-        lora, fmt = read_peft_folder(path), "peft"
+        lora, fmt = _read_folder(path)
     else:
-        state, metadata = read_tensor_file(path)
-        if is_kohya(state):
-            fmt, reader = "kohya", lora_from_kohya
-        elif is_diffusers(state):
-            fmt, reader = "diffusers", lora_from_diffusers
-        else:
-            raise FormatError(
-                f"{path}: keys of no known LoRA format (first key: {next(iter(state))!r}); expected kohya "
-                "(lora_unet_*/lora_te_*), diffusers (unet.*.lora_A.weight) or a PEFT folder"
-            )
-        lora = reader(state, metadata, source=str(path))
+        lora, fmt = _read_file(path)
     if not lora.modules:
         raise FormatError(f"{path}: holds no LoRA modules")
     for key, m in lora.modules.items():
@@ -46,7 +42,49 @@ def read_lora(path) -> tuple[LoraWeights, str]:
                 f"{path}: module {key} has down {tuple(m.down.shape)}, up {tuple(m.up.shape)}; a LoRA pair is "
                 "down [rank, in] or [rank, in, k, k] with up [out, rank] or [out, rank, 1, 1]"
             )
+    _refuse_non_finite(lora, path)
     return lora, fmt
+
+
+def _read_folder(path):
+    weights = diffusers_folder_file(path)
+    if is_peft_folder(path):
+        if weights is not None:
+            raise FormatError(f"{path}: holds both PEFT adapter folders and {weights.name}; give the one to read")
+        return read_peft_folder(path), "peft"
+    if weights is None:
+        raise FormatError(f"{path}: a folder, but neither a PEFT adapter folder (unet/ or text_encoder/ with "
+                          f"adapter_config.json) nor a diffusers LoRA folder ({' or '.join(FOLDER_FILES)})")
+    return _read_file(weights)
+
+
+def _read_file(path):
+    state, metadata = read_tensor_file(path)
+    if is_kohya(state):
+        fmt, reader = "kohya", lora_from_kohya
+    elif is_diffusers(state):
+        fmt, reader = "diffusers", lora_from_diffusers
+    else:
+        raise FormatError(
+            f"{path}: keys of no known LoRA format (first key: {next(iter(state))!r}); expected kohya "
+            "(lora_unet_*/lora_te_*), diffusers (unet.*.lora_A.weight, unet.*.lora.down.weight, ...) or a PEFT folder"
+        )
+    return reader(state, metadata, source=str(path)), fmt
+
+
+def _refuse_non_finite(lora: LoraWeights, path):
+    """NaN/inf in a LoRA would go silently into merged models and generated images (or crash an SVD)."""
+    bad = {}
+    for key, m in lora.modules.items():
+        n = int((~torch.isfinite(m.down)).sum()) + int((~torch.isfinite(m.up)).sum()) + (not math.isfinite(m.alpha))
+        if n:
+            bad[key] = n
+    if bad:
+        key, n = next(iter(bad.items()))
+        k = len(bad) - 1
+        more = f" (and {k} more module{'s' * (k > 1)}: {sum(bad.values())} in all)" if k else ""
+        raise FormatError(f"{path}: module {key} holds {n} non-finite values (NaN/inf){more}; the LoRA is broken "
+                          "(a diverged training run?): use an earlier save")
 
 
 def _is_lora_pair(down, up) -> bool:

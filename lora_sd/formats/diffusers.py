@@ -1,22 +1,63 @@
-"""diffusers' LoRA file: what `save_lora_weights` writes and `load_lora_weights` reads first.
+"""diffusers' LoRA file: what `save_lora_weights` writes and `load_lora_weights` reads.
 
 Keys `unet.<path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<path>...`;
 ranks and alphas travel as LoraConfig dicts in the `lora_adapter_metadata`
 header entry, per component (`unet.r`, `unet.lora_alpha`, `unet.alpha_pattern`...).
+
+Also read: the older names diffusers' own training scripts write (and still
+write: `convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))`):
+- `unet.<...>.attn1.processor.to_q_lora.down.weight` (`save_attn_procs`,
+  LoraLoaderMixin 0.12-0.16; `save_attn_procs` leaves out the `unet.`),
+  `text_encoder.<...>.self_attn.to_q_lora.down.weight` (0.15-0.16);
+- `unet.<...>.to_q.lora.down.weight`,
+  `text_encoder.<...>.q_proj.lora_linear_layer.down.weight` (0.17 on).
+They are renamed by diffusers' own converters, as its loaders do.
+A diffusers LoRA folder (`load_lora_weights(folder)`) is read as the file in it.
 """
 
 import json
+from pathlib import Path
+
+from diffusers.utils.state_dict_utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
+                                              convert_unet_state_dict_to_peft)
 
 from lora_sd.errors import FormatError
+from lora_sd.formats.metadata import kohya_metadata_only
 from lora_sd.formats.peft import LORA_A, LORA_B, lora_modules
 from lora_sd.lora_weights import COMPONENTS, LoraWeights
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-KEPT_METADATA = ("ss_", "modelspec.")  # kohya metadata travels through diffusers files
+# diffusers.loaders.lora_base LORA_WEIGHT_NAME_SAFE / LORA_WEIGHT_NAME, in the order load_lora_weights tries them
+FOLDER_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+_LEGACY = (".lora.down.weight", ".lora.up.weight", "_lora.down.weight", "_lora.up.weight",
+           ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight")
+_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.", "add_embedding.")
+
+
+def diffusers_folder_file(folder) -> Path | None:
+    """The LoRA file of a diffusers LoRA folder (`pytorch_lora_weights.safetensors`, else `.bin`), or None."""
+    return next((Path(folder) / n for n in FOLDER_FILES if (Path(folder) / n).is_file()), None)
 
 
 def is_diffusers(state_dict) -> bool:
-    return any(k.split(".", 1)[0] in COMPONENTS and k.endswith((LORA_A, LORA_B)) for k in state_dict)
+    keys = list(state_dict)
+    if all(k.startswith(_UNET_ROOTS) for k in keys):  # `save_attn_procs`: U-Net keys without `unet.`
+        return any(k.endswith((LORA_A, LORA_B, *_LEGACY)) for k in keys)
+    return any(k.split(".", 1)[0] in COMPONENTS and k.endswith((LORA_A, LORA_B, *_LEGACY)) for k in keys)
+
+
+def _peft_names(component, state, source):
+    """`state` (one component) with diffusers' older names renamed to PEFT's, by diffusers' own converters."""
+    if all(k.endswith((LORA_A, LORA_B, ".alpha")) for k in state):
+        return state
+    try:
+        if component == "unet":  # as UNet2DConditionModel.load_lora_adapter does
+            return convert_unet_state_dict_to_peft(state)
+        # as diffusers.loaders.lora_base._load_lora_into_text_encoder does
+        return convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
+    except ValueError as e:  # "Could not automatically infer state dict type"
+        raise FormatError(f"{source}: {component} keys of no diffusers LoRA layout ({e}; first key "
+                          f"{next(iter(state))!r})") from None
 
 
 def lora_from_diffusers(state_dict, metadata=None, source="") -> LoraWeights:
@@ -28,14 +69,17 @@ def lora_from_diffusers(state_dict, metadata=None, source="") -> LoraWeights:
             configs.setdefault(component, {})[field] = v
     except (ValueError, AttributeError) as e:
         raise FormatError(f"{source}: unreadable {ADAPTER_METADATA_KEY} metadata ({e})") from None
+    if all(k.startswith(_UNET_ROOTS) for k in state_dict):  # `save_attn_procs` wrote the U-Net alone, unprefixed
+        state_dict = {f"unet.{k}": t for k, t in state_dict.items()}
     by_component = {}
     for key, tensor in state_dict.items():
         component, _, name = key.partition(".")
         if component not in COMPONENTS:
             raise FormatError(f"{source}: key {key!r} is not a diffusers LoRA tensor (<component>.<module>.lora_A/B.weight)")
         by_component.setdefault(component, {})[name] = tensor
-    lora = LoraWeights(metadata={k: v for k, v in metadata.items() if k.startswith(KEPT_METADATA)})
+    lora = LoraWeights(metadata=kohya_metadata_only(metadata))
     for component, state in by_component.items():
+        state = _peft_names(component, state, source)
         lora.modules.update(lora_modules(component, state, configs.get(component, {}), source))
     return lora
 
@@ -55,5 +99,5 @@ def diffusers_file_contents(lora: LoraWeights):
                 value = str(value.value if hasattr(value, "value") else value)
             packed[f"{component}.{field}"] = value
     metadata = {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True, default=str)}
-    metadata.update({k: v for k, v in lora.metadata.items() if k.startswith(KEPT_METADATA)})
+    metadata.update(kohya_metadata_only(lora.metadata))
     return state, metadata

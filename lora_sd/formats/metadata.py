@@ -15,6 +15,13 @@ ARCHITECTURES = {
 }
 
 BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # ss_base_model_version
+KOHYA_METADATA_PREFIXES = ("ss_", "modelspec.")  # what travels through diffusers files and PEFT folders
+
+
+def kohya_metadata_only(metadata) -> dict[str, str]:
+    """The kohya training metadata (`ss_*`, `modelspec.*`) of a file's metadata; the sshs_* hashes are
+    left out: they are recomputed when a kohya file is written."""
+    return {k: v for k, v in (metadata or {}).items() if k.startswith(KOHYA_METADATA_PREFIXES)}
 
 
 def lora_version(metadata) -> str | None:
