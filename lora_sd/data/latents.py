@@ -53,6 +53,26 @@ def vae_fingerprint(vae) -> str:
     return h.hexdigest()
 
 
+class VaeEncoder:
+    """The `encode_fn` of the latent cache: pixels [B, 3, H, W] in [-1, 1] -> unscaled latents [B, 4, H/8, W/8].
+
+    The VAE encodes in float32 (sd-scripts' no_half_vae). Each image draws its own noise from one seeded
+    generator (diffusers' per-sample generators), so the latents do not depend on how many images share a
+    VAE call. `vae_id` is the VAE's fingerprint, the part of every cache key that names the VAE.
+    """
+
+    def __init__(self, vae, seed: int):
+        self.vae = vae
+        self.generator = torch.Generator().manual_seed(seed)
+        self.vae_id = vae_fingerprint(vae)
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        device = next(self.vae.parameters()).device
+        latent_dist = self.vae.encode(pixels.to(device, torch.float32)).latent_dist
+        return latent_dist.sample([self.generator] * len(pixels)).cpu()
+
+
 def file_digest(path) -> str:
     """sha256 of the file's bytes, remembered per (path, size, mtime) within a process."""
     st = Path(path).stat()
