@@ -15,7 +15,9 @@
 Refused with a clear message (exit 2 from the recipe, nothing written):
 fp16 on a machine without CUDA, xformers when not installed, both
 `network_train_*_only` set (at config load), a missing model or dataset, and
-a NaN/inf loss (stops at that step; the last good save is kept).
+a NaN/inf loss (stops at that step; the last good save is kept), and
+non-finite LoRA weights at a save (checked before every save: no file with
+NaN/inf weights is ever written).
 """
 
 import logging
@@ -298,6 +300,16 @@ class LoraTraining:
                             f"(epoch {self.progress.epoch + 1}); training stopped. Last good save: "
                             f"{self._last_save()}. Try a lower learning_rate, or mixed_precision \"no\"/\"bf16\"")
 
+    def _check_weights(self):
+        """Before every save: a non-finite LoRA weight (a NaN/inf update) stops the run, and nothing is written."""
+        bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in self.params)
+        bad = int(self.accelerator.gather(torch.tensor([bad], device=self.accelerator.device)).sum())
+        if bad:
+            raise TrainingError(f"the LoRA weights hold {bad} non-finite value(s) at step {self.progress.global_step} "
+                                f"(epoch {self.progress.epochs_begun}); training stopped without saving them. Last "
+                                f"good save: {self._last_save()}. Try a lower learning_rate, or mixed_precision "
+                                "\"no\"/\"bf16\"")
+
     def _last_save(self) -> str:
         return str(self.result.saved[-1]) if self.result.saved else "none (nothing was saved yet)"
 
@@ -332,6 +344,7 @@ class LoraTraining:
         """Save the LoRA under its name for `epoch`/`step` (neither: the final name), and the training state
         when `state` (default: `save_state`). Returns the LoRA's path."""
         cfg, acc = self.cfg, self.accelerator
+        self._check_weights()
         meta = at_save(self.metadata, steps=self.progress.global_step, epoch=self.progress.epochs_begun)
         path = checkpoint.save_lora_file(acc, self.unet, self.text_encoder, cfg, meta, version=self.model.version,
                                          epoch=epoch, step=step)

