@@ -34,3 +34,19 @@ def test_non_finite_weights_are_never_saved(assets, tmp_path, monkeypatch, capsy
     assert "non-finite" in err and "at step 4" in err and "lora-step00000002.safetensors" in err
     assert sorted(p.name for p in out.iterdir()) == ["lora-config.toml", "lora-step00000002-state",
                                                      "lora-step00000002.safetensors"]
+
+
+def test_alpha_zero_trains_at_alpha_equals_rank(assets, tmp_path):  # noqa: F811
+    """network_alpha = 0 and conv_alpha = 0: alpha = the rank (sd-scripts), so the LoRA trains and the file says so."""
+    out = tmp_path / "out"
+    train_recipe.main(args(assets, out, "--network_dim", "4", "--network_alpha", "0",
+                           "--network_args", "conv_dim=2", "conv_alpha=0"))
+    state, meta = kohya_file(out / "lora.safetensors")
+    alphas = {k: v.item() for k, v in state.items() if k.endswith(".alpha")}
+    convs = {k for k in alphas if state[k.replace(".alpha", ".lora_down.weight")].ndim == 4
+             and state[k.replace(".alpha", ".lora_down.weight")].shape[-1] == 3}
+    assert convs and set(alphas.values()) == {4.0, 2.0}
+    assert all(v == (2.0 if k in convs else 4.0) for k, v in alphas.items())
+    assert meta["ss_network_alpha"] == "4" and meta["ss_network_dim"] == "4"
+    ups = [v for k, v in state.items() if k.endswith("lora_up.weight")]
+    assert all(up.abs().max() > 0 for up in ups)  # every up weight moved from its zero start
