@@ -50,3 +50,24 @@ def test_alpha_zero_trains_at_alpha_equals_rank(assets, tmp_path):  # noqa: F811
     assert meta["ss_network_alpha"] == "4" and meta["ss_network_dim"] == "4"
     ups = [v for k, v in state.items() if k.endswith("lora_up.weight")]
     assert all(up.abs().max() > 0 for up in ups)  # every up weight moved from its zero start
+
+
+def test_disk_cache_alone_never_reuses_another_vaes_latents(assets, tmp_path, monkeypatch):  # noqa: F811
+    """cache_latents_to_disk without cache_latents: a second base model (another VAE) encodes its own latents."""
+    import datasets
+
+    from lora_sd.data import latents
+    from lora_sd.tiny import save_tiny_diffusers
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    save_tiny_diffusers(tmp_path / "other", "sd1", seed=1)
+    encoded = []
+    real_call = latents.VaeEncoder.__call__
+    monkeypatch.setattr(latents.VaeEncoder, "__call__", lambda self, x: encoded.append(len(x)) or real_call(self, x))
+    counts = []
+    for model in (assets / "model", tmp_path / "other", assets / "model"):
+        encoded.clear()
+        train_recipe.main(args(assets, tmp_path / "out", "--pretrained_model_name_or_path", str(model),
+                               "--cache_latents_to_disk", steps=1))
+        counts.append(sum(encoded))
+    assert counts == [4, 4, 0]  # 4 images: each VAE encodes them once; the first model's cache is then reused

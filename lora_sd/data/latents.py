@@ -97,6 +97,8 @@ class LatentCache:
     """key -> latents [4, h, w] (and the flipped image's latents), in memory or in `datasets` shards."""
 
     def __init__(self, root: Path | None, vae_id: str):
+        if not vae_id:  # every key names the VAE, or another VAE's latents would be read back
+            raise ValueError("a latent cache needs the VAE's fingerprint (vae_id, see VaeEncoder)")
         self.memory: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.root = None if root is None else Path(root) / hashlib.sha256(vae_id.encode()).hexdigest()[:16]
         self.shards: list[datasets.Dataset] = []

@@ -181,6 +181,8 @@ class LoraTraining:
         from lora_sd.data.latents import VaeEncoder
 
         cfg = self.cfg
+        if cfg.cache_latents_to_disk and not cfg.cache_latents:
+            logger.info("cache_latents_to_disk is set, so latents are cached (cache_latents), as in sd-scripts")
         encoder = VaeEncoder(self.model.vae, cfg.seed) if cfg.cache_latents or cfg.cache_latents_to_disk else None
         with self.accelerator.main_process_first():  # the main process fills a disk cache; the others read it
             return build_train_data(cfg.datasets, seed=cfg.seed, prior_loss_weight=cfg.prior_loss_weight,
