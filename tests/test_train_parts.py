@@ -162,3 +162,20 @@ def test_uncached_latents_are_encoded_in_float32_under_autocast(tiny_sd1, monkey
                             scheduler=tiny_sd1.scheduler, cfg=TrainConfig(), generator=gen,
                             weight_dtype=torch.float32)
     assert seen == [False] and torch.isfinite(loss)
+
+
+def test_lora_strength_scales_the_adapters_and_restores_them(tiny_sd1):
+    """sd-scripts' set_multiplier: 0 is the base model, 0.5 equals diffusers' adapter weight 0.5; restored after."""
+    from tests.helpers import max_diff, model_outputs, outputs_with_loras, random_adapted
+
+    from lora_sd.training.network import lora_strength
+
+    lora, unet, te = random_adapted(tiny_sd1)
+    full = model_outputs(tiny_sd1, unet=unet, text_encoder=te)
+    with lora_strength([unet, te], 0.0):
+        assert max_diff(model_outputs(tiny_sd1, unet=unet, text_encoder=te), model_outputs(tiny_sd1)) < 1e-6
+    with lora_strength([unet, te], 0.5):
+        assert max_diff(model_outputs(tiny_sd1, unet=unet, text_encoder=te),
+                        outputs_with_loras(tiny_sd1, [lora], [0.5])) < 1e-5
+    after = model_outputs(tiny_sd1, unet=unet, text_encoder=te)
+    assert all(torch.equal(a, b) for a, b in zip(after, full))

@@ -71,3 +71,44 @@ def test_disk_cache_alone_never_reuses_another_vaes_latents(assets, tmp_path, mo
                                "--cache_latents_to_disk", steps=1))
         counts.append(sum(encoded))
     assert counts == [4, 4, 0]  # 4 images: each VAE encodes them once; the first model's cache is then reused
+
+
+def test_vae_batch_size_sets_images_per_vae_call(assets, tmp_path, monkeypatch):  # noqa: F811
+    """vae_batch_size changes the number of VAE calls while caching, not the latents."""
+    from lora_sd.data import latents
+
+    real_call = latents.VaeEncoder.__call__
+    calls = []
+    monkeypatch.setattr(latents.VaeEncoder, "__call__", lambda self, x: calls[-1].append(real_call(self, x)) or
+                        calls[-1][-1])
+    for size in ("1", "4"):
+        calls.append([])
+        train_recipe.main(args(assets, tmp_path / "out", "--cache_latents", "--vae_batch_size", size, steps=1))
+    assert [len(c) for c in calls] == [4, 1]  # 4 images of one bucket
+    torch.testing.assert_close(torch.cat(calls[0]), calls[1][0], rtol=1e-5, atol=1e-5)
+
+
+def _with_dataset_toml(argv, assets, tmp_path, **dataset):
+    toml = tmp_path / "dataset.toml"
+    toml.write_text("\n".join(["[general]", "resolution = 64", "[[datasets]]",
+                               *(f"{k} = {v}" for k, v in dataset.items()), "  [[datasets.subsets]]",
+                               f"  image_dir = '{assets / 'images' / '2_sks shape'}'", "  num_repeats = 2",
+                               "  caption_extension = '.caption'"]))
+    i = argv.index("--train_data_dir")
+    return argv[:i] + ["--dataset_config", str(toml)] + argv[i + 2:]
+
+
+def test_network_multiplier_is_the_loras_strength_while_training(assets, tmp_path):  # noqa: F811
+    """network_multiplier x the dataset's network_multiplier scales the LoRA in each step (sd-scripts'
+    set_multiplier): at 0 the LoRA has no effect and no gradient; 0.5 x 2 trains exactly as 1 x 1."""
+    def run(name, *extra, **dataset):
+        argv = _with_dataset_toml(args(assets, tmp_path / name, *extra), assets, tmp_path, **dataset)
+        train_recipe.main(argv)
+        return kohya_file(tmp_path / name / "lora.safetensors")[0]
+
+    for zero in (run("dataset0", network_multiplier=0), run("option0", "--network_multiplier", "0")):
+        assert all(not v.any() for k, v in zero.items() if k.endswith("lora_up.weight"))
+    plain = run("plain")
+    assert any(v.any() for k, v in plain.items() if k.endswith("lora_up.weight"))
+    product = run("product", "--network_multiplier", "0.5", network_multiplier=2)
+    assert plain.keys() == product.keys() and all(torch.equal(plain[k], product[k]) for k in plain)

@@ -10,7 +10,9 @@
   cleanup() progress bar and trackers, always.
 `train(cfg)` runs them in that order. The run's counters live in
 `self.progress` (saved with the training state); every save goes through
-`save()`, which checks the weights first.
+`save()`, which checks the weights first. Each step runs the LoRA at
+`network_multiplier` x its dataset's `network_multiplier` (sd-scripts'
+set_multiplier); `vae_batch_size` images share a VAE call when caching latents.
 
 Refused with a clear message (exit 2 from the recipe, nothing written):
 fp16 on a machine without CUDA, xformers when not installed, both
@@ -34,7 +36,8 @@ from lora_sd.errors import ConfigError, TrainingError
 from lora_sd.io import atomic_path
 from lora_sd.training import checkpoint, noise, optim
 from lora_sd.training.metadata import at_save, training_metadata
-from lora_sd.training.network import add_network, check_attention, enable_gradient_checkpointing, set_attention
+from lora_sd.training.network import (add_network, check_attention, enable_gradient_checkpointing, lora_strength,
+                                     set_attention)
 from lora_sd.training.sampling import read_prompts, sample_images
 from lora_sd.training.text import conditioning
 
@@ -189,7 +192,8 @@ class LoraTraining:
                                     max_data_loader_n_workers=cfg.max_data_loader_n_workers,
                                     persistent_data_loader_workers=cfg.persistent_data_loader_workers,
                                     cache_latents=cfg.cache_latents, cache_latents_to_disk=cfg.cache_latents_to_disk,
-                                    encode_fn=encoder, vae_id=encoder.vae_id if encoder else "")
+                                    encode_fn=encoder, vae_id=encoder.vae_id if encoder else "",
+                                    vae_batch_size=cfg.vae_batch_size)
 
     def _setup_schedule_length(self):
         """Optimizer steps per epoch and in all (max_train_epochs, when given, decides)."""
@@ -280,7 +284,7 @@ class LoraTraining:
         """One micro-batch: loss, backward and, once accumulation is complete, the optimizer step."""
         cfg, acc, progress = self.cfg, self.accelerator, self.progress
         generator = step_generator(cfg.seed, acc.process_index, progress.global_step, progress.batches_in_epoch)
-        with acc.accumulate(*self.models.values()):
+        with acc.accumulate(*self.models.values()), lora_strength(self.models.values(), self._strength(batch)):
             with acc.autocast():
                 loss = compute_loss(batch, unet=self.unet, text_conditioning=self.text_conditioning,
                                     vae=self.model.vae, scheduler=self.model.scheduler, cfg=cfg,
@@ -293,6 +297,13 @@ class LoraTraining:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    def _strength(self, batch) -> float:
+        """The LoRA's strength for this batch: network_multiplier x its dataset's (sd-scripts' set_multiplier)."""
+        per_sample = batch["network_multipliers"]
+        if not torch.all(per_sample == per_sample[0]):  # the bucket sampler never mixes datasets in a batch
+            raise ValueError("a batch mixes datasets of different network_multiplier")
+        return self.cfg.network_multiplier * per_sample[0].item()
 
     def _check_loss(self, loss):
         """A NaN/inf loss on any process stops the run at this step (nothing more is saved)."""
