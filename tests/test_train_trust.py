@@ -112,3 +112,37 @@ def test_network_multiplier_is_the_loras_strength_while_training(assets, tmp_pat
     assert any(v.any() for k, v in plain.items() if k.endswith("lora_up.weight"))
     product = run("product", "--network_multiplier", "0.5", network_multiplier=2)
     assert plain.keys() == product.keys() and all(torch.equal(plain[k], product[k]) for k in plain)
+
+
+@pytest.mark.parametrize("case", ["under_a_file", "read_only"])
+def test_unwritable_output_dir_is_refused_before_the_model_loads(assets, tmp_path, monkeypatch, capsys, case):  # noqa: F811
+    import errno
+    import os
+    import tempfile
+
+    from lora_sd.training import loop
+
+    loaded = []
+    real_load = loop.load_model
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+    (tmp_path / "file.txt").write_text("x")
+    blocked = tmp_path / "file.txt" if case == "under_a_file" else tmp_path / "ro"
+    out = blocked / "out" / "run"
+    if case == "read_only":
+        blocked.mkdir()
+        if os.geteuid() == 0:  # root writes through a chmod: refuse writes there as a read-only mount would
+            real_tmp = tempfile.TemporaryFile
+
+            def read_only(*a, dir=None, **k):
+                if dir is not None and os.path.realpath(dir) == os.path.realpath(blocked):
+                    raise OSError(errno.EROFS, "Read-only file system", str(dir))
+                return real_tmp(*a, dir=dir, **k)
+
+            monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+        else:
+            blocked.chmod(0o555)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert run_main(train_recipe.main, args(assets, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: `output_dir`") and str(out) in err and err.count("\n") == 1, err
+    assert not loaded and sorted(p.name for p in tmp_path.rglob("*")) == before

@@ -15,7 +15,8 @@
 set_multiplier); `vae_batch_size` images share a VAE call when caching latents.
 
 Refused with a clear message (exit 2 from the recipe, nothing written):
-fp16 on a machine without CUDA, xformers when not installed, both
+fp16 on a machine without CUDA, xformers when not installed, an unwritable
+`output_dir` (a read-only folder, a path under a file), both
 `network_train_*_only` set (at config load), a missing model or dataset, and
 a NaN/inf loss (stops at that step; the last good save is kept), and
 non-finite LoRA weights at a save (checked before every save: no file with
@@ -25,6 +26,7 @@ NaN/inf weights is ever written).
 import logging
 import math
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +125,26 @@ def load_model(cfg, device):
     return model, weight_dtype
 
 
+def check_output_dir(output_dir):
+    """Refuse an `output_dir` that cannot be written (a path under a file, a read-only folder) before any work.
+
+    Writes nothing but a temporary file in the nearest existing folder (creating it is the one check that
+    sees read-only mounts, ACLs and permissions alike), removed at once.
+    """
+    folder = Path(output_dir)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:  # where mkdir would start creating folders
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"`output_dir` {folder}: {existing} is a file, not a folder; give a folder path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"`output_dir` {folder}: cannot write in {existing} ({e.strerror or e}); "
+                          "give a writable folder") from None
+
+
 def _every(n, count) -> bool:
     return bool(n) and count % n == 0
 
@@ -164,6 +186,7 @@ class LoraTraining:
         """Devices, base model with LoRA, data, optimizer, schedule, resume, and the outputs written at start."""
         cfg = self.cfg
         check_attention(cfg)
+        check_output_dir(cfg.output_dir)
         self.prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
         self.accelerator = make_accelerator(cfg)
         _seed(cfg, self.accelerator)
