@@ -144,7 +144,7 @@ def test_clip_skip_uses_penultimate_layer_through_final_norm(tiny_sd1):
 def test_uncached_latents_are_encoded_in_float32_under_autocast(tiny_sd1, monkeypatch):
     """mixed_precision autocasts the U-Net; the VAE encodes in float32 as for the latent cache (no_half_vae)."""
     from lora_sd.config import TrainConfig
-    from lora_sd.training.loop import compute_loss
+    from lora_sd.training.noise import compute_loss
 
     vae, seen = tiny_sd1.vae, []
     real_encode = vae.encode
@@ -209,7 +209,7 @@ def reference_loss(unet, latents, hidden, loss_weights, generator, min_snr_gamma
 def test_compute_loss_follows_min_snr_noise_offset_and_v_parameterization(tiny_sd1, option):
     """Each option changes the training loss, to exactly the value its definition gives."""
     from lora_sd.config import TrainConfig
-    from lora_sd.training.loop import compute_loss
+    from lora_sd.training.noise import compute_loss
 
     gen = torch.Generator().manual_seed(0)
     latents, hidden = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 77, 32, generator=gen)

@@ -100,14 +100,15 @@ def _with_dataset_toml(argv, assets, tmp_path, **dataset):
 
 def test_network_multiplier_is_the_loras_strength_while_training(assets, tmp_path):  # noqa: F811
     """network_multiplier x the dataset's network_multiplier scales the LoRA in each step (sd-scripts'
-    set_multiplier): at 0 the LoRA has no effect and no gradient; 0.5 x 2 trains exactly as 1 x 1."""
+    set_multiplier): at 0 the LoRA has no effect and no gradient; 0.5 x 2 trains exactly as 1 x 1 (the
+    training option alone, or the dataset's alone, would give 0.5 or 2)."""
     def run(name, *extra, **dataset):
         argv = _with_dataset_toml(args(assets, tmp_path / name, *extra), assets, tmp_path, **dataset)
         train_recipe.main(argv)
         return kohya_file(tmp_path / name / "lora.safetensors")[0]
 
-    for zero in (run("dataset0", network_multiplier=0), run("option0", "--network_multiplier", "0")):
-        assert all(not v.any() for k, v in zero.items() if k.endswith("lora_up.weight"))
+    zero = run("dataset0", network_multiplier=0)
+    assert all(not v.any() for k, v in zero.items() if k.endswith("lora_up.weight"))
     plain = run("plain")
     assert any(v.any() for k, v in plain.items() if k.endswith("lora_up.weight"))
     product = run("product", "--network_multiplier", "0.5", network_multiplier=2)

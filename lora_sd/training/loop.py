@@ -36,8 +36,9 @@ import torch
 from lora_sd.demo import resolve_demo_path
 from lora_sd.errors import ConfigError, TrainingError
 from lora_sd.io import atomic_path
-from lora_sd.training import checkpoint, noise, optim
+from lora_sd.training import checkpoint, optim
 from lora_sd.training.metadata import at_save, training_metadata
+from lora_sd.training.noise import compute_loss
 from lora_sd.training.network import (add_network, check_attention, enable_gradient_checkpointing, lora_strength,
                                      set_attention)
 from lora_sd.training.sampling import read_prompts, sample_images
@@ -84,25 +85,6 @@ def make_accelerator(cfg):
 def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
     """The noise/timestep RNG of one micro-batch: a function of where we are, so resume needs no RNG state."""
     return torch.Generator().manual_seed((((seed * 131 + rank) * 1_000_003 + step) * 1009 + micro) % 2**63)
-
-
-def compute_loss(batch, *, unet, text_conditioning, vae, scheduler, cfg, generator, weight_dtype):
-    """The diffusion loss of one batch (sd-scripts' objective; see lora_sd.training.noise)."""
-    device = next(vae.parameters()).device
-    if "latents" in batch:
-        latents = batch["latents"].to(device)
-    else:
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # a float32 VAE (as the latent cache)
-            latents = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.sample(generator)
-    latents = (latents * vae.config.scaling_factor).float()  # [B, 4, h, w]
-    eps = noise.sample_noise(latents, cfg.noise_offset, generator)
-    timesteps = noise.sample_timesteps(latents.shape[0], cfg.min_timestep, cfg.max_timestep, generator, device)
-    noisy = scheduler.add_noise(latents, eps, timesteps)
-    hidden = text_conditioning(batch["captions"])  # [B, 77 (or 152/227), hidden]
-    pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
-    target = noise.target_for(scheduler, latents, eps, timesteps, cfg.v_parameterization)
-    return noise.diffusion_loss(pred, target, batch["loss_weights"].to(device), scheduler, timesteps,
-                                cfg.min_snr_gamma, cfg.v_parameterization)
 
 
 def load_model(cfg, device):
@@ -385,7 +367,8 @@ class LoraTraining:
         path = checkpoint.save_lora_file(acc, self.unet, self.text_encoder, cfg, meta, version=self.model.version,
                                          epoch=epoch, step=step)
         self.result.saved.append(path)
-        if cfg.save_state if state is None else state:
+        with_state = cfg.save_state if state is None else state
+        if with_state:
             checkpoint.save_training_state(acc, Path(cfg.output_dir) / checkpoint.state_dir_name(cfg, epoch, step))
         return path
 
