@@ -4,7 +4,7 @@
     python benchmarks/train_speed.py --model sd15 --gradient_checkpointing --steps 3   # one row
 
 Each row trains a U-Net LoRA (network_dim 4, alpha 1, AdamW) with the training
-loop's own `compute_loss` (sd-scripts' objective: DDPM noise, timesteps, MSE)
+training's own `compute_loss` (sd-scripts' objective: DDPM noise, timesteps, MSE)
 at batch 1, with cached latents and cached text-encoder outputs (the text
 encoder is not trained), as `cache_latents = true` runs do. The full-size
 row is a U-Net with SD 1.5's architecture (860M parameters, random weights,
@@ -48,7 +48,7 @@ def run_row(model: str, gradient_checkpointing: bool, steps: int, mixed_precisio
     from lora_sd.config import TrainConfig
     from lora_sd.targets import NetworkSpec, lora_configs
     from lora_sd.tiny import build_tiny_sd
-    from lora_sd.training.loop import compute_loss
+    from lora_sd.training.noise import compute_loss
     from lora_sd.models.load import noise_scheduler
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)

@@ -12,7 +12,9 @@ LoRA weights, gradient checkpointing/accumulation, 8 optimizers, 6 schedules,
 saves every n epochs/steps in kohya/diffusers/PEFT formats with ss_* metadata,
 save_state/resume, TensorBoard, sample images, multi-process with accelerate.
 Refused with a one-line error and exit code 2: unknown or mistyped options,
-a missing model or dataset, fp16 on CPU, both network_train_*_only, a NaN loss.
+a missing model or dataset, an unwritable output_dir (checked before the model
+loads), fp16 on CPU, both network_train_*_only, a NaN loss, non-finite LoRA
+weights at a save (never written).
 
 Multi-process on CPU: `accelerate launch --multi_gpu --num_processes 2 recipes/train.py ...`.
 """

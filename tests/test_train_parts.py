@@ -144,7 +144,7 @@ def test_clip_skip_uses_penultimate_layer_through_final_norm(tiny_sd1):
 def test_uncached_latents_are_encoded_in_float32_under_autocast(tiny_sd1, monkeypatch):
     """mixed_precision autocasts the U-Net; the VAE encodes in float32 as for the latent cache (no_half_vae)."""
     from lora_sd.config import TrainConfig
-    from lora_sd.training.loop import compute_loss
+    from lora_sd.training.noise import compute_loss
 
     vae, seen = tiny_sd1.vae, []
     real_encode = vae.encode
@@ -162,3 +162,70 @@ def test_uncached_latents_are_encoded_in_float32_under_autocast(tiny_sd1, monkey
                             scheduler=tiny_sd1.scheduler, cfg=TrainConfig(), generator=gen,
                             weight_dtype=torch.float32)
     assert seen == [False] and torch.isfinite(loss)
+
+
+def test_lora_strength_scales_the_adapters_and_restores_them(tiny_sd1):
+    """sd-scripts' set_multiplier: 0 is the base model, 0.5 equals diffusers' adapter weight 0.5; restored after."""
+    from tests.helpers import max_diff, model_outputs, outputs_with_loras, random_adapted
+
+    from lora_sd.training.network import lora_strength
+
+    lora, unet, te = random_adapted(tiny_sd1)
+    full = model_outputs(tiny_sd1, unet=unet, text_encoder=te)
+    with lora_strength([unet, te], 0.0):
+        assert max_diff(model_outputs(tiny_sd1, unet=unet, text_encoder=te), model_outputs(tiny_sd1)) < 1e-6
+    with lora_strength([unet, te], 0.5):
+        assert max_diff(model_outputs(tiny_sd1, unet=unet, text_encoder=te),
+                        outputs_with_loras(tiny_sd1, [lora], [0.5])) < 1e-5
+    after = model_outputs(tiny_sd1, unet=unet, text_encoder=te)
+    assert all(torch.equal(a, b) for a, b in zip(after, full))
+
+
+OPTIONS = {"plain": {}, "min_snr_gamma": {"min_snr_gamma": 5.0}, "noise_offset": {"noise_offset": 0.1},
+           "v_parameterization": {"v_parameterization": True},
+           "all": {"min_snr_gamma": 5.0, "noise_offset": 0.1, "v_parameterization": True}}
+
+
+def reference_loss(unet, latents, hidden, loss_weights, generator, min_snr_gamma=None, noise_offset=None,
+                   v_parameterization=False):
+    """sd-scripts' objective from its definitions, on SD's DDPM schedule written out here."""
+    alphas_cumprod = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, dim=0)
+    eps = torch.randn(latents.shape, generator=generator)
+    if noise_offset:
+        eps = eps + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+    t = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+    a = alphas_cumprod[t][:, None, None, None]
+    with torch.no_grad():
+        pred = unet(a.sqrt() * latents + (1 - a).sqrt() * eps, t, hidden).sample
+    target = a.sqrt() * eps - (1 - a).sqrt() * latents if v_parameterization else eps
+    loss = ((pred - target) ** 2).mean(dim=[1, 2, 3]) * loss_weights
+    if min_snr_gamma:
+        snr = (a / (1 - a)).flatten()
+        loss = loss * torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if v_parameterization else snr)
+    return loss.mean()
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_compute_loss_follows_min_snr_noise_offset_and_v_parameterization(tiny_sd1, option):
+    """Each option changes the training loss, to exactly the value its definition gives."""
+    from lora_sd.config import TrainConfig
+    from lora_sd.training.noise import compute_loss
+
+    gen = torch.Generator().manual_seed(0)
+    latents, hidden = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 77, 32, generator=gen)
+    batch = {"latents": latents, "captions": ["a", "b", "c"], "loss_weights": torch.tensor([1.0, 0.5, 1.0])}
+    scale = tiny_sd1.vae.config.scaling_factor
+
+    def loss(options):
+        with torch.no_grad():
+            return compute_loss(batch, unet=tiny_sd1.unet, text_conditioning=lambda captions: hidden,
+                                vae=tiny_sd1.vae, scheduler=noise_scheduler(options.get("v_parameterization", False)),
+                                cfg=TrainConfig(**options), generator=torch.Generator().manual_seed(3),
+                                weight_dtype=torch.float32)
+
+    got = loss(OPTIONS[option])
+    want = reference_loss(tiny_sd1.unet, latents * scale, hidden, batch["loss_weights"],
+                          torch.Generator().manual_seed(3), **OPTIONS[option])  # timesteps 310, 738, 59
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    if option != "plain":
+        assert abs(got.item() - loss({}).item()) > 1e-4 * abs(got.item())

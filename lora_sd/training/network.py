@@ -9,6 +9,7 @@ the LoRA parameters are always float32.
 
 import importlib.util
 import logging
+from contextlib import contextmanager
 
 import torch
 
@@ -51,6 +52,8 @@ def add_network(unet, text_encoder, cfg):
 
     A part that `network_weights` holds starts from the file; any other starts fresh.
     """
+    from diffusers.training_utils import cast_training_params
+
     spec = network_spec(cfg)
     models = {"unet": unet, "text_encoder": text_encoder}
     configs = lora_configs(unet, text_encoder, spec, cfg.train_unet, cfg.train_text_encoder)
@@ -62,8 +65,7 @@ def add_network(unet, text_encoder, cfg):
             models[name].add_adapter(config)
         for pname, p in models[name].named_parameters():
             p.requires_grad_("lora_" in pname)
-            if "lora_" in pname:
-                p.data = p.data.float()
+        cast_training_params(models[name], torch.float32)  # the LoRA weights train in float32 under any precision
     return spec
 
 
@@ -96,6 +98,31 @@ def _check_ranks(lora, spec, path):
             what = "conv_dim" if m.is_3x3 else "network_dim"
             raise ConfigError(f"`network_weights` {path}: {key} has rank {m.rank}, but `{what}` is {want}; "
                               f"set `{what} = {m.rank}` or `dim_from_weights = true`")
+
+
+@contextmanager
+def lora_strength(models, multiplier: float):
+    """Every LoRA layer of `models` at `multiplier` times its strength inside the block, restored after.
+
+    sd-scripts' `network.set_multiplier`, through PEFT's per-layer `set_scale` (scale = multiplier *
+    alpha / rank; `set_scale(1.0)` restores alpha / rank exactly). Wrap the forward AND the backward:
+    gradient checkpointing recomputes the forward during backward.
+    """
+    if multiplier == 1.0:
+        yield
+        return
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for model in models for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        for adapter in layer.active_adapters:
+            layer.set_scale(adapter, multiplier)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            for adapter in layer.active_adapters:
+                layer.set_scale(adapter, 1.0)
 
 
 def enable_gradient_checkpointing(unet, text_encoder, cfg):

@@ -6,7 +6,8 @@ channel (constant over the image). Timesteps: uniform integers in
 the velocity `sqrt(a) * noise - sqrt(1 - a) * x0`. Loss: per-sample MSE,
 times the sample's loss weight (prior_loss_weight for regularization
 images), times the min-SNR weight `min(snr, gamma) / snr` (`/ (snr + 1)` for
-v-prediction), then the batch mean.
+v-prediction), then the batch mean. `compute_loss` puts these together for
+one batch, as the training loop runs it.
 """
 
 import torch
@@ -26,15 +27,14 @@ def sample_timesteps(batch_size, min_timestep=0, max_timestep=1000, generator=No
     return torch.randint(min_timestep, max_timestep, (batch_size,), generator=generator).long().to(device)
 
 
-def snr(scheduler, timesteps):
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    return alphas_cumprod / (1.0 - alphas_cumprod)
-
-
 def min_snr_weight(scheduler, timesteps, gamma, v_prediction=False):
-    """sd-scripts' apply_snr_weight factor: min(snr, gamma) / snr, or / (snr + 1) for v-prediction."""
-    s = snr(scheduler, timesteps)
+    """sd-scripts' apply_snr_weight factor: min(snr, gamma) / snr, or / (snr + 1) for v-prediction.
+
+    snr = alpha_bar / (1 - alpha_bar), from diffusers' compute_snr (sd-scripts' all_snr, the same formula).
+    """
+    from diffusers.training_utils import compute_snr
+
+    s = compute_snr(scheduler, timesteps)
     clipped = torch.clamp(s, max=gamma)
     return clipped / (s + 1) if v_prediction else clipped / s
 
@@ -53,3 +53,22 @@ def diffusion_loss(model_pred, target, loss_weights, scheduler=None, timesteps=N
     if min_snr_gamma:
         loss = loss * min_snr_weight(scheduler, timesteps, min_snr_gamma, v_parameterization).to(loss)
     return loss.mean()
+
+
+def compute_loss(batch, *, unet, text_conditioning, vae, scheduler, cfg, generator, weight_dtype):
+    """The diffusion loss of one batch: VAE latents (or cached ones), noise, timesteps, U-Net, target, loss."""
+    device = next(vae.parameters()).device
+    if "latents" in batch:
+        latents = batch["latents"].to(device)
+    else:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # a float32 VAE (as the latent cache)
+            latents = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.sample(generator)
+    latents = (latents * vae.config.scaling_factor).float()  # [B, 4, h, w]
+    eps = sample_noise(latents, cfg.noise_offset, generator)
+    timesteps = sample_timesteps(latents.shape[0], cfg.min_timestep, cfg.max_timestep, generator, device)
+    noisy = scheduler.add_noise(latents, eps, timesteps)
+    hidden = text_conditioning(batch["captions"])  # [B, 77 (or 152/227), hidden]
+    pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
+    target = target_for(scheduler, latents, eps, timesteps, cfg.v_parameterization)
+    return diffusion_loss(pred, target, batch["loss_weights"].to(device), scheduler, timesteps,
+                          cfg.min_snr_gamma, cfg.v_parameterization)
