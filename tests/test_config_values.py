@@ -156,6 +156,15 @@ def test_sd_scripts_config_file_with_vae_batch_size_and_multiplier(tmp_path):
     assert cfg.datasets[0].network_multiplier == 0.5
 
 
+def test_network_multiplier_is_not_a_dataset_default(tmp_path):
+    """Training multiplies the option by the dataset's own value: a dataset without one keeps 1.0 (else 0.5 x 0.5)."""
+    img = tmp_path / "img"
+    img.mkdir()
+    cfg = _load(tmp_path, f'pretrained_model_name_or_path = "m"\nnetwork_multiplier = 0.5\n'
+                f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{img}"\n')
+    assert cfg.network_multiplier == 0.5 and cfg.datasets[0].network_multiplier == 1.0
+
+
 def test_sd_scripts_options_only_where_they_change_nothing(tmp_path, base):
     """store_true flags of sd-scripts parse on our command line; a value that would change the run is refused."""
     path = tmp_path / "train.toml"

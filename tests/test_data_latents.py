@@ -161,3 +161,14 @@ def test_vae_fingerprint_follows_the_weights():
     with torch.no_grad():
         next(b.parameters())[0].add_(1e-3)
     assert vae_fingerprint(a) != vae_fingerprint(b)
+
+
+def test_a_change_of_image_decoding_reencodes(tmp_path, monkeypatch):
+    """Latents of images decoded another way (16-bit, alpha, EXIF handling changed) are not reused."""
+    import lora_sd.data.latents as latents
+
+    build(tmp_path, CountingEncoder())
+    monkeypatch.setattr(latents, "DECODING", latents.DECODING + ";another-decoder")
+    encoder = CountingEncoder()
+    build(tmp_path, encoder)
+    assert encoder.images == 4

@@ -86,7 +86,9 @@ def _datasets(cfg: TrainConfig, tables: dict, path) -> list:
     from lora_sd.data.dataset_config import (DatasetConfig, SubsetConfig, dreambooth_dataset_config,
                                              load_dataset_config)
 
-    shared = [f.name for c in (DatasetConfig, SubsetConfig) for f in dataclasses.fields(c) if f.name in FIELDS]
+    # network_multiplier is not a dataset default: training multiplies the option by the dataset's own value
+    shared = [f.name for c in (DatasetConfig, SubsetConfig) for f in dataclasses.fields(c)
+              if f.name in FIELDS and f.name != "network_multiplier"]
     defaults = {k: getattr(cfg, k) for k in shared if getattr(cfg, k) is not None}
     defaults["batch_size"] = cfg.train_batch_size
     if cfg.train_data_dir:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lora_sd.data.images import DECODING
 from lora_sd.data.transforms import load_pixels
 from lora_sd.io import atomic_path
 
@@ -78,18 +79,20 @@ def file_digest(path) -> str:
     st = Path(path).stat()
     memo = (str(path), st.st_size, st.st_mtime_ns)
     if memo not in _file_hashes:
-        _file_hashes[memo] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        with open(path, "rb") as f:
+            _file_hashes[memo] = hashlib.file_digest(f, "sha256").hexdigest()
     return _file_hashes[memo]
 
 
 def latent_key(row: dict, flip: bool, vae_id: str, content: bool = True) -> str:
-    """What an entry depends on: image bytes, bucket, resized size, flip, VAE.
+    """What an entry depends on: image bytes, bucket, resized size, flip, VAE, the image decoding.
 
     `content=False`, for the in-memory cache (filled and read within one run), names the image by its
     path instead of hashing its bytes, so that images are not read once more just for the key.
     """
     image = file_digest(row["image_path"]) if content else row["image_path"]
-    parts = [image, row["bucket_w"], row["bucket_h"], row["resized_w"], row["resized_h"], int(flip), vae_id]
+    parts = [image, row["bucket_w"], row["bucket_h"], row["resized_w"], row["resized_h"], int(flip), vae_id,
+             DECODING]  # how pixels are decoded: latents of images decoded another way are not reused
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
 
 
