@@ -188,22 +188,7 @@ class TrainingState:
     def load(self, folder):
         """Read `folder` completely, then apply it; every refusal is one line naming the folder or file."""
         folder = Path(folder)
-        names = _state_file_names(folder)
-        info = tree_from_json(_read_text(folder / "state.json"), folder / "state.json")
-        if not isinstance(info, dict) or info.get("format") != STATE_FORMAT:
-            raise FormatError(f"{folder / 'state.json'}: not a {STATE_FORMAT} (no `format` key of that value)")
-        if info.get("version") != STATE_VERSION:
-            raise FormatError(f"{folder / 'state.json'}: state format version {info.get('version')!r}; this "
-                              f"lora-sd reads version {STATE_VERSION}")
-        expected = {"state.json", "lora.safetensors", "optimizer.safetensors"}
-        rng_names = {f"rng-{i}.safetensors" for i in range(int(info.get("num_processes") or 1))}
-        unexpected, missing = sorted(names - expected - rng_names), sorted(expected - names)
-        if unexpected:
-            raise ConfigError(f"`resume` {folder}: unexpected {unexpected[0]!r} in a training state folder (it holds "
-                              "only state.json, lora.safetensors, optimizer.safetensors, rng-<rank>.safetensors); "
-                              "nothing is read from a folder holding anything else")
-        if missing:
-            raise ConfigError(f"`resume` {folder}: {missing[0]} is missing: not a complete training state folder")
+        names, info = check_state_folder(folder)
         misfit = (f"`resume` {folder}: the saved state does not fit this run (network_dim, network_args, "
                   "optimizer or trained parts changed?)")
         if info.get("optimizer") != self._optimizer_class():
@@ -245,6 +230,33 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise FormatError(f"{path}: not a readable JSON state (truncated or corrupt?): {e}") from None
+
+
+def check_state_folder(folder) -> tuple[set[str], dict]:
+    """(file names, state.json) of a state folder written by `TrainingState.save`, before anything else is read
+    (cheap: called before the model loads). Refused in one line: no folder, accelerate's pickle format, a bad
+    state.json, a missing file, or any file the format does not have."""
+    folder = Path(folder)
+    names = _state_file_names(folder)
+    info = tree_from_json(_read_text(folder / "state.json"), folder / "state.json")
+    if not isinstance(info, dict) or info.get("format") != STATE_FORMAT:
+        raise FormatError(f"{folder / 'state.json'}: not a {STATE_FORMAT} (no `format` key of that value)")
+    if info.get("version") != STATE_VERSION:
+        raise FormatError(f"{folder / 'state.json'}: state format version {info.get('version')!r}; this "
+                          f"lora-sd reads version {STATE_VERSION}")
+    expected = {"state.json", "lora.safetensors", "optimizer.safetensors"}
+    processes = info.get("num_processes")
+    if not isinstance(processes, int) or processes < 1:
+        raise FormatError(f"{folder / 'state.json'}: `num_processes` must be a positive integer; got {processes!r}")
+    unexpected = sorted(names - expected - {f"rng-{i}.safetensors" for i in range(processes)})
+    if unexpected:
+        raise ConfigError(f"`resume` {folder}: unexpected {unexpected[0]!r} in a training state folder (it holds "
+                          "only state.json, lora.safetensors, optimizer.safetensors, rng-<rank>.safetensors); "
+                          "nothing is read from a folder holding anything else")
+    missing = sorted(expected - names)
+    if missing:
+        raise ConfigError(f"`resume` {folder}: {missing[0]} is missing: not a complete training state folder")
+    return names, info
 
 
 def _state_file_names(folder: Path) -> set[str]:
