@@ -19,12 +19,22 @@ TEXT_ENCODER_TARGET_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """The ranks and alphas a LoRA network is created with (kohya names)."""
+    """The ranks and alphas a LoRA network is created with (kohya names).
+
+    An alpha of 0 means alpha = the rank (scale 1), as sd-scripts' LoRAModule does
+    (`alpha = lora_dim if alpha is None or alpha == 0`); for conv_alpha, the rank is conv_dim.
+    """
 
     network_dim: int = 4
     network_alpha: float = 1.0
     conv_dim: int | None = None
     conv_alpha: float = 1.0
+
+    def __post_init__(self):
+        if not self.network_alpha:
+            object.__setattr__(self, "network_alpha", float(self.network_dim))
+        if not self.conv_alpha and self.conv_dim:
+            object.__setattr__(self, "conv_alpha", float(self.conv_dim))
 
 
 def _is_3x3(module):

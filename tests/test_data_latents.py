@@ -118,6 +118,40 @@ def test_cache_latents_needs_encode_fn(tmp_path):
         build(tmp_path, None)
 
 
+@pytest.mark.parametrize("flags", [{"cache_latents_to_disk": True, "cache_latents": False},
+                                   {"cache_latents_to_disk": False, "cache_latents": True}])
+def test_every_latent_cache_needs_the_vae_id(tmp_path, flags):
+    """Without the VAE in the key another VAE would read these latents: no cache is made without it."""
+    with pytest.raises(ValueError, match="vae_id"):
+        build(tmp_path, CountingEncoder(), vae_id="", **flags)
+
+
+def test_vae_encoder_latents_do_not_depend_on_vae_batch_size(tmp_path, tiny_sd1):
+    """vae_batch_size changes the number of VAE calls, not the latents (each image draws its own noise)."""
+    from lora_sd.data.latents import VaeEncoder
+
+    (tmp_path / "images").mkdir()
+    for i, size in enumerate([(128, 64), (128, 64), (128, 64), (64, 64)]):  # one bucket of 3 with 5x11 latents
+        Image.new("RGB", size, (60 * i, 100, 200)).save(tmp_path / "images" / f"img{i}.png")
+    latents, calls = {}, {}
+    for size in (1, 3):
+        encoder = VaeEncoder(tiny_sd1.vae, seed=0)
+        real_encode, n = tiny_sd1.vae.encode, []
+
+        def counting(x, real_encode=real_encode, n=n):
+            n.append(len(x))
+            return real_encode(x)
+
+        encoder.vae = type("Counted", (), {"encode": staticmethod(counting), "parameters": tiny_sd1.vae.parameters})()
+        data = build(tmp_path, encoder, cache_latents_to_disk=False, vae_batch_size=size)
+        latents[size] = {p: b for batch in data.dataloader for p, b in zip(batch["image_paths"], batch["latents"])}
+        calls[size] = n
+    assert sorted(calls[1]) == [1, 1, 1, 1] and sorted(calls[3]) == [1, 3]
+    assert latents[1].keys() == latents[3].keys()
+    for p in latents[1]:  # equal up to float rounding of batched convolutions
+        torch.testing.assert_close(latents[1][p], latents[3][p], rtol=1e-5, atol=1e-5)
+
+
 def test_vae_fingerprint_follows_the_weights():
     from lora_sd.data.latents import vae_fingerprint
     from lora_sd.tiny import build_tiny_sd

@@ -75,6 +75,14 @@ def test_conv_alpha_defaults_to_one():
     assert (NetworkSpec().network_dim, NetworkSpec().network_alpha) == (4, 1.0)
 
 
+def test_alpha_zero_means_alpha_equals_rank():
+    """sd-scripts' LoRAModule: alpha 0 (or None) is alpha = lora_dim, for conv_alpha too."""
+    spec = NetworkSpec(network_dim=8, network_alpha=0, conv_dim=3, conv_alpha=0)
+    assert (spec.network_alpha, spec.conv_alpha) == (8.0, 3.0)
+    assert NetworkSpec(network_dim=8, network_alpha=None).network_alpha == 8.0
+    assert NetworkSpec(network_dim=8, network_alpha=2, conv_dim=3, conv_alpha=0.5).conv_alpha == 0.5
+
+
 def test_peft_adapts_exactly_the_listed_modules(tiny_sd1):
     import copy
 

@@ -53,6 +53,26 @@ def vae_fingerprint(vae) -> str:
     return h.hexdigest()
 
 
+class VaeEncoder:
+    """The `encode_fn` of the latent cache: pixels [B, 3, H, W] in [-1, 1] -> unscaled latents [B, 4, H/8, W/8].
+
+    The VAE encodes in float32 (sd-scripts' no_half_vae). Each image draws its own noise from one seeded
+    generator (diffusers' per-sample generators), so the latents do not depend on how many images share a
+    VAE call. `vae_id` is the VAE's fingerprint, the part of every cache key that names the VAE.
+    """
+
+    def __init__(self, vae, seed: int):
+        self.vae = vae
+        self.generator = torch.Generator().manual_seed(seed)
+        self.vae_id = vae_fingerprint(vae)
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        device = next(self.vae.parameters()).device
+        latent_dist = self.vae.encode(pixels.to(device, torch.float32)).latent_dist
+        return latent_dist.sample([self.generator] * len(pixels)).cpu()
+
+
 def file_digest(path) -> str:
     """sha256 of the file's bytes, remembered per (path, size, mtime) within a process."""
     st = Path(path).stat()
@@ -77,6 +97,8 @@ class LatentCache:
     """key -> latents [4, h, w] (and the flipped image's latents), in memory or in `datasets` shards."""
 
     def __init__(self, root: Path | None, vae_id: str):
+        if not vae_id:  # every key names the VAE, or another VAE's latents would be read back
+            raise ValueError("a latent cache needs the VAE's fingerprint (vae_id, see VaeEncoder)")
         self.memory: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.root = None if root is None else Path(root) / hashlib.sha256(vae_id.encode()).hexdigest()[:16]
         self.shards: list[datasets.Dataset] = []

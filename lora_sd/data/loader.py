@@ -143,7 +143,10 @@ class TrainData:
 
 def _latent_cache(index_rows, configs, *, cache_latents, cache_latents_to_disk, encode_fn, vae_id, cache_dir,
                   vae_batch_size):
-    """The cache and each row's key (None = no cached latents: pixels are loaded per step)."""
+    """The cache and each row's key (None = no cached latents: pixels are loaded per step).
+
+    `cache_latents_to_disk` implies `cache_latents` (as in sd-scripts); either way every key names the VAE.
+    """
     keys = [None] * len(index_rows)
     if not (cache_latents or cache_latents_to_disk):
         return None, keys

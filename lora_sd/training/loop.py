@@ -1,14 +1,23 @@
-"""train(cfg): LoRA training for Stable Diffusion 1.x / 2.x, read top to bottom.
+"""train(cfg): LoRA training for Stable Diffusion 1.x / 2.x, as a recipe in three parts.
 
-setup: accelerator -> base model -> LoRA adapters -> data -> optimizer and
-schedule -> accelerate.prepare -> resume; then the loop: for each batch,
-noise, timesteps, text conditioning, U-Net prediction, loss, backward, step;
-saves, samples and logs at their intervals; a final save.
+`LoraTraining(cfg)`, in the shape of a torchtune recipe:
+  setup()   accelerator -> base model -> LoRA adapters -> data -> optimizer and
+            schedule -> accelerate.prepare -> resume -> outputs (config, trackers);
+  loop()    for each batch: noise, timesteps, text conditioning, U-Net
+            prediction, loss, backward, step; saves, samples and logs at their
+            intervals (`_train_step`, `_after_step`, `_end_epoch`);
+  finish()  the final save and the result;
+  cleanup() progress bar and trackers, always.
+`train(cfg)` runs them in that order. The run's counters live in
+`self.progress` (saved with the training state); every save goes through
+`save()`, which checks the weights first.
 
 Refused with a clear message (exit 2 from the recipe, nothing written):
 fp16 on a machine without CUDA, xformers when not installed, both
 `network_train_*_only` set (at config load), a missing model or dataset, and
-a NaN/inf loss (stops at that step; the last good save is kept).
+a NaN/inf loss (stops at that step; the last good save is kept), and
+non-finite LoRA weights at a save (checked before every save: no file with
+NaN/inf weights is ever written).
 """
 
 import logging
@@ -127,151 +136,241 @@ def _seed(cfg, accelerator):
 
 
 def train(cfg) -> TrainResult:
-    from lora_sd.data import build_train_data
-    from lora_sd.data.latents import vae_fingerprint
+    """Train a LoRA as `cfg` says: setup -> loop -> finish; cleanup in any case."""
+    run = LoraTraining(cfg)
+    try:
+        run.setup()
+        run.loop()
+        return run.finish()
+    finally:
+        run.cleanup()
 
-    # --- setup: devices, base model, LoRA ----------------------------------------------------------
-    check_attention(cfg)
-    prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
-    accelerator = make_accelerator(cfg)
-    device, main = accelerator.device, accelerator.is_main_process
-    _seed(cfg, accelerator)
-    model, weight_dtype = load_model(cfg, device)
-    unet, text_encoder, vae, tokenizer = model.unet, model.text_encoder, model.vae, model.tokenizer
-    scheduler = model.scheduler  # sd-scripts' DDPM training schedule (v_prediction with v_parameterization)
-    trained = {name: m for name, m, on in (("text_encoder", text_encoder, cfg.train_text_encoder),
-                                           ("unet", unet, cfg.train_unet)) if on}
-    for m in trained.values():
-        m.train()
 
-    # --- data ----------------------------------------------------------------------------------------
-    cache_gen = torch.Generator().manual_seed(cfg.seed)
+class LoraTraining:
+    """One training run. `setup()` sets the attributes; `loop()` and `save()` move `progress` and `result`."""
 
-    @torch.no_grad()
-    def encode_fn(pixels):  # [B, 3, H, W] in [-1, 1] -> unscaled latents [B, 4, H/8, W/8]
-        return vae.encode(pixels.to(device, torch.float32)).latent_dist.sample(cache_gen).cpu()
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.accelerator = None
+        self.bar = None
+        self.epoch_losses: list[float] = []
 
-    with accelerator.main_process_first():  # the main process fills a disk cache; the others read it
-        data = build_train_data(cfg.datasets, seed=cfg.seed, prior_loss_weight=cfg.prior_loss_weight,
-                                max_data_loader_n_workers=cfg.max_data_loader_n_workers,
-                                persistent_data_loader_workers=cfg.persistent_data_loader_workers,
-                                cache_latents=cfg.cache_latents, cache_latents_to_disk=cfg.cache_latents_to_disk,
-                                encode_fn=encode_fn, vae_id=vae_fingerprint(vae) if cfg.cache_latents else "")
-    batches_per_process = math.ceil(data.batches_per_epoch / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_process / cfg.gradient_accumulation_steps)
-    max_train_steps = cfg.max_train_steps
-    if cfg.max_train_epochs:
-        max_train_steps = cfg.max_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    # --- setup ------------------------------------------------------------------------------------------
 
-    # --- optimizer, schedule, accelerate ---------------------------------------------------------------
-    lrs = {"text_encoder": cfg.text_encoder_lr, "unet": cfg.unet_lr}
-    groups = [{"params": optim.trainable_parameters(m),
-               "lr": cfg.learning_rate if lrs[name] is None else lrs[name]} for name, m in trained.items()]
-    optimizer, optimizer_name = optim.build_optimizer(cfg.optimizer_type, groups, cfg.learning_rate,
-                                                      cfg.optimizer_args)
-    lr_scheduler = optim.build_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps,
-                                         total_steps=max_train_steps, num_cycles=cfg.lr_scheduler_num_cycles,
-                                         power=cfg.lr_scheduler_power, num_processes=accelerator.num_processes)
-    prepared = accelerator.prepare(*trained.values(), optimizer, data.dataloader, lr_scheduler)
-    models = dict(zip(trained, prepared[:len(trained)]))
-    optimizer, dataloader, lr_scheduler = prepared[len(trained):]
-    unet, text_encoder = models.get("unet", unet), models.get("text_encoder", text_encoder)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    text_conditioning = conditioning(text_encoder, tokenizer, cfg.max_token_length, cfg.clip_skip,
-                                     cached=not cfg.train_text_encoder)
+    def setup(self):
+        """Devices, base model with LoRA, data, optimizer, schedule, resume, and the outputs written at start."""
+        cfg = self.cfg
+        check_attention(cfg)
+        self.prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
+        self.accelerator = make_accelerator(cfg)
+        _seed(cfg, self.accelerator)
+        self.model, self.weight_dtype = load_model(cfg, self.accelerator.device)
+        self.unet, self.text_encoder = self.model.unet, self.model.text_encoder
+        self.trained = {name: m for name, m, on in (("text_encoder", self.text_encoder, cfg.train_text_encoder),
+                                                    ("unet", self.unet, cfg.train_unet)) if on}
+        for m in self.trained.values():
+            m.train()
+        self.data = self._setup_data()
+        self._setup_schedule_length()
+        self._setup_optimization()
+        self._setup_progress()
+        self._setup_outputs()
 
-    progress = checkpoint.Progress()
-    accelerator.register_for_checkpointing(progress)
-    accelerator.register_save_state_pre_hook(checkpoint.only_lora_weights)
-    if cfg.resume:
-        checkpoint.load_training_state(accelerator, cfg.resume)
+    def _setup_data(self):
+        from lora_sd.data import build_train_data
+        from lora_sd.data.latents import VaeEncoder
 
-    # --- outputs: metadata, resolved config, trackers, sample prompts ----------------------------------
-    metadata = training_metadata(cfg, data, total_batch_size=cfg.datasets[0].batch_size * accelerator.num_processes
-                                 * cfg.gradient_accumulation_steps, max_train_steps=max_train_steps,
-                                 num_epochs=num_epochs, optimizer_name=optimizer_name, started_at=time.time())
-    if main:
-        with atomic_path(Path(cfg.output_dir) / f"{cfg.output_name}-config.toml") as tmp:
-            tmp.write_text(checkpoint.config_toml(cfg), encoding="utf-8")
-    if cfg.logging_dir:
-        accelerator.init_trackers("network_train")
-    result = TrainResult(None, progress.global_step, progress.epoch, model.version)
+        cfg = self.cfg
+        if cfg.cache_latents_to_disk and not cfg.cache_latents:
+            logger.info("cache_latents_to_disk is set, so latents are cached (cache_latents), as in sd-scripts")
+        encoder = VaeEncoder(self.model.vae, cfg.seed) if cfg.cache_latents or cfg.cache_latents_to_disk else None
+        with self.accelerator.main_process_first():  # the main process fills a disk cache; the others read it
+            return build_train_data(cfg.datasets, seed=cfg.seed, prior_loss_weight=cfg.prior_loss_weight,
+                                    max_data_loader_n_workers=cfg.max_data_loader_n_workers,
+                                    persistent_data_loader_workers=cfg.persistent_data_loader_workers,
+                                    cache_latents=cfg.cache_latents, cache_latents_to_disk=cfg.cache_latents_to_disk,
+                                    encode_fn=encoder, vae_id=encoder.vae_id if encoder else "")
 
-    def save(epoch=None, step=None):
-        meta = at_save(metadata, steps=progress.global_step, epoch=progress.epochs_begun)
-        path = checkpoint.save_lora_file(accelerator, unet, text_encoder, cfg, meta, version=model.version,
+    def _setup_schedule_length(self):
+        """Optimizer steps per epoch and in all (max_train_epochs, when given, decides)."""
+        cfg, processes = self.cfg, self.accelerator.num_processes
+        batches_per_process = math.ceil(self.data.batches_per_epoch / processes)
+        self.steps_per_epoch = math.ceil(batches_per_process / cfg.gradient_accumulation_steps)
+        self.max_train_steps = cfg.max_train_steps
+        if cfg.max_train_epochs:
+            self.max_train_steps = cfg.max_train_epochs * self.steps_per_epoch
+        self.num_epochs = math.ceil(self.max_train_steps / self.steps_per_epoch)
+
+    def _setup_optimization(self):
+        """Optimizer and schedule over the LoRA parameters, then accelerate.prepare (DDP, precision, sharding)."""
+        cfg, acc = self.cfg, self.accelerator
+        lrs = {"text_encoder": cfg.text_encoder_lr, "unet": cfg.unet_lr}
+        groups = [{"params": optim.trainable_parameters(m),
+                   "lr": cfg.learning_rate if lrs[name] is None else lrs[name]} for name, m in self.trained.items()]
+        optimizer, self.optimizer_name = optim.build_optimizer(cfg.optimizer_type, groups, cfg.learning_rate,
+                                                               cfg.optimizer_args)
+        lr_scheduler = optim.build_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps,
+                                             total_steps=self.max_train_steps, num_cycles=cfg.lr_scheduler_num_cycles,
+                                             power=cfg.lr_scheduler_power, num_processes=acc.num_processes)
+        prepared = acc.prepare(*self.trained.values(), optimizer, self.data.dataloader, lr_scheduler)
+        self.models = dict(zip(self.trained, prepared[:len(self.trained)]))
+        self.optimizer, self.dataloader, self.lr_scheduler = prepared[len(self.trained):]
+        self.unet = self.models.get("unet", self.unet)
+        self.text_encoder = self.models.get("text_encoder", self.text_encoder)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.text_conditioning = conditioning(self.text_encoder, self.model.tokenizer, cfg.max_token_length,
+                                              cfg.clip_skip, cached=not cfg.train_text_encoder)
+
+    def _setup_progress(self):
+        """The counters saved with the training state, restored from `resume`."""
+        self.progress = checkpoint.Progress()
+        self.accelerator.register_for_checkpointing(self.progress)
+        self.accelerator.register_save_state_pre_hook(checkpoint.only_lora_weights)
+        if self.cfg.resume:
+            checkpoint.load_training_state(self.accelerator, self.cfg.resume)
+
+    def _setup_outputs(self):
+        """Metadata of every save, the resolved config beside the outputs, trackers, and the result to fill."""
+        cfg, acc = self.cfg, self.accelerator
+        total_batch_size = cfg.datasets[0].batch_size * acc.num_processes * cfg.gradient_accumulation_steps
+        self.metadata = training_metadata(cfg, self.data, total_batch_size=total_batch_size,
+                                          max_train_steps=self.max_train_steps, num_epochs=self.num_epochs,
+                                          optimizer_name=self.optimizer_name, started_at=time.time())
+        if acc.is_main_process:
+            with atomic_path(Path(cfg.output_dir) / f"{cfg.output_name}-config.toml") as tmp:
+                tmp.write_text(checkpoint.config_toml(cfg), encoding="utf-8")
+        if cfg.logging_dir:
+            acc.init_trackers("network_train")
+        self.result = TrainResult(None, self.progress.global_step, self.progress.epoch, self.model.version)
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    def loop(self):
+        """Train until max_train_steps, epoch by epoch (a resumed run starts inside its epoch)."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        self.bar = tqdm(total=self.max_train_steps, initial=self.progress.global_step, desc="steps",
+                        disable=not acc.is_main_process)
+        logger.info("training %s for %d steps (%d epochs of %d steps), batch %s x %d process(es) x %d accumulation",
+                    "+".join(self.trained), self.max_train_steps, self.num_epochs, self.steps_per_epoch,
+                    cfg.datasets[0].batch_size, acc.num_processes, cfg.gradient_accumulation_steps)
+        while self.progress.global_step < self.max_train_steps:
+            self._run_epoch()
+        self.bar.close()
+
+    def _run_epoch(self):
+        progress = self.progress
+        epoch, skip = progress.epoch, progress.batches_in_epoch
+        self.data.set_epoch(epoch)
+        for batch in self.accelerator.skip_first_batches(self.dataloader, skip) if skip else self.dataloader:
+            loss = self._train_step(batch)
+            progress.batches_in_epoch += 1
+            self.epoch_losses.append(loss)
+            if not self.accelerator.sync_gradients:
+                continue
+            progress.global_step += 1
+            self._after_step(loss)
+            if progress.global_step >= self.max_train_steps:
+                break
+        if progress.batches_in_epoch == len(self.dataloader):  # the epoch ran to its end (the state resumes after it)
+            self._end_epoch(epoch)
+
+    def _train_step(self, batch) -> float:
+        """One micro-batch: loss, backward and, once accumulation is complete, the optimizer step."""
+        cfg, acc, progress = self.cfg, self.accelerator, self.progress
+        generator = step_generator(cfg.seed, acc.process_index, progress.global_step, progress.batches_in_epoch)
+        with acc.accumulate(*self.models.values()):
+            with acc.autocast():
+                loss = compute_loss(batch, unet=self.unet, text_conditioning=self.text_conditioning,
+                                    vae=self.model.vae, scheduler=self.model.scheduler, cfg=cfg,
+                                    generator=generator, weight_dtype=self.weight_dtype)
+            self._check_loss(loss)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm:
+                acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def _check_loss(self, loss):
+        """A NaN/inf loss on any process stops the run at this step (nothing more is saved)."""
+        if torch.isfinite(self.accelerator.gather(loss.detach()[None])).all():
+            return
+        raise TrainingError(f"the loss is {loss.item()} at step {self.progress.global_step + 1} "
+                            f"(epoch {self.progress.epoch + 1}); training stopped. Last good save: "
+                            f"{self._last_save()}. Try a lower learning_rate, or mixed_precision \"no\"/\"bf16\"")
+
+    def _check_weights(self):
+        """Before every save: a non-finite LoRA weight (a NaN/inf update) stops the run, and nothing is written."""
+        bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in self.params)
+        bad = int(self.accelerator.gather(torch.tensor([bad], device=self.accelerator.device)).sum())
+        if bad:
+            raise TrainingError(f"the LoRA weights hold {bad} non-finite value(s) at step {self.progress.global_step} "
+                                f"(epoch {self.progress.epochs_begun}); training stopped without saving them. Last "
+                                f"good save: {self._last_save()}. Try a lower learning_rate, or mixed_precision "
+                                "\"no\"/\"bf16\"")
+
+    def _last_save(self) -> str:
+        return str(self.result.saved[-1]) if self.result.saved else "none (nothing was saved yet)"
+
+    def _after_step(self, loss: float):
+        """After each optimizer step: progress bar, logs, and the samples and saves due at this step."""
+        cfg, step = self.cfg, self.progress.global_step
+        self.result.losses.append(loss)
+        group_lrs = optim.current_lrs(self.optimizer)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{group_lrs[-1]:.2e}")
+        if cfg.logging_dir:
+            logs = {"loss/current": loss, "loss/average": sum(self.epoch_losses) / len(self.epoch_losses)}
+            logs.update({f"lr/{n.replace('_', '')}": lr for n, lr in zip(self.trained, group_lrs)})
+            self.accelerator.log(logs, step=step)
+        if self.prompts and _every(cfg.sample_every_n_steps, step):
+            self.sample()
+        if _every(cfg.save_every_n_steps, step) and step < self.max_train_steps:
+            self.save(step=step)
+
+    def _end_epoch(self, epoch: int):
+        """An epoch ran to its end: count it, then the saves and samples due every n epochs."""
+        cfg, done = self.cfg, epoch + 1
+        self.progress.epoch, self.progress.batches_in_epoch, self.epoch_losses = done, 0, []
+        if _every(cfg.save_every_n_epochs, done) and done < self.num_epochs:
+            self.save(epoch=done)
+        if self.prompts and _every(cfg.sample_every_n_epochs, done):
+            self.sample()
+
+    # --- saves, samples, the end --------------------------------------------------------------------------
+
+    def save(self, *, epoch=None, step=None, state: bool | None = None) -> Path:
+        """Save the LoRA under its name for `epoch`/`step` (neither: the final name), and the training state
+        when `state` (default: `save_state`). Returns the LoRA's path."""
+        cfg, acc = self.cfg, self.accelerator
+        self._check_weights()
+        meta = at_save(self.metadata, steps=self.progress.global_step, epoch=self.progress.epochs_begun)
+        path = checkpoint.save_lora_file(acc, self.unet, self.text_encoder, cfg, meta, version=self.model.version,
                                          epoch=epoch, step=step)
-        result.saved.append(path)
-        if cfg.save_state:
-            checkpoint.save_training_state(accelerator, Path(cfg.output_dir) / checkpoint.state_dir_name(cfg, epoch, step))
+        self.result.saved.append(path)
+        if cfg.save_state if state is None else state:
+            checkpoint.save_training_state(acc, Path(cfg.output_dir) / checkpoint.state_dir_name(cfg, epoch, step))
         return path
 
-    def sample():
-        result.samples += sample_images(accelerator, model, unet=unet, text_encoder=text_encoder, cfg=cfg,
-                                        prompts=prompts, step=progress.global_step)
+    def sample(self):
+        self.result.samples += sample_images(self.accelerator, self.model, unet=self.unet,
+                                             text_encoder=self.text_encoder, cfg=self.cfg, prompts=self.prompts,
+                                             step=self.progress.global_step)
 
-    # --- the loop ------------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
+    def finish(self) -> TrainResult:
+        """The final save, then the result (with the trained models, unwrapped, for checks in Python)."""
+        acc, result = self.accelerator, self.result
+        result.lora_path = self.save()
+        result.steps, result.epochs = self.progress.global_step, self.progress.epochs_begun
+        result.unet, result.text_encoder = acc.unwrap_model(self.unet), acc.unwrap_model(self.text_encoder)
+        return result
 
-    bar = tqdm(total=max_train_steps, initial=progress.global_step, desc="steps", disable=not main)
-    logger.info("training %s for %d steps (%d epochs of %d steps), batch %s x %d process(es) x %d accumulation",
-                "+".join(trained), max_train_steps, num_epochs, steps_per_epoch, cfg.datasets[0].batch_size,
-                accelerator.num_processes, cfg.gradient_accumulation_steps)
-    epoch_losses = []
-    try:
-        while progress.global_step < max_train_steps:
-            epoch, skip = progress.epoch, progress.batches_in_epoch
-            data.set_epoch(epoch)
-            for batch in accelerator.skip_first_batches(dataloader, skip) if skip else dataloader:
-                generator = step_generator(cfg.seed, accelerator.process_index, progress.global_step,
-                                           progress.batches_in_epoch)
-                with accelerator.accumulate(*models.values()):
-                    with accelerator.autocast():
-                        loss = compute_loss(batch, unet=unet, text_conditioning=text_conditioning, vae=vae,
-                                            scheduler=scheduler, cfg=cfg, generator=generator,
-                                            weight_dtype=weight_dtype)
-                    if not torch.isfinite(accelerator.gather(loss.detach()[None])).all():
-                        last = result.saved[-1] if result.saved else "none (nothing was saved yet)"
-                        raise TrainingError(f"the loss is {loss.item()} at step {progress.global_step + 1} "
-                                            f"(epoch {epoch + 1}); training stopped. Last good save: {last}. "
-                                            "Try a lower learning_rate, or mixed_precision \"no\"/\"bf16\"")
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                progress.batches_in_epoch += 1
-                epoch_losses.append(loss.item())
-                if not accelerator.sync_gradients:
-                    continue
-                progress.global_step += 1
-                result.losses.append(loss.item())
-                group_lrs = optim.current_lrs(optimizer)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{group_lrs[-1]:.2e}")
-                if cfg.logging_dir:
-                    logs = {"loss/current": loss.item(), "loss/average": sum(epoch_losses) / len(epoch_losses)}
-                    logs.update({f"lr/{n.replace('_', '')}": lr for n, lr in zip(trained, group_lrs)})
-                    accelerator.log(logs, step=progress.global_step)
-                if prompts and _every(cfg.sample_every_n_steps, progress.global_step):
-                    sample()
-                if _every(cfg.save_every_n_steps, progress.global_step) and progress.global_step < max_train_steps:
-                    save(step=progress.global_step)
-                if progress.global_step >= max_train_steps:
-                    break
-            if progress.batches_in_epoch == len(dataloader):  # the epoch ran to its end (the state resumes after it)
-                progress.epoch, progress.batches_in_epoch, epoch_losses = epoch + 1, 0, []
-                if _every(cfg.save_every_n_epochs, epoch + 1) and epoch + 1 < num_epochs:
-                    save(epoch=epoch + 1)
-                if prompts and _every(cfg.sample_every_n_epochs, epoch + 1):
-                    sample()
-        bar.close()
-        result.lora_path = save()
-        result.steps, result.epochs = progress.global_step, progress.epochs_begun
-        result.unet, result.text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-    finally:
-        bar.close()
-        accelerator.end_training()
-    return result
+    def cleanup(self):
+        """Close the progress bar and the trackers (also after an error)."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.accelerator is not None:
+            self.accelerator.end_training()

@@ -61,6 +61,8 @@ def add_network(unet, text_encoder, cfg):
 
     A part that `network_weights` holds starts from the file; any other starts fresh.
     """
+    from diffusers.training_utils import cast_training_params
+
     spec = network_spec(cfg)
     models = {"unet": unet, "text_encoder": text_encoder}
     configs = lora_configs(unet, text_encoder, spec, cfg.train_unet, cfg.train_text_encoder)
@@ -72,8 +74,7 @@ def add_network(unet, text_encoder, cfg):
             models[name].add_adapter(config)
         for pname, p in models[name].named_parameters():
             p.requires_grad_("lora_" in pname)
-            if "lora_" in pname:
-                p.data = p.data.float()
+        cast_training_params(models[name], torch.float32)  # the LoRA weights train in float32 under any precision
     return spec
 
 

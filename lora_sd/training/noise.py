@@ -26,15 +26,14 @@ def sample_timesteps(batch_size, min_timestep=0, max_timestep=1000, generator=No
     return torch.randint(min_timestep, max_timestep, (batch_size,), generator=generator).long().to(device)
 
 
-def snr(scheduler, timesteps):
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    return alphas_cumprod / (1.0 - alphas_cumprod)
-
-
 def min_snr_weight(scheduler, timesteps, gamma, v_prediction=False):
-    """sd-scripts' apply_snr_weight factor: min(snr, gamma) / snr, or / (snr + 1) for v-prediction."""
-    s = snr(scheduler, timesteps)
+    """sd-scripts' apply_snr_weight factor: min(snr, gamma) / snr, or / (snr + 1) for v-prediction.
+
+    snr = alpha_bar / (1 - alpha_bar), from diffusers' compute_snr (sd-scripts' all_snr, the same formula).
+    """
+    from diffusers.training_utils import compute_snr
+
+    s = compute_snr(scheduler, timesteps)
     clipped = torch.clamp(s, max=gamma)
     return clipped / (s + 1) if v_prediction else clipped / s
 
