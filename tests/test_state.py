@@ -193,3 +193,26 @@ def test_stale_temporaries_of_our_naming_are_found(tmp_path):
     removed = checkpoint.remove_stale_temporaries(tmp_path, "lora")
     assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == sorted(ours)
     assert not any((tmp_path / n).exists() for n in ours) and all((tmp_path / n).exists() for n in others)
+
+
+def test_random_generators_of_this_process_are_restored(tmp_path):
+    """python `random`, numpy and torch draw the same numbers after a resume as after the save."""
+    import random
+
+    import numpy as np
+    from accelerate import Accelerator
+    from peft import LoraConfig, inject_adapter_in_model
+
+    acc = Accelerator(cpu=True)
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    state = checkpoint.TrainingState(acc, {"unet": model}, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                                     checkpoint.Progress())
+    checkpoint.save_training_state(state, tmp_path / "s")
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    first = draws()
+    checkpoint.load_training_state(state, tmp_path / "s")
+    assert draws() == first

@@ -122,6 +122,7 @@ _ACCELERATE_NAMES = re.compile(r"(custom_checkpoint_\d+\.pkl|random_states_\d+\.
                                r"pytorch_model|dl_state_dict)(_\d+)?\.bin|scaler\.pt|model(_\d+)?\.safetensors)")
 
 
+@dataclasses.dataclass
 class TrainingState:
     """What `--resume` needs to continue a run bit-identically, in a folder that holds no pickle.
 
@@ -139,90 +140,98 @@ class TrainingState:
     unpickle them with weights_only=False (code from the folder would run).
     """
 
-    def __init__(self, accelerator, models: dict, optimizer, lr_scheduler, progress: Progress):
-        self.accelerator, self.models, self.optimizer = accelerator, models, optimizer
-        self.lr_scheduler, self.progress = lr_scheduler, progress
+    accelerator: object
+    models: dict  # "unet" / "text_encoder" -> the (prepared) model carrying the LoRA
+    optimizer: object
+    lr_scheduler: object
+    progress: Progress
 
-    def _lora_params(self) -> dict:
-        return {f"{name}.{k}": v for name, m in self.models.items()
-                for k, v in self.accelerator.unwrap_model(m).state_dict(keep_vars=True).items() if "lora_" in k}
 
-    def _optimizer_class(self) -> str:
-        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's AcceleratedOptimizer wraps it
-        return f"{type(opt).__module__}.{type(opt).__name__}"
+def _lora_params(state: TrainingState) -> dict:
+    return {f"{name}.{k}": v for name, m in state.models.items()
+            for k, v in state.accelerator.unwrap_model(m).state_dict(keep_vars=True).items() if "lora_" in k}
 
-    def save(self, folder):
-        acc, folder = self.accelerator, Path(folder)
-        tmp = folder.parent / f".{folder.name}.tmp"
+
+def _optimizer_class(state: TrainingState) -> str:
+    opt = getattr(state.optimizer, "optimizer", state.optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    return f"{type(opt).__module__}.{type(opt).__name__}"
+
+
+def save_training_state(state: TrainingState, folder):
+    """Write `state` into `folder` (see TrainingState) through `.<folder>.tmp`: a failure or a Ctrl-C leaves
+    neither a partial folder nor a temporary; an older state of that name is replaced only when complete."""
+    acc, folder = state.accelerator, Path(folder)
+    tmp = folder.parent / f".{folder.name}.tmp"
+    acc.wait_for_everyone()
+    try:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        try:
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-            acc.wait_for_everyone()
-            save_tree(_rng_state(), tmp / f"rng-{acc.process_index}.safetensors")
-            if acc.is_main_process:
-                with atomic_path(tmp / "lora.safetensors") as part:
-                    from safetensors.torch import save_file
+        save_tree(_rng_state(), tmp / f"rng-{acc.process_index}.safetensors")
+        if acc.is_main_process:
+            with atomic_path(tmp / "lora.safetensors") as part:
+                from safetensors.torch import save_file
 
-                    save_file({k: v.detach().to("cpu", copy=True) for k, v in self._lora_params().items()}, part)
-                save_tree(self.optimizer.state_dict(), tmp / "optimizer.safetensors")
-                info = {"format": STATE_FORMAT, "version": STATE_VERSION, "num_processes": acc.num_processes,
-                        "optimizer": self._optimizer_class(), "progress": self.progress.state_dict(),
-                        "accelerator_step": acc.step, "lr_scheduler": self.lr_scheduler.state_dict(),
-                        "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
-                with atomic_path(tmp / "state.json") as part:
-                    part.write_text(tree_to_json(info, tmp / "state.json"), encoding="utf-8")
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                replace(tmp, folder)  # an older state of that name is moved aside, never left half-deleted
-                logger.info("saved training state %s", folder)
-        except BaseException as e:  # disk full, Ctrl-C: no half-written state folder is left
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError):
-                e.filename = e.filename or str(folder)
-            raise
+                save_file({k: v.detach().to("cpu", copy=True) for k, v in _lora_params(state).items()}, part)
+            save_tree(state.optimizer.state_dict(), tmp / "optimizer.safetensors")
+            info = {"format": STATE_FORMAT, "version": STATE_VERSION, "num_processes": acc.num_processes,
+                    "optimizer": _optimizer_class(state), "progress": state.progress.state_dict(),
+                    "accelerator_step": acc.step, "lr_scheduler": state.lr_scheduler.state_dict(),
+                    "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
+            with atomic_path(tmp / "state.json") as part:
+                part.write_text(tree_to_json(info, tmp / "state.json"), encoding="utf-8")
         acc.wait_for_everyone()
+        if acc.is_main_process:
+            replace(tmp, folder)  # an older state of that name is moved aside, never left half-deleted
+            logger.info("saved training state %s", folder)
+    except BaseException as e:  # disk full, Ctrl-C: no half-written state folder is left
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            e.filename = e.filename or str(folder)
+        raise
+    acc.wait_for_everyone()
 
-    def load(self, folder):
-        """Read `folder` completely, then apply it; every refusal is one line naming the folder or file."""
-        folder = Path(folder)
-        names, info = check_state_folder(folder)
-        misfit = (f"`resume` {folder}: the saved state does not fit this run (network_dim, network_args, "
-                  "optimizer or trained parts changed?)")
-        if info.get("optimizer") != self._optimizer_class():
-            raise ConfigError(f"{misfit}: saved with {info.get('optimizer')}, this run uses {self._optimizer_class()}")
-        keys, get, _ = open_tensor_file(folder / "lora.safetensors")
-        saved, params = {k: get(k) for k in keys}, self._lora_params()
-        mismatch = sorted(saved.keys() ^ params.keys()) or [k for k in params if saved[k].shape != params[k].shape]
-        if mismatch:
-            raise ConfigError(f"{misfit}: first difference at {mismatch[0]}")
-        optimizer_state = load_tree(folder / "optimizer.safetensors")
-        rng_file = folder / f"rng-{self.accelerator.process_index}.safetensors"
-        rng = load_tree(rng_file) if rng_file.name in names else None
 
-        try:
-            self.optimizer.load_state_dict(optimizer_state)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{misfit}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(saved[k])
-        try:
-            self.lr_scheduler.load_state_dict(info["lr_scheduler"])
-            if self.accelerator.scaler is not None and info["grad_scaler"]:
-                self.accelerator.scaler.load_state_dict(info["grad_scaler"])
-            self.progress.load_state_dict(info["progress"])
-            self.accelerator.step = int(info["accelerator_step"])
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise FormatError(f"{folder / 'state.json'}: a bad value in the state ({type(e).__name__}: {e})") from None
-        if rng is None:
-            logger.warning("%s: no random-generator state for process %d (saved by %s processes): not restored",
-                           folder, self.accelerator.process_index, info.get("num_processes"))
-        else:
-            _set_rng_state(rng, rng_file)
-        logger.info("resumed from %s (step %d)", folder, self.progress.global_step)
+def load_training_state(state: TrainingState, folder):
+    """Read `folder` completely, then apply it; every refusal is one line naming the folder or file."""
+    folder = Path(folder)
+    names, info = check_state_folder(folder)
+    misfit = (f"`resume` {folder}: the saved state does not fit this run (network_dim, network_args, "
+              "optimizer or trained parts changed?)")
+    if info.get("optimizer") != _optimizer_class(state):
+        raise ConfigError(f"{misfit}: saved with {info.get('optimizer')}, this run uses {_optimizer_class(state)}")
+    keys, get, _ = open_tensor_file(folder / "lora.safetensors")
+    saved, params = {k: get(k) for k in keys}, _lora_params(state)
+    mismatch = sorted(saved.keys() ^ params.keys()) or [k for k in params if saved[k].shape != params[k].shape]
+    if mismatch:
+        raise ConfigError(f"{misfit}: first difference at {mismatch[0]}")
+    optimizer_state = load_tree(folder / "optimizer.safetensors")
+    rng_file = folder / f"rng-{state.accelerator.process_index}.safetensors"
+    rng = load_tree(rng_file) if rng_file.name in names else None
+
+    try:
+        state.optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{misfit}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k])
+    try:
+        state.lr_scheduler.load_state_dict(info["lr_scheduler"])
+        if state.accelerator.scaler is not None and info["grad_scaler"]:
+            state.accelerator.scaler.load_state_dict(info["grad_scaler"])
+        state.progress.load_state_dict(info["progress"])
+        state.accelerator.step = int(info["accelerator_step"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FormatError(f"{folder / 'state.json'}: a bad value in the state ({type(e).__name__}: {e})") from None
+    if rng is None:
+        logger.warning("%s: no random-generator state for process %d (saved by %s processes): not restored",
+                       folder, state.accelerator.process_index, info.get("num_processes"))
+    else:
+        _set_rng_state(rng, rng_file)
+    logger.info("resumed from %s (step %d)", folder, state.progress.global_step)
 
 
 def _read_text(path: Path) -> str:
@@ -233,7 +242,7 @@ def _read_text(path: Path) -> str:
 
 
 def check_state_folder(folder) -> tuple[set[str], dict]:
-    """(file names, state.json) of a state folder written by `TrainingState.save`, before anything else is read
+    """(file names, state.json) of a state folder written by `save_training_state`, before anything else is read
     (cheap: called before the model loads). Refused in one line: no folder, accelerate's pickle format, a bad
     state.json, a missing file, or any file the format does not have."""
     folder = Path(folder)
@@ -346,23 +355,3 @@ def config_toml(cfg) -> str:
     options["datasets"] = [dataclasses.asdict(ds) for ds in cfg.datasets]  # toml leaves out None values
     source = " ".join(str(cfg.source).splitlines()) or "the command line"  # a comment is one line
     return f"# resolved config of a lora-sd training run (from {source})\n" + toml.dumps(options, encoder=encoder)
-
-
-# TEMPORARY, until the loop builds its TrainingState itself: the objects accelerate.prepare registered.
-def _state_of(accelerator) -> TrainingState:
-    models = {("unet" if type(accelerator.unwrap_model(m)).__name__.startswith("UNet") else "text_encoder"): m
-              for m in accelerator._models}
-    return TrainingState(accelerator, models, accelerator._optimizers[0], accelerator._schedulers[0],
-                         accelerator._custom_objects[0])
-
-
-def save_training_state(accelerator, folder):
-    _state_of(accelerator).save(folder)
-
-
-def load_training_state(accelerator, folder):
-    _state_of(accelerator).load(folder)
-
-
-def only_lora_weights(models, weights, output_dir):
-    pass
