@@ -293,3 +293,14 @@ def load_tree(path):
     except Exception as e:  # safetensors raises its own error types; json ValueError; a missing tensor KeyError
         msg = (str(e).splitlines()[0] if str(e) else type(e).__name__)[:160]
         raise FormatError(f"{path}: not a readable lora-sd state file (truncated or corrupt?): {msg}") from None
+
+
+@contextlib.contextmanager
+def failures_name(path):
+    """An OSError raised inside that names no file (a failed write(): disk full, quota) is made to name `path`,
+    so that the recipe's one error line says what could not be written."""
+    try:
+        yield
+    except OSError as e:
+        e.filename = e.filename or str(path)
+        raise

@@ -98,7 +98,8 @@ def test_an_accelerate_state_folder_is_refused_unread(assets, tmp_path, capsys):
 def test_an_unexpected_file_is_refused_by_name(state, assets, tmp_path, capsys):
     folder = _copy(state, tmp_path)
     (folder / "notes.txt").write_text("hello")
-    code, err = _resume(assets, tmp_path / "out", folder, capsys)
+    # checked before the model loads: the missing model is not reached
+    code, err = _resume(assets, tmp_path / "out", folder, capsys, "--pretrained_model_name_or_path", str(tmp_path))
     assert code == 2 and "unexpected 'notes.txt'" in err
 
 
@@ -216,3 +217,17 @@ def test_random_generators_of_this_process_are_restored(tmp_path):
     first = draws()
     checkpoint.load_training_state(state, tmp_path / "s")
     assert draws() == first
+
+
+def test_disk_full_writing_the_resolved_config_names_it(assets, tmp_path, monkeypatch, capsys):
+    real = Path.write_text
+
+    def write_text(self, *a, **kw):
+        if self.name.startswith(".lora-config.toml."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert run_main(train_recipe.main, args(assets, tmp_path / "out", steps=1)) == 2
+    assert _error_line(capsys) == f"error: {tmp_path / 'out' / 'lora-config.toml'}: No space left on device"
+    assert not any((tmp_path / "out").iterdir())

@@ -26,8 +26,8 @@ import torch
 from lora_sd.config import OPTION_NAMES
 from lora_sd.errors import ConfigError, FormatError
 from lora_sd.formats import save_lora
-from lora_sd.io import (atomic_path, load_tree, open_tensor_file, replace, save_tree, tree_from_json,
-                        tree_to_json)
+from lora_sd.io import (atomic_path, failures_name, load_tree, open_tensor_file, replace, save_tree,
+                        tree_from_json, tree_to_json)
 from lora_sd.lora_weights import LoraWeights
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def trained_lora(accelerator, unet, text_encoder, cfg) -> LoraWeights:
 def write_lora(lora: LoraWeights, path: Path, cfg, *, version: str) -> Path:
     """Write one LoRA file or folder in cfg.save_model_as, atomically; a failed write (disk full) names `path`."""
     precision = cfg.save_precision or "float"
-    try:
+    with failures_name(path):
         if cfg.save_model_as in ("safetensors", "ckpt", "pt"):
             return save_lora(lora, path, "kohya", precision, version=version,
                              v_parameterization=cfg.v_parameterization, title=cfg.output_name)
@@ -77,9 +77,6 @@ def write_lora(lora: LoraWeights, path: Path, cfg, *, version: str) -> Path:
             tmp.mkdir()
             save_lora(lora, tmp / "pytorch_lora_weights.safetensors", "diffusers", precision)
         return path
-    except OSError as e:
-        e.filename = e.filename or str(path)  # a failed write() carries no file name
-        raise
 
 
 def save_lora_file(accelerator, unet, text_encoder, cfg, metadata: dict, *, version: str,
@@ -163,35 +160,40 @@ def save_training_state(state: TrainingState, folder):
     acc, folder = state.accelerator, Path(folder)
     tmp = folder.parent / f".{folder.name}.tmp"
     acc.wait_for_everyone()
-    try:
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        save_tree(_rng_state(), tmp / f"rng-{acc.process_index}.safetensors")
-        if acc.is_main_process:
-            with atomic_path(tmp / "lora.safetensors") as part:
-                from safetensors.torch import save_file
-
-                save_file({k: v.detach().to("cpu", copy=True) for k, v in _lora_params(state).items()}, part)
-            save_tree(state.optimizer.state_dict(), tmp / "optimizer.safetensors")
-            info = {"format": STATE_FORMAT, "version": STATE_VERSION, "num_processes": acc.num_processes,
-                    "optimizer": _optimizer_class(state), "progress": state.progress.state_dict(),
-                    "accelerator_step": acc.step, "lr_scheduler": state.lr_scheduler.state_dict(),
-                    "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
-            with atomic_path(tmp / "state.json") as part:
-                part.write_text(tree_to_json(info, tmp / "state.json"), encoding="utf-8")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            replace(tmp, folder)  # an older state of that name is moved aside, never left half-deleted
-            logger.info("saved training state %s", folder)
-    except BaseException as e:  # disk full, Ctrl-C: no half-written state folder is left
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            e.filename = e.filename or str(folder)
-        raise
+    with failures_name(folder):
+        try:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            save_tree(_rng_state(), tmp / f"rng-{acc.process_index}.safetensors")
+            if acc.is_main_process:
+                _write_shared_parts(state, tmp)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                replace(tmp, folder)  # an older state of that name is moved aside, never left half-deleted
+                logger.info("saved training state %s", folder)
+        except BaseException:  # disk full, Ctrl-C: no half-written state folder is left
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     acc.wait_for_everyone()
+
+
+def _write_shared_parts(state: TrainingState, folder: Path):
+    """lora.safetensors, optimizer.safetensors and state.json: the same on every process."""
+    from safetensors.torch import save_file
+
+    acc = state.accelerator
+    with atomic_path(folder / "lora.safetensors") as part:
+        save_file({k: v.detach().to("cpu", copy=True) for k, v in _lora_params(state).items()}, part)
+    save_tree(state.optimizer.state_dict(), folder / "optimizer.safetensors")
+    info = {"format": STATE_FORMAT, "version": STATE_VERSION, "num_processes": acc.num_processes,
+            "optimizer": _optimizer_class(state), "progress": state.progress.state_dict(),
+            "accelerator_step": acc.step, "lr_scheduler": state.lr_scheduler.state_dict(),
+            "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
+    with atomic_path(folder / "state.json") as part:
+        part.write_text(tree_to_json(info, folder / "state.json"), encoding="utf-8")
 
 
 def load_training_state(state: TrainingState, folder):

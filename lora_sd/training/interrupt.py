@@ -5,11 +5,13 @@ A KeyboardInterrupt raised at an arbitrary bytecode could land inside
 step; resuming from what it left would not be the run. So the first Ctrl-C
 only sets a flag that the loop reads at each optimizer-step boundary; the
 default handler is back at once, so a second Ctrl-C interrupts immediately
-(atomic writes leave nothing partial behind).
+(atomic writes leave nothing partial behind). DataLoader workers forked
+inside inherit the handler and ignore the signal, so the step can finish.
 """
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 
@@ -39,8 +41,11 @@ def stop_on_ctrl_c():
         return
     previous = signal.getsignal(signal.SIGINT)
     restore = previous if previous is not None else signal.default_int_handler  # None: set outside Python
+    owner = os.getpid()
 
     def first_ctrl_c(signum, frame):
+        if os.getpid() != owner:  # a DataLoader worker forked from this process (a terminal signals them all)
+            return  # keeps serving batches: the step in progress may still need some
         stop.requested = True
         signal.signal(signal.SIGINT, restore)
         logger.warning("Ctrl-C: finishing this step, then saving and stopping (Ctrl-C again to stop at once)")

@@ -31,7 +31,7 @@ import torch
 
 from lora_sd.demo import resolve_demo_path
 from lora_sd.errors import ConfigError, TrainingError, TrainingInterrupted
-from lora_sd.io import atomic_path
+from lora_sd.io import atomic_path, failures_name
 from lora_sd.training import checkpoint, noise, optim
 from lora_sd.training.interrupt import StopRequest, stop_on_ctrl_c
 from lora_sd.training.metadata import at_save, training_metadata
@@ -245,7 +245,8 @@ class LoraTraining:
                                           optimizer_name=self.optimizer_name, started_at=time.time())
         if acc.is_main_process:
             checkpoint.remove_stale_temporaries(cfg.output_dir, cfg.output_name)  # left by a killed run
-            with atomic_path(Path(cfg.output_dir) / f"{cfg.output_name}-config.toml") as tmp:
+            config = Path(cfg.output_dir) / f"{cfg.output_name}-config.toml"
+            with failures_name(config), atomic_path(config) as tmp:
                 tmp.write_text(checkpoint.config_toml(cfg), encoding="utf-8")
         if cfg.logging_dir:
             acc.init_trackers("network_train")
@@ -374,7 +375,8 @@ class LoraTraining:
                                              step=self.progress.global_step)
 
     def finish(self) -> TrainResult:
-        """The final save, then the result (with the trained models, unwrapped, for checks in Python)."""
+        """The final save (with the state when save_state or save_state_on_train_end), then the result (with the
+        trained models, unwrapped, for checks in Python); after a Ctrl-C, the `-interrupted` save instead."""
         cfg, acc, result = self.cfg, self.accelerator, self.result
         with_state = cfg.save_state or cfg.save_state_on_train_end  # sd-scripts: a state at the end, even without
         if self.stopped:
