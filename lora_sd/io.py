@@ -250,7 +250,7 @@ def tree_from_json(text: str, path):
 
     try:
         return _decode_tree(json.loads(text), None)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise FormatError(f"{path}: not a readable JSON state (truncated or corrupt?): {e}") from None
 
 

@@ -231,3 +231,24 @@ def test_disk_full_writing_the_resolved_config_names_it(assets, tmp_path, monkey
     assert run_main(train_recipe.main, args(assets, tmp_path / "out", steps=1)) == 2
     assert _error_line(capsys) == f"error: {tmp_path / 'out' / 'lora-config.toml'}: No space left on device"
     assert not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("edit", ["scheduler_attribute", "scheduler_type", "deep_nesting", "not_json"])
+def test_a_crafted_state_json_is_one_line(state, assets, tmp_path, capsys, edit):
+    """state.json sets nothing the schedule does not have, and never a value of another type."""
+    import json
+
+    folder = _copy(state, tmp_path)
+    info = json.loads((folder / "state.json").read_text())
+    if edit == "scheduler_attribute":
+        info["lr_scheduler"]["optimizer"] = {"param_groups": []}
+    elif edit == "scheduler_type":
+        info["lr_scheduler"]["base_lrs"] = "fast"
+    text = json.dumps(info)
+    if edit == "deep_nesting":
+        text = text.replace('"version": 1', '"version": 1, "x": ' + "[" * 100_000 + "]" * 100_000)
+    elif edit == "not_json":
+        text = text[:-5]
+    (folder / "state.json").write_text(text)
+    code, err = _resume(assets, tmp_path / "out", folder, capsys)
+    assert code == 2 and "state.json" in err

@@ -221,8 +221,11 @@ def load_training_state(state: TrainingState, folder):
         for k, p in params.items():
             p.copy_(saved[k])
     try:
+        # load_state_dict sets whatever attributes it is given: only the keys and types the object has now
+        _check_like(info["lr_scheduler"], state.lr_scheduler.state_dict(), "lr_scheduler")
         state.lr_scheduler.load_state_dict(info["lr_scheduler"])
         if state.accelerator.scaler is not None and info["grad_scaler"]:
+            _check_like(info["grad_scaler"], state.accelerator.scaler.state_dict(), "grad_scaler")
             state.accelerator.scaler.load_state_dict(info["grad_scaler"])
         state.progress.load_state_dict(info["progress"])
         state.accelerator.step = int(info["accelerator_step"])
@@ -234,6 +237,15 @@ def load_training_state(state: TrainingState, folder):
     else:
         _set_rng_state(rng, rng_file)
     logger.info("resumed from %s (step %d)", folder, state.progress.global_step)
+
+
+def _check_like(saved, current: dict, key: str):
+    """ValueError unless `saved` is a dict with the keys of `current`, each value of the same type."""
+    if not isinstance(saved, dict) or saved.keys() != current.keys():
+        raise ValueError(f"`{key}` must have the keys {sorted(current)}")
+    for k, v in current.items():
+        if type(saved[k]) is not type(v) and not (isinstance(v, float) and type(saved[k]) is int):
+            raise ValueError(f"`{key}.{k}` must be a {type(v).__name__}, not a {type(saved[k]).__name__}")
 
 
 def _read_text(path: Path) -> str:
