@@ -48,3 +48,10 @@ class ConfigErrors:
     def raise_if_any(self):
         if self.items:
             raise ConfigError(f"{self.where}: " + "; ".join(self.items))
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C during training: the LoRA so far (and the state, for resume) were saved; the message names them.
+
+    A LoraSdError, so that the recipe prints that one line (exit 2, as any stop that kept its saves); a Ctrl-C
+    before training starts, or a second one during that save, is a plain KeyboardInterrupt (exit 130)."""

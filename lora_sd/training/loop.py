@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 
 from lora_sd.demo import resolve_demo_path
-from lora_sd.errors import ConfigError, TrainingError
-from lora_sd.io import atomic_path
+from lora_sd.errors import ConfigError, TrainingError, TrainingInterrupted
+from lora_sd.io import atomic_path, failures_name
 from lora_sd.training import checkpoint, optim
+from lora_sd.training.interrupt import StopRequest, stop_on_ctrl_c
 from lora_sd.training.metadata import at_save, training_metadata
 from lora_sd.training.noise import compute_loss
 from lora_sd.training.network import (add_network, check_attention, enable_gradient_checkpointing, lora_strength,
@@ -143,12 +144,14 @@ def _seed(cfg, accelerator):
 
 
 def train(cfg) -> TrainResult:
-    """Train a LoRA as `cfg` says: setup -> loop -> finish; cleanup in any case."""
+    """Train a LoRA as `cfg` says: setup -> loop -> finish; cleanup in any case. A Ctrl-C during loop or finish
+    stops at the next optimizer step with the LoRA and state saved (TrainingInterrupted; see interrupt.py)."""
     run = LoraTraining(cfg)
     try:
         run.setup()
-        run.loop()
-        return run.finish()
+        with stop_on_ctrl_c() as run.stop:
+            run.loop()
+            return run.finish()
     finally:
         run.cleanup()
 
@@ -161,6 +164,8 @@ class LoraTraining:
         self.accelerator = None
         self.bar = None
         self.epoch_losses: list[float] = []
+        self.stop = StopRequest()  # train() puts one set by Ctrl-C here
+        self.stopped = False
 
     # --- setup ------------------------------------------------------------------------------------------
 
@@ -169,6 +174,8 @@ class LoraTraining:
         cfg = self.cfg
         check_attention(cfg)
         check_output_dir(cfg.output_dir)
+        if cfg.resume:  # a bad state folder is refused before the model loads
+            checkpoint.check_state_folder(cfg.resume)
         self.prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
         self.accelerator = make_accelerator(cfg)
         _seed(cfg, self.accelerator)
@@ -233,10 +240,10 @@ class LoraTraining:
     def _setup_progress(self):
         """The counters saved with the training state, restored from `resume`."""
         self.progress = checkpoint.Progress()
-        self.accelerator.register_for_checkpointing(self.progress)
-        self.accelerator.register_save_state_pre_hook(checkpoint.only_lora_weights)
+        self.state = checkpoint.TrainingState(self.accelerator, self.models, self.optimizer, self.lr_scheduler,
+                                              self.progress)
         if self.cfg.resume:
-            checkpoint.load_training_state(self.accelerator, self.cfg.resume)
+            checkpoint.load_training_state(self.state, self.cfg.resume)
 
     def _setup_outputs(self):
         """Metadata of every save, the resolved config beside the outputs, trackers, and the result to fill."""
@@ -246,7 +253,9 @@ class LoraTraining:
                                           max_train_steps=self.max_train_steps, num_epochs=self.num_epochs,
                                           optimizer_name=self.optimizer_name, started_at=time.time())
         if acc.is_main_process:
-            with atomic_path(Path(cfg.output_dir) / f"{cfg.output_name}-config.toml") as tmp:
+            checkpoint.remove_stale_temporaries(cfg.output_dir, cfg.output_name)  # left by a killed run
+            config = Path(cfg.output_dir) / f"{cfg.output_name}-config.toml"
+            with failures_name(config), atomic_path(config) as tmp:
                 tmp.write_text(checkpoint.config_toml(cfg), encoding="utf-8")
         if cfg.logging_dir:
             acc.init_trackers("network_train")
@@ -264,7 +273,7 @@ class LoraTraining:
         logger.info("training %s for %d steps (%d epochs of %d steps), batch %s x %d process(es) x %d accumulation",
                     "+".join(self.trained), self.max_train_steps, self.num_epochs, self.steps_per_epoch,
                     cfg.datasets[0].batch_size, acc.num_processes, cfg.gradient_accumulation_steps)
-        while self.progress.global_step < self.max_train_steps:
+        while self.progress.global_step < self.max_train_steps and not self.stopped:
             self._run_epoch()
         self.bar.close()
 
@@ -280,8 +289,12 @@ class LoraTraining:
                 continue
             progress.global_step += 1
             self._after_step(loss)
-            if progress.global_step >= self.max_train_steps:
+            # after a Ctrl-C, stop here (the last step ends the run as usual); every process gets the same answer
+            self.stopped = progress.global_step < self.max_train_steps and self.stop.agreed(self.accelerator)
+            if progress.global_step >= self.max_train_steps or self.stopped:
                 break
+        if self.stopped:  # the state resumes here, where the epoch's saves and samples are still due
+            return
         if progress.batches_in_epoch == len(self.dataloader):  # the epoch ran to its end (the state resumes after it)
             self._end_epoch(epoch)
 
@@ -358,18 +371,18 @@ class LoraTraining:
 
     # --- saves, samples, the end --------------------------------------------------------------------------
 
-    def save(self, *, epoch=None, step=None, state: bool | None = None) -> Path:
-        """Save the LoRA under its name for `epoch`/`step` (neither: the final name), and the training state
-        when `state` (default: `save_state`). Returns the LoRA's path."""
+    def save(self, *, epoch=None, step=None, state: bool | None = None, interrupted=False) -> Path:
+        """Save the LoRA under its name for `epoch`/`step`/`interrupted` (none: the final name), and the training
+        state when `state` (default: `save_state`). Returns the LoRA's path."""
         cfg, acc = self.cfg, self.accelerator
         self._check_weights()
         meta = at_save(self.metadata, steps=self.progress.global_step, epoch=self.progress.epochs_begun)
         path = checkpoint.save_lora_file(acc, self.unet, self.text_encoder, cfg, meta, version=self.model.version,
-                                         epoch=epoch, step=step)
+                                         epoch=epoch, step=step, interrupted=interrupted)
         self.result.saved.append(path)
-        with_state = cfg.save_state if state is None else state
-        if with_state:
-            checkpoint.save_training_state(acc, Path(cfg.output_dir) / checkpoint.state_dir_name(cfg, epoch, step))
+        if cfg.save_state if state is None else state:
+            checkpoint.save_training_state(self.state, Path(cfg.output_dir)
+                                           / checkpoint.state_dir_name(cfg, epoch, step, interrupted))
         return path
 
     def sample(self):
@@ -378,12 +391,27 @@ class LoraTraining:
                                              step=self.progress.global_step)
 
     def finish(self) -> TrainResult:
-        """The final save, then the result (with the trained models, unwrapped, for checks in Python)."""
-        acc, result = self.accelerator, self.result
-        result.lora_path = self.save()
+        """The final save (with the state when save_state or save_state_on_train_end), then the result (with the
+        trained models, unwrapped, for checks in Python); after a Ctrl-C, the `-interrupted` save instead."""
+        cfg, acc, result = self.cfg, self.accelerator, self.result
+        with_state = cfg.save_state or cfg.save_state_on_train_end  # sd-scripts: a state at the end, even without
+        if self.stopped:
+            self._stop_interrupted(with_state)
+        result.lora_path = self.save(state=with_state)
         result.steps, result.epochs = self.progress.global_step, self.progress.epochs_begun
         result.unet, result.text_encoder = acc.unwrap_model(self.unet), acc.unwrap_model(self.text_encoder)
         return result
+
+    def _stop_interrupted(self, with_state: bool):
+        """After a Ctrl-C: save the LoRA so far under `-interrupted` names (never the final one), then stop."""
+        cfg, step = self.cfg, self.progress.global_step
+        lora = self.save(state=with_state, interrupted=True)
+        where = f"interrupted (Ctrl-C) after step {step} of {self.max_train_steps}: the LoRA so far is {lora}"
+        if not with_state:
+            raise TrainingInterrupted(f"{where}; no training state was saved (save_state is off): it cannot resume")
+        state = Path(cfg.output_dir) / checkpoint.state_dir_name(cfg, interrupted=True)
+        raise TrainingInterrupted(f"{where}, its training state {state}; to continue, run the same command with "
+                                  f"--resume {state}")
 
     def cleanup(self):
         """Close the progress bar and the trackers (also after an error)."""
