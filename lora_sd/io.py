@@ -42,18 +42,22 @@ def atomic_path(path):
     """Yield a temporary path beside `path`; on success move it into place.
 
     Works for files and folders; on any error the temporary is removed, so
-    nothing half-written is left behind.
+    nothing half-written is left behind. A failed write that names no file, or
+    names the temporary (disk full, quota), is made to name `path`, so that the
+    recipe's one error line says what could not be written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with failures_name(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.unlink(tmp)
     tmp = Path(tmp)
     try:
-        yield tmp
-        _umask_permissions(tmp)
-        replace(tmp, path)
+        with failures_name(path, tmp):
+            yield tmp
+            _umask_permissions(tmp)
+            replace(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -351,11 +355,13 @@ def load_tree(path):
 
 
 @contextlib.contextmanager
-def failures_name(path):
-    """An OSError raised inside that names no file (a failed write(): disk full, quota) is made to name `path`,
-    so that the recipe's one error line says what could not be written."""
+def failures_name(path, tmp=None):
+    """An OSError raised inside that names no file (a failed write(): disk full, quota), or names the
+    temporary `tmp` or a file in it, is made to name `path`, so that the one error line says what could
+    not be written."""
     try:
         yield
     except OSError as e:
-        e.filename = e.filename or str(path)
+        if not e.filename or (tmp is not None and str(e.filename).startswith(str(tmp))):
+            e.filename = str(path)
         raise

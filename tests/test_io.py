@@ -113,6 +113,24 @@ def test_a_folder_written_over_a_symlink_to_a_folder_leaves_no_temporary(tmp_pat
     assert snapshot(tmp_path) == {"out": None, "out/b.bin": b"new b", "real": None, "real/a.bin": b"old a"}
 
 
+@pytest.mark.parametrize("named", ["nothing", "the temporary", "a file in the temporary"])
+def test_a_failed_write_names_the_output_not_the_temporary(tmp_path, named):
+    """Disk full inside any writer (PIL, safetensors, a state folder) reads `error: <output>: No space left`."""
+    out = tmp_path / "out"
+
+    def fail(tmp):
+        where = {"nothing": None, "the temporary": tmp, "a file in the temporary": tmp / "a.bin"}[named]
+        raise OSError(errno.ENOSPC, "No space left on device", where)
+
+    with pytest.raises(OSError) as e, atomic_path(out) as tmp:
+        fail(tmp)
+    assert e.value.filename == str(out)
+    other = OSError(errno.EACCES, "Permission denied", "/elsewhere/input")
+    with pytest.raises(OSError) as e, atomic_path(out):
+        raise other
+    assert e.value.filename == "/elsewhere/input"  # an error about another file keeps its name
+
+
 def make_writer_0600(tmp):
     """A writer that creates its file 0600 (as mkstemp and some savers do)."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

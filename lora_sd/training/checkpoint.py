@@ -65,18 +65,17 @@ def trained_lora(accelerator, unet, text_encoder, cfg) -> LoraWeights:
 
 
 def write_lora(lora: LoraWeights, path: Path, cfg, *, version: str) -> Path:
-    """Write one LoRA file or folder in cfg.save_model_as, atomically; a failed write (disk full) names `path`."""
+    """Write one LoRA file or folder in cfg.save_model_as, atomically (a failed write names `path`)."""
     precision = cfg.save_precision or "float"
-    with failures_name(path):
-        if cfg.save_model_as in ("safetensors", "ckpt", "pt"):
-            return save_lora(lora, path, "kohya", precision, version=version,
-                             v_parameterization=cfg.v_parameterization, title=cfg.output_name)
-        if cfg.save_model_as == "peft":
-            return save_lora(lora, path, "peft", precision)
-        with atomic_path(path) as tmp:  # diffusers: a folder that load_lora_weights(folder) reads
-            tmp.mkdir()
-            save_lora(lora, tmp / "pytorch_lora_weights.safetensors", "diffusers", precision)
-        return path
+    if cfg.save_model_as in ("safetensors", "ckpt", "pt"):
+        return save_lora(lora, path, "kohya", precision, version=version,
+                         v_parameterization=cfg.v_parameterization, title=cfg.output_name)
+    if cfg.save_model_as == "peft":
+        return save_lora(lora, path, "peft", precision)
+    with atomic_path(path) as tmp:  # diffusers: a folder that load_lora_weights(folder) reads
+        tmp.mkdir()
+        save_lora(lora, tmp / "pytorch_lora_weights.safetensors", "diffusers", precision)
+    return path
 
 
 def save_lora_file(accelerator, unet, text_encoder, cfg, metadata: dict, *, version: str,

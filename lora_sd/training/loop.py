@@ -35,7 +35,7 @@ import torch
 
 from lora_sd.demo import resolve_demo_path
 from lora_sd.errors import ConfigError, TrainingError, TrainingInterrupted
-from lora_sd.io import atomic_path, failures_name
+from lora_sd.io import atomic_path
 from lora_sd.training import checkpoint, optim
 from lora_sd.training.interrupt import StopRequest, stop_on_ctrl_c
 from lora_sd.training.metadata import at_save, training_metadata
@@ -255,7 +255,7 @@ class LoraTraining:
         if acc.is_main_process:
             checkpoint.remove_stale_temporaries(cfg.output_dir, cfg.output_name)  # left by a killed run
             config = Path(cfg.output_dir) / f"{cfg.output_name}-config.toml"
-            with failures_name(config), atomic_path(config) as tmp:
+            with atomic_path(config) as tmp:
                 tmp.write_text(checkpoint.config_toml(cfg), encoding="utf-8")
         if cfg.logging_dir:
             acc.init_trackers("network_train")
