@@ -83,6 +83,27 @@ def refuse_overwriting_inputs(output, inputs, option="--save_to"):
                               "(give another output path)")
 
 
+def check_writable_folder(folder, what):
+    """ConfigError unless `folder` can be created and written (`what` names the option for the message).
+
+    Writes nothing but a temporary file in the nearest existing folder (creating one is the only check that
+    sees read-only mounts, ACLs and permissions alike, also for root), removed at once."""
+    import tempfile
+
+    from lora_sd.errors import ConfigError
+
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:  # where mkdir would start creating folders
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what}: {existing} is a file, not a folder; give a folder path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot write in {existing} ({e.strerror or e}); give a writable folder") from None
+
+
 PRECISIONS = {"float": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 

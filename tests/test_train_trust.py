@@ -147,3 +147,26 @@ def test_unwritable_output_dir_is_refused_before_the_model_loads(assets, tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("error: `output_dir`") and str(out) in err and err.count("\n") == 1, err
     assert not loaded and sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("name", ["lora.safetensors", "lora-000002.safetensors", "lora-config.toml"])
+def test_an_input_named_like_the_run_s_outputs_is_refused(assets, tmp_path, capsys, name):  # noqa: F811
+    """network_weights = out/lora.safetensors with output_name lora: the run would overwrite its own input."""
+    out = tmp_path / "out"
+    first = run_main(train_recipe.main, args(assets, out))
+    assert first == 0
+    start = out / name
+    if not start.exists():
+        (out / "lora.safetensors").rename(start)
+    before = start.read_bytes()
+    if name.endswith(".toml"):  # the resolved config of the first run, repeated into the same folder
+        argv, extra = ["--config", str(start)], []
+    else:
+        extra = ["--network_weights", str(start)]
+        argv = args(assets, out, *extra)
+    assert run_main(train_recipe.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: `output_name` 'lora'") and str(start) in err, err
+    assert start.read_bytes() == before
+    other = run_main(train_recipe.main, args(assets, tmp_path / "elsewhere", *extra))  # another output_dir: fine
+    assert other == 0

@@ -5,13 +5,12 @@ option; they run before any file is read, so a bad argument costs nothing.
 """
 
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from lora_sd.errors import ConfigError
-from lora_sd.io import refuse_overwriting_inputs
+from lora_sd.io import check_writable_folder, refuse_overwriting_inputs
 
 
 def check_pairs(values, items, option, what="model"):
@@ -60,10 +59,4 @@ def check_output(output, inputs, option="--save_to"):
     creatable and writable. The write itself can still fail (a full disk): the recipes report that
     as one line too, and `io.atomic_path` leaves nothing behind."""
     refuse_overwriting_inputs(output, inputs, option)
-    folder = Path(output).absolute().parent
-    while not folder.exists():  # the first folder that exists is where the new ones get created
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ConfigError(f"{option} {output}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {output}: the folder {folder} is not writable")
+    check_writable_folder(Path(output).absolute().parent, f"{option} {output}")

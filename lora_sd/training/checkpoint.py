@@ -54,6 +54,24 @@ def state_dir_name(cfg, epoch=None, step=None, interrupted: bool = False) -> str
     return _stem(cfg, epoch, step, interrupted) + "-state"
 
 
+def refuse_outputs_over_inputs(cfg):
+    """A run writes `<output_name>` and `<output_name>-*` (LoRAs, states, config, interrupted saves) in
+    `output_dir`: refuse, before any work, an input there under such a name (`network_weights =
+    "out/last.safetensors"` with `output_name = "last"` would be overwritten by the run). The `resume` folder
+    is not an input to protect: a run resumed from a state writes later states beside it."""
+    out = Path(cfg.output_dir).resolve()
+    inputs = [cfg.pretrained_model_name_or_path, cfg.network_weights, cfg.model_config, cfg.sample_prompts,
+              cfg.source, cfg.dataset_config, cfg.train_data_dir, cfg.reg_data_dir]
+    inputs += [p for ds in cfg.datasets for sub in ds.subsets for p in (sub.image_dir, sub.metadata_file)]
+    for given in filter(None, inputs):
+        path = Path(given).resolve()
+        name = path.name
+        if path.parent == out and (name == cfg.output_name or name.startswith((f"{cfg.output_name}.",
+                                                                              f"{cfg.output_name}-"))):
+            raise ConfigError(f"`output_name` {cfg.output_name!r}: the run writes {out / cfg.output_name}* and "
+                              f"would overwrite the input {given}; give another output_name or output_dir")
+
+
 def trained_lora(accelerator, unet, text_encoder, cfg) -> LoraWeights:
     """The LoRA being trained, read from the (unwrapped) PEFT-adapted models."""
     models = {}

@@ -26,7 +26,6 @@ NaN/inf weights is ever written).
 import logging
 import math
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 
 from lora_sd.demo import resolve_demo_path
 from lora_sd.errors import ConfigError, TrainingError, TrainingInterrupted
-from lora_sd.io import atomic_path
+from lora_sd.io import atomic_path, check_writable_folder
 from lora_sd.training import checkpoint, optim
 from lora_sd.training.interrupt import StopRequest, stop_on_ctrl_c
 from lora_sd.training.metadata import at_save, training_metadata
@@ -108,26 +107,6 @@ def load_model(cfg, device):
     return model, weight_dtype
 
 
-def check_output_dir(output_dir):
-    """Refuse an `output_dir` that cannot be written (a path under a file, a read-only folder) before any work.
-
-    Writes nothing but a temporary file in the nearest existing folder (creating it is the one check that
-    sees read-only mounts, ACLs and permissions alike), removed at once.
-    """
-    folder = Path(output_dir)
-    existing = folder
-    while not existing.exists() and existing != existing.parent:  # where mkdir would start creating folders
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"`output_dir` {folder}: {existing} is a file, not a folder; give a folder path")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise ConfigError(f"`output_dir` {folder}: cannot write in {existing} ({e.strerror or e}); "
-                          "give a writable folder") from None
-
-
 def _every(n, count) -> bool:
     return bool(n) and count % n == 0
 
@@ -173,7 +152,8 @@ class LoraTraining:
         """Devices, base model with LoRA, data, optimizer, schedule, resume, and the outputs written at start."""
         cfg = self.cfg
         check_attention(cfg)
-        check_output_dir(cfg.output_dir)
+        check_writable_folder(cfg.output_dir, f"`output_dir` {cfg.output_dir}")
+        checkpoint.refuse_outputs_over_inputs(cfg)
         if cfg.resume:  # a bad state folder is refused before the model loads
             checkpoint.check_state_folder(cfg.resume)
         self.prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
