@@ -13,18 +13,15 @@ only in the metadata). Give those tools kohya files.
 """
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_sd.cli import run_main  # noqa: E402
-from lora_sd.formats import FORMATS, read_lora, save_lora  # noqa: E402
-from lora_sd.formats.metadata import lora_version  # noqa: E402
-from lora_sd.io import PRECISIONS, refuse_overwriting_inputs  # noqa: E402
-
-logger = logging.getLogger("convert_lora")
+from lora_sd.formats import FORMATS  # noqa: E402
+from lora_sd.formats.convert import convert_lora_file  # noqa: E402
+from lora_sd.io import PRECISIONS  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -42,16 +39,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    refuse_overwriting_inputs(args.output, [args.input], "output")
-    lora, fmt_in = read_lora(args.input)
-    version = "sd2" if args.v2 else lora_version(lora.metadata) or "sd1"
-    v_param = args.v_parameterization or lora.metadata.get("modelspec.prediction_type") == "v"
-    out = save_lora(lora, args.output, args.to, args.save_precision, version=version, v_parameterization=v_param)
-    logger.info("%s (%s, %d modules) -> %s (%s)", args.input, fmt_in, len(lora.modules), out, args.to)
-    if args.to == "diffusers":
-        logger.warning("%s: a diffusers LoRA file loads with diffusers' load_lora_weights (and lora-sd) only; ComfyUI, "
-                       "AUTOMATIC1111 and sd-scripts do not load it (other key names, alphas only in the metadata): "
-                       "convert with --to kohya for those", out)
+    convert_lora_file(args.input, args.output, args.to, args.save_precision, v2=args.v2,
+                      v_parameterization=args.v_parameterization)
 
 
 if __name__ == "__main__":

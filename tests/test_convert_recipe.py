@@ -191,7 +191,7 @@ def test_output_over_the_input_is_refused_before_any_work(kohya_file, tmp_path, 
         "same diffusers folder": ("peft", dfolder, dfolder, "is"),
     }[case]
     before = _tree_bytes(inp)
-    monkeypatch.setattr("recipes.convert_lora.read_lora", lambda *a: pytest.fail("read before the output was checked"))
+    monkeypatch.setattr("lora_sd.formats.convert.read_lora", lambda *a: pytest.fail("read before the output was checked"))
     assert run_main(main, ["--to", to, str(inp), str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"error: output {out}: {how} the input {inp}; writing it would overwrite or change that input "
@@ -210,3 +210,14 @@ def test_diffusers_output_warns_that_other_tools_do_not_load_it(kohya_file, tmp_
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     assert "not in ComfyUI, AUTOMATIC1111 or sd-scripts" in " ".join(capsys.readouterr().out.split())
+
+
+def test_output_under_a_file_is_refused_before_reading(kohya_file, tmp_path, capsys, monkeypatch):
+    """The output's folder is checked like the other recipes' --save_to: one line, nothing read or written."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    monkeypatch.setattr("lora_sd.formats.convert.read_lora", lambda *a: pytest.fail("read before the output was checked"))
+    assert run_main(main, ["--to", "peft", str(kohya_file), str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{blocker} is a file, not a folder" in err
+    assert blocker.read_text() == "mine"

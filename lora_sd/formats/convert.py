@@ -1,0 +1,30 @@
+"""convert_lora: a LoRA file or folder into another format (what recipes/convert_lora.py runs)."""
+
+import logging
+from pathlib import Path
+
+from lora_sd.formats import read_lora, save_lora
+from lora_sd.formats.metadata import lora_version
+from lora_sd.io import check_writable_folder, refuse_overwriting_inputs
+
+logger = logging.getLogger(__name__)
+
+
+def convert_lora_file(src, dst, to, save_precision="float", v2=False, v_parameterization=False) -> Path:
+    """Read `src` (any format we read), write it to `dst` as `to` (kohya | diffusers | peft).
+
+    `dst` is checked before anything is read: never the input, inside it or holding it, and in a
+    writable folder. `v2` / `v_parameterization` fill the kohya metadata when the input has none.
+    """
+    refuse_overwriting_inputs(dst, [src], "output")
+    check_writable_folder(Path(dst).absolute().parent, f"output {dst}")
+    lora, fmt_in = read_lora(src)
+    version = "sd2" if v2 else lora_version(lora.metadata) or "sd1"
+    v_param = v_parameterization or lora.metadata.get("modelspec.prediction_type") == "v"
+    out = save_lora(lora, dst, to, save_precision, version=version, v_parameterization=v_param)
+    logger.info("%s (%s, %d modules) -> %s (%s)", src, fmt_in, len(lora.modules), out, to)
+    if to == "diffusers":
+        logger.warning("%s: a diffusers LoRA file loads with diffusers' load_lora_weights (and lora-sd) only; ComfyUI, "
+                       "AUTOMATIC1111 and sd-scripts do not load it (other key names, alphas only in the metadata): "
+                       "convert with --to kohya for those", out)
+    return out
