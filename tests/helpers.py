@@ -82,3 +82,24 @@ def fresh_pipeline(tiny):
 def max_diff(a, b):
     """Largest absolute difference over two tuples of tensors."""
     return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def full_disk_at(monkeypatch, call: int) -> list:
+    """safetensors' save_file writes part of its file, then fails with ENOSPC on its `call`-th call (a PEFT
+    folder is written with one call per component: the 2nd leaves the 1st written); returns the calls' files."""
+    import errno
+    from pathlib import Path
+
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == call:
+            Path(filename).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    return calls

@@ -11,7 +11,7 @@ import torch
 from lora_sd.errors import ConfigError
 from lora_sd.formats import save_lora
 from lora_sd.io import atomic_path, refuse_overwriting_inputs
-from tests.helpers import random_lora
+from tests.helpers import full_disk_at, random_lora
 
 
 class Boom(Exception):
@@ -164,22 +164,6 @@ def lora(tiny_sd1):
     return random_lora(tiny_sd1, network_dim=4, network_alpha=2)
 
 
-def fail_on_save(monkeypatch, on_call):
-    """safetensors' save_file writes part of the file, then fails with ENOSPC on call number `on_call`
-    (a PEFT folder is written with one call per component: the 2nd leaves the 1st written)."""
-    real, calls = safetensors.torch.save_file, []
-
-    def save_file(tensors, filename, metadata=None):
-        calls.append(filename)
-        if len(calls) == on_call:
-            Path(filename).write_bytes(b"\0" * 100)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tensors, filename, metadata=metadata)
-
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-    return calls
-
-
 @pytest.mark.parametrize("existing", [False, True])
 @pytest.mark.parametrize("fmt, on_call", [("kohya", 1), ("diffusers", 1), ("peft", 1), ("peft", 2)])
 def test_save_lora_under_a_failure_leaves_nothing_new(tmp_path, monkeypatch, lora, fmt, on_call, existing):
@@ -187,7 +171,7 @@ def test_save_lora_under_a_failure_leaves_nothing_new(tmp_path, monkeypatch, lor
     if existing:
         save_lora(lora, path, fmt)
     before = snapshot(tmp_path)
-    calls = fail_on_save(monkeypatch, on_call)
+    calls = full_disk_at(monkeypatch, on_call)
     with pytest.raises(OSError) as raised:
         save_lora(lora, path, fmt)
     assert raised.value.errno == errno.ENOSPC and len(calls) == on_call

@@ -12,6 +12,7 @@ import torch
 from lora_sd.cli import run_main
 from lora_sd.io import load_tree, save_tree
 from lora_sd.training import checkpoint, optim
+from tests.helpers import full_disk_at
 from tests.test_train import args, assets, train_recipe  # noqa: F401  (assets: the tiny model + images fixture)
 
 
@@ -145,28 +146,11 @@ def test_each_optimizer_state_round_trips_exactly(name, tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(params, params2, strict=True))
 
 
-def _full_disk_at(monkeypatch, call: int):
-    """safetensors.torch.save_file writes part of its file, then fails as on a full disk, at the `call`-th call."""
-    import safetensors.torch
-
-    real, calls = safetensors.torch.save_file, []
-
-    def save_file(tensors, filename, metadata=None):
-        calls.append(filename)
-        if len(calls) == call:
-            Path(filename).write_bytes(b"\0" * 100)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tensors, filename, metadata=metadata)
-
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-    return calls
-
-
 # the saves of a 2-step run with a save at step 1: LoRA, then the state's rng, lora and optimizer files
 @pytest.mark.parametrize("call", [1, 2, 3, 4])
 def test_disk_full_while_saving_is_one_line_and_leaves_nothing_partial(assets, tmp_path, monkeypatch, capsys, call):
     out = tmp_path / "out"
-    calls = _full_disk_at(monkeypatch, call)
+    calls = full_disk_at(monkeypatch, call)
     code = run_main(train_recipe.main, args(assets, out, "--save_state", "--save_every_n_steps", "1", steps=2))
     err = _error_line(capsys)
     assert len(calls) == call and code == 2
