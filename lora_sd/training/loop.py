@@ -1,4 +1,4 @@
-"""train(cfg): LoRA training for Stable Diffusion 1.x / 2.x, as a recipe in three parts.
+"""train(cfg): LoRA training for Stable Diffusion 1.x / 2.x, as a recipe in three parts (setup helpers: setup.py).
 
 `LoraTraining(cfg)`, in the shape of a torchtune recipe:
   setup()   accelerator -> base model -> LoRA adapters -> data -> optimizer and
@@ -25,23 +25,21 @@ NaN/inf weights is ever written).
 
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lora_sd.demo import resolve_demo_path
-from lora_sd.errors import ConfigError, TrainingError, TrainingInterrupted
+from lora_sd.errors import TrainingError, TrainingInterrupted
 from lora_sd.io import atomic_path, check_writable_folder
 from lora_sd.training import checkpoint, optim
 from lora_sd.training.interrupt import StopRequest, stop_on_ctrl_c
 from lora_sd.training.metadata import at_save, training_metadata
 from lora_sd.training.noise import compute_loss
-from lora_sd.training.network import (add_network, check_attention, enable_gradient_checkpointing, lora_strength,
-                                     set_attention)
+from lora_sd.training.network import check_attention, lora_strength
 from lora_sd.training.sampling import read_prompts, sample_images
+from lora_sd.training.setup import load_model, make_accelerator, seed_everything
 from lora_sd.training.text import conditioning
 
 logger = logging.getLogger(__name__)
@@ -60,66 +58,13 @@ class TrainResult:
     text_encoder: object = None
 
 
-def make_accelerator(cfg):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-
-    has_cuda = torch.cuda.is_available()
-    if cfg.mixed_precision == "fp16" and not has_cuda:
-        raise ConfigError('`mixed_precision = "fp16"` needs a CUDA GPU; on CPU use "bf16" or "no"')
-    kwargs = {}
-    if cfg.logging_dir:
-        run = (cfg.log_prefix or "") + time.strftime("%Y%m%d%H%M%S")
-        kwargs = dict(log_with="tensorboard",
-                      project_config=ProjectConfiguration(project_dir=str(Path(cfg.logging_dir) / run)))
-    AcceleratorState._reset_state()  # a second run in one Python process may use another precision
-    if cfg.train_text_encoder and cfg.clip_skip and cfg.clip_skip > 1:
-        # the text encoder's last layers do not reach the U-Net: DDP must expect LoRA weights without gradients
-        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    # cpu=True on a GPU-less machine makes `accelerate launch --multi_gpu` run DDP over gloo (see DESIGN.md)
-    return Accelerator(cpu=not has_cuda, mixed_precision=cfg.mixed_precision,
-                       gradient_accumulation_steps=cfg.gradient_accumulation_steps, **kwargs)
-
-
 def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
     """The noise/timestep RNG of one micro-batch: a function of where we are, so resume needs no RNG state."""
     return torch.Generator().manual_seed((((seed * 131 + rank) * 1_000_003 + step) * 1009 + micro) % 2**63)
 
 
-def load_model(cfg, device):
-    """(SDModel, weight dtype): the base model on `device`, frozen, the LoRA adapters added.
-
-    The U-Net and text encoder are cast to the mixed-precision dtype; the VAE only
-    encodes and stays float32 (sd-scripts' no_half_vae); LoRA weights are float32.
-    """
-    from lora_sd.models.load import load_base
-
-    model = load_base(resolve_demo_path(cfg.pretrained_model_name_or_path), v2=cfg.v2,
-                      v_parameterization=cfg.v_parameterization, model_config=cfg.model_config)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    for m in (model.unet, model.text_encoder, model.vae):
-        m.requires_grad_(False)
-        m.to(device, dtype=torch.float32 if m is model.vae else weight_dtype)
-    set_attention(model.unet, cfg)
-    add_network(model.unet, model.text_encoder, cfg)
-    enable_gradient_checkpointing(model.unet, model.text_encoder, cfg)
-    return model, weight_dtype
-
-
 def _every(n, count) -> bool:
     return bool(n) and count % n == 0
-
-
-def _seed(cfg, accelerator):
-    if cfg.seed is None:
-        from accelerate.utils import broadcast_object_list
-
-        cfg.seed = broadcast_object_list([random.randint(0, 2**31 - 1)])[0]
-        logger.info("seed not given: using %d", cfg.seed)
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.seed)
 
 
 def train(cfg) -> TrainResult:
@@ -158,7 +103,7 @@ class LoraTraining:
             checkpoint.check_state_folder(cfg.resume)
         self.prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
         self.accelerator = make_accelerator(cfg)
-        _seed(cfg, self.accelerator)
+        seed_everything(cfg, self.accelerator)
         self.model, self.weight_dtype = load_model(cfg, self.accelerator.device)
         self.unet, self.text_encoder = self.model.unet, self.model.text_encoder
         self.trained = {name: m for name, m, on in (("text_encoder", self.text_encoder, cfg.train_text_encoder),

@@ -1,0 +1,69 @@
+"""What a run sets up before its loop: the accelerator, the seed, and the base model with its LoRA adapters."""
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from lora_sd.demo import resolve_demo_path
+from lora_sd.errors import ConfigError
+from lora_sd.training.network import add_network, enable_gradient_checkpointing, set_attention
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(cfg):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    has_cuda = torch.cuda.is_available()
+    if cfg.mixed_precision == "fp16" and not has_cuda:
+        raise ConfigError('`mixed_precision = "fp16"` needs a CUDA GPU; on CPU use "bf16" or "no"')
+    kwargs = {}
+    if cfg.logging_dir:
+        run = (cfg.log_prefix or "") + time.strftime("%Y%m%d%H%M%S")
+        kwargs = dict(log_with="tensorboard",
+                      project_config=ProjectConfiguration(project_dir=str(Path(cfg.logging_dir) / run)))
+    AcceleratorState._reset_state()  # a second run in one Python process may use another precision
+    if cfg.train_text_encoder and cfg.clip_skip and cfg.clip_skip > 1:
+        # the text encoder's last layers do not reach the U-Net: DDP must expect LoRA weights without gradients
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    # cpu=True on a GPU-less machine makes `accelerate launch --multi_gpu` run DDP over gloo (see DESIGN.md)
+    return Accelerator(cpu=not has_cuda, mixed_precision=cfg.mixed_precision,
+                       gradient_accumulation_steps=cfg.gradient_accumulation_steps, **kwargs)
+
+
+def load_model(cfg, device):
+    """(SDModel, weight dtype): the base model on `device`, frozen, the LoRA adapters added.
+
+    The U-Net and text encoder are cast to the mixed-precision dtype; the VAE only
+    encodes and stays float32 (sd-scripts' no_half_vae); LoRA weights are float32.
+    """
+    from lora_sd.models.load import load_base
+
+    model = load_base(resolve_demo_path(cfg.pretrained_model_name_or_path), v2=cfg.v2,
+                      v_parameterization=cfg.v_parameterization, model_config=cfg.model_config)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    for m in (model.unet, model.text_encoder, model.vae):
+        m.requires_grad_(False)
+        m.to(device, dtype=torch.float32 if m is model.vae else weight_dtype)
+    set_attention(model.unet, cfg)
+    add_network(model.unet, model.text_encoder, cfg)
+    enable_gradient_checkpointing(model.unet, model.text_encoder, cfg)
+    return model, weight_dtype
+
+
+def seed_everything(cfg, accelerator):
+    """Seed python, numpy and torch (accelerate's set_seed); no seed given: a random one, the same on every process,
+    recorded in cfg (and so in the outputs)."""
+    if cfg.seed is None:
+        from accelerate.utils import broadcast_object_list
+
+        cfg.seed = broadcast_object_list([random.randint(0, 2**31 - 1)])[0]
+        logger.info("seed not given: using %d", cfg.seed)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
