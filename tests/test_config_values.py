@@ -120,6 +120,14 @@ def test_output_name_must_stay_in_output_dir(tmp_path, base, name):
         _load(tmp_path, base + f'output_dir = "{tmp_path / "out"}"\noutput_name = {json.dumps(name)}\n')
 
 
+@pytest.mark.parametrize("prefix", ["../../x", "/abs", "a/b", ".."])
+def test_log_prefix_stays_in_logging_dir(tmp_path, base, prefix):
+    """log_prefix starts the run's folder name under logging_dir: a path there would write logs elsewhere."""
+    with pytest.raises(ConfigError, match="`log_prefix` must be a plain file name without a path"):
+        _load(tmp_path, base + f'logging_dir = "{tmp_path / "logs"}"\nlog_prefix = {json.dumps(prefix)}\n')
+    assert _load(tmp_path, base + 'log_prefix = "char-"\n').log_prefix == "char-"
+
+
 def test_output_name_resolving_elsewhere_refused(tmp_path, base):
     out = tmp_path / "out"
     out.mkdir()

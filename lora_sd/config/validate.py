@@ -84,16 +84,20 @@ def _check_ranges(cfg, errors):
 
 
 def _check_output_name(cfg, errors):
-    """output_name is a file name inside output_dir: no path, nothing that resolves elsewhere."""
-    name = cfg.output_name
+    """output_name is a file name inside output_dir (log_prefix one inside logging_dir): no path, nothing that
+    resolves elsewhere."""
     separators = {"/", "\\", os.sep, os.altsep} - {None}
-    if name in ("", ".", "..") or any(s in name for s in separators) or "\0" in name or Path(name).is_absolute():
-        errors.add("output_name", f"must be a plain file name without a path (it is written in `output_dir`); "
-                   f"got {name!r}")
-        return
-    folder = Path(cfg.output_dir).resolve()
-    if Path(folder, name).resolve().parent != folder:  # e.g. a link in output_dir that points elsewhere
-        errors.add("output_name", f"{name!r} resolves outside `output_dir` {cfg.output_dir}")
+    for key, folder_key, empty_ok in (("output_name", "output_dir", False), ("log_prefix", "logging_dir", True)):
+        name = getattr(cfg, key)
+        if name is None or (empty_ok and name == ""):
+            continue
+        if name in ("", ".", "..") or any(s in name for s in separators) or "\0" in name or Path(name).is_absolute():
+            errors.add(key, f"must be a plain file name without a path (it is written in `{folder_key}`); "
+                       f"got {name!r}")
+        elif key == "output_name":
+            folder = Path(cfg.output_dir).resolve()
+            if Path(folder, name).resolve().parent != folder:  # e.g. a link in output_dir that points elsewhere
+                errors.add(key, f"{name!r} resolves outside `output_dir` {cfg.output_dir}")
 
 
 def _check_demo_paths(cfg, errors):
