@@ -13,6 +13,16 @@ def os_error_message(e: OSError) -> str:
     return f"{where}: {reason}" if where else reason
 
 
+def error_message(e: LoraSdError) -> str:
+    """The error's one line. An error raised in a DataLoader worker reaches us re-raised by torch with the
+    message "Caught X in DataLoader worker process N.\nOriginal Traceback ...": keep the original line only."""
+    msg = str(e)
+    if "\nOriginal Traceback" in msg:
+        last = msg.rstrip().splitlines()[-1]  # "lora_sd.errors.DataError: <the message>"
+        msg = last.split(": ", 1)[1] if ": " in last else last
+    return msg
+
+
 def run_main(fn, argv=None):
     """Run `fn(argv)`. A LoraSdError, or an OSError from the file system (an unwritable output, a full
     disk), becomes one `error: ...` line on stderr and exit code 2; Ctrl-C one line and exit code 130."""
@@ -20,7 +30,7 @@ def run_main(fn, argv=None):
     try:
         fn(argv)
     except LoraSdError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"error: {os_error_message(e)}", file=sys.stderr)

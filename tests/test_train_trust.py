@@ -170,3 +170,22 @@ def test_an_input_named_like_the_run_s_outputs_is_refused(assets, tmp_path, caps
     assert start.read_bytes() == before
     other = run_main(train_recipe.main, args(assets, tmp_path / "elsewhere", *extra))  # another output_dir: fine
     assert other == 0
+
+
+def test_an_image_broken_past_its_header_is_one_line_also_from_a_dataloader_worker(assets, tmp_path, capsys):  # noqa: F811
+    """Indexing reads headers only, so a truncated image fails when a worker decodes it: torch re-raises the
+    worker's DataError with its traceback in the message; the recipe still prints one line naming the file."""
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(assets / "images", images)
+    sub = images / "2_sks shape"
+    (sub / "9.png").write_bytes((sub / "0.png").read_bytes()[:80])  # a valid header, the pixels cut off
+    argv = args(assets, tmp_path / "out")
+    argv[argv.index("--train_data_dir") + 1] = str(images)
+    argv[argv.index("--max_data_loader_n_workers") + 1] = "1"
+    assert run_main(train_recipe.main, argv) == 2
+    err = capsys.readouterr().err  # progress bars go there too
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1, err[-2000:]
+    assert errors[0].startswith(f"error: {sub / '9.png'}: not a readable image"), errors
