@@ -8,6 +8,7 @@ per setting, and an AUTOMATIC1111-style `parameters` string.
 """
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -56,6 +57,8 @@ class GenerationSettings:
         for name in ("steps", "images_per_prompt", "W", "H"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name}: must be positive, got {getattr(self, name)}")
+        if not math.isfinite(self.scale):
+            raise ConfigError(f"--scale: must be a finite number, got {self.scale}")
         if self.W % 8 or self.H % 8:
             raise ConfigError(f"--W/--H: must be multiples of 8, got {self.W}x{self.H}")
         _sampler(self.sampler)

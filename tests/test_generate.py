@@ -173,3 +173,17 @@ def test_prompts_from_file(files, tmp_path, capsys):
     assert len(paths) == 3  # --prompt plus the two lines
     rc = run_main(main, ["--ckpt", str(model), "--outdir", str(tmp_path / "x"), "--from_file", str(tmp_path / "no.txt")])
     assert rc == 2 and "--from_file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--scale", "nan"], "--scale: must be a finite number, got nan"),
+    (["--scale", "inf"], "--scale: must be a finite number, got inf"),
+    (["--steps", "0"], "--steps: must be positive, got 0"),
+    (["--W", "65"], "--W/--H: must be multiples of 8, got 65x512"),
+])
+def test_bad_settings_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, flags, problem):
+    """Checked before anything is read: a missing model path is never looked at."""
+    argv = ["--ckpt", str(tmp_path / "no_model"), "--outdir", str(tmp_path / "out"), "--prompt", "a cat", *flags]
+    assert run_main(main, argv) == 2
+    assert capsys.readouterr().err == f"error: {problem}\n"
+    assert not (tmp_path / "out").exists()

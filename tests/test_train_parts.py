@@ -229,3 +229,23 @@ def test_compute_loss_follows_min_snr_noise_offset_and_v_parameterization(tiny_s
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     if option != "plain":
         assert abs(got.item() - loss({}).item()) > 1e-4 * abs(got.item())
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("a cat --w 0", "`--w 0` must be at least 8"), ("a cat --h 4", "`--h 4` must be at least 8"),
+    ("a cat --s 0", "`--s 0` must be at least 1"), ("a cat --l nan", "`--l nan` must be a finite number"),
+    ("a cat --l inf", "`--l inf` must be a finite number"), ("a cat --w wide", "`--w wide` is not a number"),
+])
+def test_a_bad_sample_prompt_is_refused_when_read(tmp_path, line, problem):
+    """Checked when the prompt file is read (at start), not at the first sample hours into the run."""
+    from lora_sd.errors import ConfigError
+    from lora_sd.training.sampling import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text(f"# ok\na dog --w 64 --h 64 --s 2 --l 5\n{line}\n")
+    with pytest.raises(ConfigError) as e:
+        read_prompts(path)
+    assert str(e.value) == f"{path}:3: {problem}"
+    path.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        read_prompts(path)

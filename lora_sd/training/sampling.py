@@ -11,6 +11,7 @@ pipeline and the scheduler by sampler name are generation's
 
 import dataclasses
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ def read_prompts(path) -> list[SamplePrompt]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise ConfigError(f"`sample_prompts` {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"`sample_prompts` {path}: not a UTF-8 text file ({e.reason})") from None
     prompts = []
     for n, line in enumerate(lines, 1):
         line = line.strip()
@@ -62,8 +65,17 @@ def read_prompts(path) -> list[SamplePrompt]:
                     p.guidance_scale = float(value)
             except ValueError:
                 raise ConfigError(f"{path}:{n}: `--{key} {value}` is not a number") from None
+        _check_prompt(p, f"{path}:{n}")  # here, not hours later at the first sample
         prompts.append(p)
     return prompts
+
+
+def _check_prompt(p: SamplePrompt, where: str):
+    for key, value, least in (("w", p.width, 8), ("h", p.height, 8), ("s", p.steps, 1)):
+        if value < least:
+            raise ConfigError(f"{where}: `--{key} {value}` must be at least {least}")
+    if not math.isfinite(p.guidance_scale):
+        raise ConfigError(f"{where}: `--l {p.guidance_scale}` must be a finite number")
 
 
 @torch.no_grad()
