@@ -82,33 +82,56 @@ def _broken(lora, key, part, values):
 KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 
 
+@pytest.fixture
+def save_broken(monkeypatch):
+    """save_lora without its own non-finite check: the files other tools (or a diverged run) leave behind."""
+    import lora_sd.formats
+
+    monkeypatch.setattr(lora_sd.formats, "_savable", lambda lora, path, precision: lora.to(torch.float32))
+    return save_lora
+
+
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers", "peft", "kohya .ckpt"])
-def test_non_finite_tensors_are_refused_naming_file_and_module(lora, tmp_path, fmt):
+def test_non_finite_tensors_are_refused_naming_file_and_module(lora, tmp_path, fmt, save_broken):
     bad = _broken(lora, KEY, "up", [float("nan"), float("inf"), -float("inf")])
     path = tmp_path / ("lora.ckpt" if fmt == "kohya .ckpt" else NAMES[fmt])
-    save_lora(bad, path, fmt.split()[0])
+    save_broken(bad, path, fmt.split()[0])
     with pytest.raises(FormatError, match=rf"^{path}: module {KEY} holds 3 non-finite values \(NaN/inf\); "):
         read_lora(path)
 
 
-def test_non_finite_alpha_and_count_of_modules(lora, tmp_path):
+def test_non_finite_alpha_and_count_of_modules(lora, tmp_path, save_broken):
     bad = _broken(lora, KEY, "down", [float("nan")])
     other = "text_encoder.text_model.encoder.layers.0.mlp.fc1"
     bad = _broken(bad, other, "up", [float("inf")] * 2)
-    path = save_lora(bad, tmp_path / "x.safetensors")
+    path = save_broken(bad, tmp_path / "x.safetensors")
     with pytest.raises(FormatError, match=rf"^{path}: module (unet.*to_q holds 1|text_encoder.*fc1 holds 2) non-finite "
                                           r"values \(NaN/inf\) \(and 1 more module: 3 in all\); "):
         read_lora(path)
     alpha = copy.deepcopy(lora)
     alpha.modules[KEY].alpha = float("nan")
-    path = save_lora(alpha, tmp_path / "alpha.safetensors")
+    path = save_broken(alpha, tmp_path / "alpha.safetensors")
     with pytest.raises(FormatError, match=f"module {KEY} holds 1 non-finite values"):
         read_lora(path)
 
 
-def test_non_finite_input_stops_the_recipe_in_one_line(lora, tmp_path, capsys):
-    path = save_lora(_broken(lora, KEY, "down", [float("nan")]), tmp_path / "nan.safetensors")
+def test_non_finite_input_stops_the_recipe_in_one_line(lora, tmp_path, capsys, save_broken):
+    path = save_broken(_broken(lora, KEY, "down", [float("nan")]), tmp_path / "nan.safetensors")
     assert run_main(main, ["--to", "peft", str(path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {path}: module {KEY} holds 1 non-finite") and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_save_that_would_write_non_finite_values_is_refused(tmp_path, lora):
+    """fp16 tops out at 65504: a LoRA with larger values would be written as inf, which every reader then refuses."""
+    lora = copy.deepcopy(lora)
+    key = next(iter(lora.modules))
+    lora.modules[key].up[0, 0] = 1e5
+    with pytest.raises(FormatError, match=f"module {key} holds 1 non-finite values.*overflow save_precision fp16"):
+        save_lora(lora, tmp_path / "a.safetensors", save_precision="fp16")
+    save_lora(lora, tmp_path / "b.safetensors", save_precision="bf16")  # bf16 has float32's range
+    lora.modules[key].up[0, 0] = float("nan")
+    with pytest.raises(FormatError, match="nothing was written"):
+        save_lora(lora, tmp_path / "c.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors"]

@@ -72,7 +72,8 @@ def _read_file(path):
     return reader(state, metadata, source=str(path)), fmt
 
 
-def _refuse_non_finite(lora: LoraWeights, path):
+def _refuse_non_finite(lora: LoraWeights, path, advice="the LoRA is broken (a diverged training run?): use an "
+                       "earlier save"):
     """NaN/inf in a LoRA would go silently into merged models and generated images (or crash an SVD)."""
     bad = {}
     for key, m in lora.modules.items():
@@ -83,8 +84,17 @@ def _refuse_non_finite(lora: LoraWeights, path):
         key, n = next(iter(bad.items()))
         k = len(bad) - 1
         more = f" (and {k} more module{'s' * (k > 1)}: {sum(bad.values())} in all)" if k else ""
-        raise FormatError(f"{path}: module {key} holds {n} non-finite values (NaN/inf){more}; the LoRA is broken "
-                          "(a diverged training run?): use an earlier save")
+        raise FormatError(f"{path}: module {key} holds {n} non-finite values (NaN/inf){more}; {advice}")
+
+
+def _savable(lora: LoraWeights, path, save_precision) -> LoraWeights:
+    """`lora` in the save precision; FormatError when it holds NaN/inf, or would after the cast (fp16 overflows
+    above 65504): every reader refuses such a file, so it is never written."""
+    _refuse_non_finite(lora, path, "nothing was written")
+    cast = lora.to(precision_dtype(save_precision))
+    _refuse_non_finite(cast, path, f"its values overflow save_precision {save_precision}: save in float or bf16; "
+                       "nothing was written")
+    return cast
 
 
 def _is_lora_pair(down, up) -> bool:
@@ -102,8 +112,8 @@ def save_lora(lora: LoraWeights, path, fmt="kohya", save_precision="float", **ko
     """Write `lora` atomically. kohya_meta: version, v_parameterization, title (kohya only)."""
     if fmt not in FORMATS:
         raise FormatError(f"--to: format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-    lora = lora.to(precision_dtype(save_precision))
     path = Path(path)
+    lora = _savable(lora, path, save_precision)
     if fmt == "peft" and path.exists() and not is_peft_folder(path):  # replacing it would delete what is there
         raise FormatError(f"{path}: exists and is not a PEFT adapter folder; give a new folder name")
     if fmt != "peft" and path.is_dir():
