@@ -51,6 +51,8 @@ class SDModel:
     v_parameterization: bool = False
     source: str = ""
     source_format: str = ""
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: OpenCLIP bigG with projection
+    tokenizer_2: object = None  # SDXL: pads with "!" (id 0)
 
     def pipeline(self, scheduler=None):
         """A StableDiffusionPipeline over these components (DDIM unless `scheduler` is given)."""
