@@ -1,10 +1,15 @@
-"""Tiny Stable Diffusion 1.x / 2.x models built in code, for tests and the demo.
+"""Tiny Stable Diffusion 1.x / 2.x / XL models built in code, for tests and the demo.
 
 No network: every component is constructed from a config here, weights from a
 seed. The shapes are small but the module structure is SD's: cross-attention
 transformer blocks, resnets with 3x3 convs and a conv_shortcut, down- and
 up-samplers, a VAE with SD's 8x downscale, a CLIP text encoder and a CLIP BPE
-tokenizer whose vocabulary is generated here.
+tokenizer whose vocabulary is generated here. The tiny SDXL has SDXL's
+structure: three resnets per level (layers_per_block 2), a level without
+attention first, a transformer depth of 2 in the attention level and the mid
+block, `text_time` conditioning, two text encoders (the second with a
+projection, of another width, so that concatenation and transposition mistakes
+show) and two tokenizers.
 """
 
 from pathlib import Path
@@ -19,7 +24,11 @@ _WORDS = (
     "masterpiece portrait landscape tree house sky sun night day anime"
 ).split()
 
-TINY_VERSIONS = ("sd1", "sd2")
+TINY_VERSIONS = ("sd1", "sd2", "sdxl")
+
+# Tiny SDXL text encoders: te1 like CLIP ViT-L (quick_gelu), te2 like OpenCLIP bigG (gelu, projection).
+SDXL_TE1_WIDTH, SDXL_TE2_WIDTH, SDXL_TE2_PROJECTION = 32, 40, 24
+SDXL_TIME_EMBED_DIM = 8
 
 
 def _tiny_merges() -> list[tuple[str, str]]:
@@ -36,6 +45,8 @@ def _tiny_merges() -> list[tuple[str, str]]:
 
 
 def unet_config(version="sd1"):
+    if version == "sdxl":
+        return sdxl_unet_config()
     v2 = version == "sd2"
     return dict(
         sample_size=8,
@@ -52,8 +63,32 @@ def unet_config(version="sd1"):
     )
 
 
-def vae_config():
+def sdxl_unet_config():
+    """SDXL's U-Net layout in small: [DownBlock2D, CrossAttn...] levels, depth 2 where attention is."""
+    return dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=SDXL_TE1_WIDTH + SDXL_TE2_WIDTH,  # both encoders' hidden states, concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        # six time ids (original size, crop, target size), each embedded, + te2's pooled projection
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + SDXL_TE2_PROJECTION,
+        norm_num_groups=4,
+    )
+
+
+def vae_config(version="sd1"):
     # Four levels: the same 8x downscale as SD's VAE, so bucket sizes carry over.
+    if version == "sdxl":  # SDXL's VAE: another scaling factor, and it overflows in fp16
+        return dict(vae_config(), scaling_factor=0.13025, force_upcast=True)
     return dict(
         in_channels=3,
         out_channels=3,
@@ -84,8 +119,19 @@ def text_encoder_config(version, vocab_size):
     )
 
 
+def sdxl_text_encoder_2_config(vocab_size):
+    """OpenCLIP bigG in small: gelu, a projection to another width, pads with "!" (id 0)."""
+    return dict(
+        text_encoder_config("sd2", vocab_size), hidden_size=SDXL_TE2_WIDTH, intermediate_size=44,
+        projection_dim=SDXL_TE2_PROJECTION, pad_token_id=0,
+    )
+
+
 def tiny_tokenizer(version="sd1"):
-    """A CLIPTokenizer over a generated vocabulary in CLIP's layout (SD2 pads with `!`, SD1 with EOS)."""
+    """A CLIPTokenizer over a generated vocabulary in CLIP's layout.
+
+    Pads with EOS for "sd1" and "sdxl" (SDXL's first tokenizer), with `!` for "sd2" and "sdxl_2".
+    """
     from lora_sd.models.tokenizer import clip_tokenizer, clip_vocab
 
     merges = _tiny_merges()
@@ -93,9 +139,9 @@ def tiny_tokenizer(version="sd1"):
 
 
 def build_tiny_sd(version="sd1", seed=0):
-    """Build a deterministic tiny SD1 ('sd1') or SD2 v-prediction ('sd2') model, as an SDModel."""
+    """Build a deterministic tiny SD1 ('sd1'), SD2 v-prediction ('sd2') or SDXL ('sdxl') model, as an SDModel."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if version not in TINY_VERSIONS:
         raise ValueError(f"tiny version must be one of {TINY_VERSIONS}, got {version!r}")
@@ -103,16 +149,25 @@ def build_tiny_sd(version="sd1", seed=0):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config(version))
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**vae_config())
+    vae = AutoencoderKL(**vae_config(version))
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(version, len(tokenizer))))
-    for m in (unet, vae, text_encoder):
-        m.eval()
+    # SDXL's first encoder is CLIP ViT-L, as SD 1.x's
+    te1_version = "sd1" if version == "sdxl" else version
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(te1_version, len(tokenizer))))
+    text_encoder_2 = tokenizer_2 = None
+    if version == "sdxl":
+        tokenizer_2 = tiny_tokenizer("sdxl_2")
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**sdxl_text_encoder_2_config(len(tokenizer_2))))
+    for m in (unet, vae, text_encoder, text_encoder_2):
+        if m is not None:
+            m.eval()
     from lora_sd.models.load import SDModel, noise_scheduler
 
     v_pred = version == "sd2"
     return SDModel(unet, vae, text_encoder, tokenizer, noise_scheduler(v_pred), version,
-                   v_parameterization=v_pred, source=f"tiny-{version}-seed{seed}", source_format="tiny")
+                   v_parameterization=v_pred, source=f"tiny-{version}-seed{seed}", source_format="tiny",
+                   text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
 
 def save_tiny_diffusers(path, version="sd1", seed=0):
@@ -127,7 +182,8 @@ def save_tiny_diffusers(path, version="sd1", seed=0):
 def save_tiny_model_config(folder, version="sd1", seed=0, tiny=None):
     """Write the configs of a tiny model as a diffusers-layout folder without weights.
 
-    unet/, vae/, text_encoder/ config.json, tokenizer/ files and scheduler/:
+    unet/, vae/, text_encoder/ (and SDXL's text_encoder_2/) config.json, tokenizer/ (tokenizer_2/) files
+    and scheduler/:
     what `load_base(..., model_config=folder)` needs to load a tiny single file.
     """
     tiny = tiny or build_tiny_sd(version, seed)
@@ -136,6 +192,9 @@ def save_tiny_model_config(folder, version="sd1", seed=0, tiny=None):
     tiny.vae.save_config(str(folder / "vae"))
     tiny.text_encoder.config.save_pretrained(str(folder / "text_encoder"))
     tiny.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    if tiny.text_encoder_2 is not None:
+        tiny.text_encoder_2.config.save_pretrained(str(folder / "text_encoder_2"))
+        tiny.tokenizer_2.save_pretrained(str(folder / "tokenizer_2"))
     tiny.scheduler.save_config(str(folder / "scheduler"))
     return folder
 

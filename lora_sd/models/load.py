@@ -33,7 +33,9 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 @dataclass
 class SDModel:
-    """A Stable Diffusion 1.x / 2.x base model as diffusers / transformers components.
+    """A Stable Diffusion 1.x / 2.x / XL base model as diffusers / transformers components.
+
+    `version` is 'sd1', 'sd2' or 'sdxl'; SDXL also fills `text_encoder_2` and `tokenizer_2`.
 
     `scheduler` is the training noise scheduler (DDPM with SD's betas,
     `v_prediction` when `v_parameterization`). `source` is what it was loaded
@@ -55,9 +57,21 @@ class SDModel:
     tokenizer_2: object = None  # SDXL: pads with "!" (id 0)
 
     def pipeline(self, scheduler=None):
-        """A StableDiffusionPipeline over these components (DDIM unless `scheduler` is given)."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        """A StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) over these components.
 
+        The sampler is DDIM (Euler for SDXL, as SDXL's own folders have) unless `scheduler` is given.
+        """
+        from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if self.version == "sdxl":
+            if scheduler is None:
+                scheduler = EulerDiscreteScheduler.from_config(
+                    self.scheduler.config, steps_offset=1, timestep_spacing="leading")
+            return StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet, scheduler=scheduler,
+                add_watermarker=False,
+            )
         if scheduler is None:
             scheduler = DDIMScheduler.from_config(self.scheduler.config, set_alpha_to_one=False, steps_offset=1)
         return StableDiffusionPipeline(
@@ -220,14 +234,17 @@ def save_diffusers(model, folder, save_precision="float"):
     The components are cast to `save_precision` in place (float | fp16 | bf16).
     """
     dtype = precision_dtype(save_precision)
-    for m in (model.unet, model.vae, model.text_encoder):
-        m.to(dtype)
+    for m in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
+        if m is not None:
+            m.to(dtype)
     with atomic_path(folder) as tmp:
         model.pipeline().save_pretrained(str(tmp))
-        shutil.rmtree(tmp / "text_encoder")  # written again with the names both transformers versions read
-        model.text_encoder.save_pretrained(str(tmp / "text_encoder"),
-                                           state_dict=text_encoder_state_dict_v4(model.text_encoder))
-        _save_tokenizer_vocab(model.tokenizer, tmp / "tokenizer")
+        for sub in ("text_encoder", "text_encoder_2") if model.text_encoder_2 is not None else ("text_encoder",):
+            encoder = getattr(model, sub)
+            shutil.rmtree(tmp / sub)  # written again with the names both transformers versions read
+            encoder.save_pretrained(str(tmp / sub), state_dict=text_encoder_state_dict_v4(encoder))
+        for sub in ("tokenizer", "tokenizer_2") if model.tokenizer_2 is not None else ("tokenizer",):
+            _save_tokenizer_vocab(getattr(model, sub), tmp / sub)
     return Path(folder)
 
 

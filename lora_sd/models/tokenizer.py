@@ -25,8 +25,9 @@ BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2
 VOCAB_SIZE = 256 * 2 + NUM_MERGES + 2  # 49408
 MODEL_MAX_LENGTH = 77
-# SD 1.x pads with <|endoftext|>; SD 2.x (OpenCLIP) pads with "!" (id 0).
-PAD_TOKEN = {"sd1": "<|endoftext|>", "sd2": "!"}
+# SD 1.x pads with <|endoftext|>; SD 2.x (OpenCLIP) pads with "!" (id 0). SDXL has both:
+# its first tokenizer ("sdxl", for CLIP ViT-L) pads as SD 1.x, its second ("sdxl_2", for OpenCLIP bigG) with "!".
+PAD_TOKEN = {"sd1": "<|endoftext|>", "sd2": "!", "sdxl": "<|endoftext|>", "sdxl_2": "!"}
 
 
 def cache_dir():
@@ -102,7 +103,7 @@ def clip_tokenizer_folder(cache=None):
 
 
 def load_clip_tokenizer(version="sd1", folder=None, cache=None):
-    """CLIPTokenizer for SD 1.x ("sd1") or 2.x ("sd2"), no network.
+    """CLIPTokenizer for SD 1.x ("sd1"), 2.x ("sd2") or SDXL's first ("sdxl") / second ("sdxl_2"), no network.
 
     `folder` is a saved tokenizer (a diffusers model's `tokenizer/`, loaded
     with its own settings); by default the real CLIP vocabulary, cached under
