@@ -5,7 +5,8 @@ names, so SDXL kohya files say `input_blocks.4.1.transformer_blocks.0.attn1.to_q
 where diffusers says `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`.
 diffusers only converts original -> diffusers checkpoints
 (`convert_ldm_unet_checkpoint`) and has no module-name map either way, so the
-map is built here, once, from the U-Net's config (FORMATS.md, SDXL section):
+map comes from the U-Net's config (FORMATS.md, SDXL section), through the
+block map of the original-layout model writer (`lora_sd.models.original_layout`):
 input/output block numbers follow from `layers_per_block`, and which levels
 have attentions and samplers from `down_block_types` / `up_block_types`.
 
@@ -18,6 +19,8 @@ needs its config passed (`SgmNames(unet.config)`).
 from functools import lru_cache
 
 from lora_sd.errors import FormatError
+# the block map the original-layout model writer uses: one map for models and LoRA files
+from lora_sd.models.original_layout import _UNET_RESNET, _UNET_TOP, _unet_block_map
 
 # the parts of SDXL base's U-Net config that decide the module names
 SDXL_UNET_LAYOUT = {
@@ -26,58 +29,19 @@ SDXL_UNET_LAYOUT = {
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
 }
 
-# inside blocks: ResnetBlock2D, Downsample2D, Upsample2D (attentions keep their names)
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_DOWNSAMPLER = {"conv": "op"}
-_UPSAMPLER = {"conv": "conv"}
-_ATTENTION = {}  # unchanged
-# modules outside the blocks
-_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-        "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-        "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
-
-
-def _per_level(value, n):
-    return list(value) if isinstance(value, (list, tuple)) else [value] * n
-
 
 class SgmNames:
-    """The two-way module-name map of one U-Net layout (a diffusers U-Net config, or its three keys)."""
+    """The two-way module-name map of one U-Net layout (a diffusers U-Net config, or its three keys).
+
+    Resnets rename their layers (`conv1` -> `in_layers.2`, ...); attentions keep theirs; samplers and
+    the modules outside the blocks are mapped whole (`down_blocks.0.downsamplers.0.conv` -> `input_blocks.3.0.op`).
+    """
 
     def __init__(self, config=None):
-        config = dict(config or SDXL_UNET_LAYOUT)
-        down_types = list(config["down_block_types"])
-        up_types = list(config["up_block_types"])
-        layers = _per_level(config["layers_per_block"], len(down_types))
-        self.blocks = []  # (diffusers prefix, sgm prefix, inner renames)
-        self.blocks += [(d, s, {}) for d, s in _TOP.items()]
-        n = 1  # input_blocks.0 is conv_in
-        for i, kind in enumerate(down_types):
-            for j in range(layers[i]):
-                self.blocks.append((f"down_blocks.{i}.resnets.{j}", f"input_blocks.{n}.0", _RESNET))
-                if "CrossAttn" in kind:
-                    self.blocks.append((f"down_blocks.{i}.attentions.{j}", f"input_blocks.{n}.1", _ATTENTION))
-                n += 1
-            if i < len(down_types) - 1:  # diffusers: add_downsample = not is_final_block
-                self.blocks.append((f"down_blocks.{i}.downsamplers.0", f"input_blocks.{n}.0", _DOWNSAMPLER))
-                n += 1
-        for k, (d, s) in enumerate([("resnets.0", "0"), ("attentions.0", "1"), ("resnets.1", "2")]):
-            self.blocks.append((f"mid_block.{d}", f"middle_block.{s}", _ATTENTION if k == 1 else _RESNET))
-        n = 0
-        up_layers = list(reversed(layers))
-        for i, kind in enumerate(up_types):
-            attention = "CrossAttn" in kind
-            for j in range(up_layers[i] + 1):
-                self.blocks.append((f"up_blocks.{i}.resnets.{j}", f"output_blocks.{n}.0", _RESNET))
-                if attention:
-                    self.blocks.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{n}.1", _ATTENTION))
-                n += 1
-            if i < len(up_types) - 1:  # diffusers: add_upsample = not is_final_block; on the level's last block
-                self.blocks.append((f"up_blocks.{i}.upsamplers.0", f"output_blocks.{n - 1}.{2 if attention else 1}",
-                                    _UPSAMPLER))
-        self._to_sgm = {d: (s, inner) for d, s, inner in self.blocks}
-        self._from_sgm = {s: (d, {v: k for k, v in inner.items()}) for d, s, inner in self.blocks}
+        blocks = {**_UNET_TOP, **_unet_block_map(dict(config or SDXL_UNET_LAYOUT))}
+        inner = {d: _UNET_RESNET if ".resnets." in d + "." else {} for d in blocks}
+        self._to_sgm = {d: (s, inner[d]) for d, s in blocks.items()}
+        self._from_sgm = {s: (d, {v: k for k, v in inner[d].items()}) for d, s in blocks.items()}
 
     def to_sgm(self, path: str) -> str:
         """`down_blocks.1.attentions.0.proj_in` -> `input_blocks.4.1.proj_in` (a U-Net module path)."""
