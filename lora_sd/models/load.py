@@ -105,28 +105,52 @@ def _warn_prediction_type(source, v_parameterization):
         logger.warning("%s: its scheduler uses %s but v_parameterization=%s", source, prediction, v_parameterization)
 
 
+def _is_sdxl_unet(unet):
+    # SDXL's U-Net takes pooled text embeddings and size/crop time ids: "text_time" conditioning
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
 def _load_pretrained(source, local_files_only, torch_dtype, v2, v_parameterization, source_format):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     kw = dict(local_files_only=local_files_only)
     # float32 unless asked: transformers 5 would otherwise keep a folder's saved dtype ("auto").
     torch_dtype = torch_dtype or torch.float32
+    text_encoder_2 = tokenizer_2 = None
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **kw)
+        if _is_sdxl_unet(unet) and source_format == "diffusers" and not (Path(source) / "text_encoder").is_dir():
+            raise FormatError(f"{source}: an SDXL folder without text_encoder/ (an SDXL refiner?); only SDXL base "
+                              "models and their fine-tunes are supported")
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **kw)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch_dtype, **kw)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        if _is_sdxl_unet(unet):
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", dtype=torch_dtype, **kw)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
     except (OSError, ValueError) as e:  # (EnvironmentError is OSError)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FormatError(f"{source}: could not load a diffusers Stable Diffusion model: {msg}") from None
-    version = _version_of_text_config(text_encoder.config)
+    version = "sdxl" if text_encoder_2 is not None else _version_of_text_config(text_encoder.config)
     single_file.check_version(version, v2, source)
     _warn_prediction_type(source, v_parameterization)
-    for m in (unet, vae, text_encoder):
-        m.eval()
+    for m in (unet, vae, text_encoder, text_encoder_2):
+        if m is not None:
+            m.eval()
     return SDModel(unet, vae, text_encoder, tokenizer, noise_scheduler(v_parameterization), version,
-                   v_parameterization, str(source), source_format)
+                   v_parameterization, str(source), source_format, text_encoder_2, tokenizer_2)
+
+
+def _single_file_tokenizer(path, version, model_config, sub, text_encoder):
+    """The shipped CLIP vocabulary (or model_config's `sub`/), checked against the text encoder's size."""
+    kind = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl" if sub == "tokenizer" else "sdxl_2"}[version]
+    tokenizer = load_clip_tokenizer(kind, sd_configs.tokenizer_folder(model_config, sub))
+    if len(tokenizer) > text_encoder.config.vocab_size:
+        raise FormatError(f"{path}: tokenizer has {len(tokenizer)} tokens, the text encoder "
+                          f"{text_encoder.config.vocab_size}; give a model_config with the right {sub}/")
+    return tokenizer
 
 
 def _load_single_file(path, v2, v_parameterization, model_config, torch_dtype, allow_pickle):
@@ -134,29 +158,31 @@ def _load_single_file(path, v2, v_parameterization, model_config, torch_dtype, a
     version = single_file.detect_version(state_dict, path)
     single_file.check_version(version, v2, path)
     if model_config is not None:
-        configs = sd_configs.folder_configs(model_config)
+        configs = sd_configs.folder_configs(model_config, version)
     else:
         configs = sd_configs.shipped_configs(version, v_parameterization)
         configs["unet"] = single_file.adapt_unet_config(configs["unet"], state_dict)
-    unet, vae, text_encoder = single_file.build_components(state_dict, version, configs, path, torch_dtype)
-    tokenizer = load_clip_tokenizer(version, sd_configs.tokenizer_folder(model_config))
-    if len(tokenizer) > text_encoder.config.vocab_size:
-        raise FormatError(f"{path}: tokenizer has {len(tokenizer)} tokens, the text encoder "
-                          f"{text_encoder.config.vocab_size}; give a model_config with the right tokenizer/")
+    unet, vae, text_encoder, *second = single_file.build_components(state_dict, version, configs, path, torch_dtype)
+    tokenizer = _single_file_tokenizer(path, version, model_config, "tokenizer", text_encoder)
+    text_encoder_2 = second[0] if second else None
+    tokenizer_2 = _single_file_tokenizer(path, version, model_config, "tokenizer_2", text_encoder_2) if second else None
     return SDModel(unet, vae, text_encoder, tokenizer, noise_scheduler(v_parameterization), version,
-                   v_parameterization, str(path), "single_file")
+                   v_parameterization, str(path), "single_file", text_encoder_2, tokenizer_2)
 
 
 def load_base(path, v2=False, v_parameterization=False, model_config=None, torch_dtype=None, allow_pickle=False):
-    """Load an SD 1.x / 2.x base model -> SDModel.
+    """Load an SD 1.x / 2.x / XL base model -> SDModel.
 
     `path`: a diffusers folder, a single file in the original layout
     (.safetensors, or a .ckpt read with `weights_only=True`), or a hub id
-    (through diffusers, when a network is there). `v2`: True requires an SD 2.x
-    model; False (kohya's default, "not given") detects the version.
+    (through diffusers, when a network is there). SDXL is recognised by itself
+    (a folder with text_encoder_2/ and a `text_time` U-Net; a file with
+    `conditioner.embedders.*` keys). `v2`: True requires an SD 2.x model; False
+    (kohya's default, "not given") detects the version.
     `model_config`: a diffusers-layout folder of configs (and optionally
-    `tokenizer/`) used instead of the shipped SD 1.5 / 2.1 configs for a single
-    file. Errors are one-line `FormatError`/`ConfigError`s naming the file.
+    `tokenizer/`, SDXL's `text_encoder_2/` and `tokenizer_2/`) used instead of
+    the shipped SD 1.5 / 2.1 / XL configs for a single file. Errors are one-line
+    `FormatError`/`ConfigError`s naming the file.
     """
     p = Path(path)
     if p.is_dir():
@@ -172,11 +198,14 @@ def load_base(path, v2=False, v_parameterization=False, model_config=None, torch
 
 
 def _configs_of(model):
-    return {
+    configs = {
         "unet": dict(model.unet.config),
         "vae": dict(model.vae.config),
         "text_encoder": model.text_encoder.config.to_dict(),
     }
+    if getattr(model, "text_encoder_2", None) is not None:
+        configs["text_encoder_2"] = model.text_encoder_2.config.to_dict()
+    return configs
 
 
 def _original_reader(original):
@@ -196,10 +225,12 @@ def original_layout_state_dict(model, original_state_dict=None):
     not produce (EMA weights, OpenCLIP's last block, ...) are kept.
     """
     version = getattr(model, "version", None)
-    if version not in ("sd1", "sd2"):
+    if version not in ("sd1", "sd2", "sdxl"):
         raise FormatError(f"cannot write the original layout for model version {version!r}")
+    text_encoder_2 = getattr(model, "text_encoder_2", None)
     core, extras = to_original(
-        model.unet.state_dict(), model.vae.state_dict(), model.text_encoder.state_dict(), version, _configs_of(model)
+        model.unet.state_dict(), model.vae.state_dict(), model.text_encoder.state_dict(), version, _configs_of(model),
+        text_encoder_2.state_dict() if text_encoder_2 is not None else None,
     )
     keys, get = _original_reader(original_state_dict)
     known = set(keys)
@@ -215,7 +246,8 @@ def original_layout_state_dict(model, original_state_dict=None):
 
 
 def save_single_file(model, path, save_precision="float", original_state_dict=None):
-    """Write `model` (an SDModel, or anything with unet/vae/text_encoder/version) as one original-layout file.
+    """Write `model` (an SDModel, or anything with unet/vae/text_encoder[/text_encoder_2]/version) as one
+    original-layout file (SDXL: Stability's SGM layout, `conditioner.embedders.*` text encoders).
 
     `.safetensors` by extension, else a `.ckpt` pickle; `save_precision`
     float | fp16 | bf16; atomic. `original_state_dict` (dict or path of the

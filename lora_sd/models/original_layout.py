@@ -7,6 +7,10 @@ is our own key map: the inverse of `diffusers.loaders.single_file_utils`'
 indices are derived from the model's config (levels, layers per block,
 attention or not), never from SD's numbers, so tiny models map too. Every
 conversion ends with a leftover check: a key we cannot place is an error.
+SDXL files use Stability's SGM layout: the same U-Net and VAE names (plus
+`label_emb` for the `text_time` embedding), the text encoders under
+`conditioner.embedders.0.transformer.` (CLIP) and `conditioner.embedders.1.model.`
+(OpenCLIP, as SD 2.x's but with all blocks and its projection).
 """
 
 import re
@@ -14,7 +18,14 @@ import re
 import torch
 
 from ..errors import FormatError
-from .single_file import CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from .single_file import (
+    CLIP_PREFIX,
+    OPEN_CLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPEN_CLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+)
 
 # Inside a U-Net resnet (ldm ResBlock).
 _UNET_RESNET = {
@@ -24,6 +35,8 @@ _UNET_RESNET = {
 _UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
     "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+    # SDXL's text_time embedding (pooled text + size/crop ids); diffusers' DIFFUSERS_TO_LDM_MAPPING names it so
+    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
 }
 # Inside the VAE mid-block attention (ldm AttnBlock uses 1x1 convs).
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -166,12 +179,12 @@ def _text_key(key):
     return key.removeprefix("text_model.")
 
 
-def clip_to_original(text_sd, config):
-    """SD 1.x: OpenAI CLIP keys under `cond_stage_model.transformer.text_model.`."""
-    out = {CLIP_PREFIX + "text_model." + _text_key(k): t for k, t in text_sd.items()}
+def clip_to_original(text_sd, config, prefix=CLIP_PREFIX):
+    """SD 1.x: OpenAI CLIP keys under `cond_stage_model.transformer.text_model.` (SDXL: `prefix`)."""
+    out = {prefix + "text_model." + _text_key(k): t for k, t in text_sd.items()}
     n = config["max_position_embeddings"]
     # In original SD 1.x files (transformers 4 saved it): [1, 77] int64.
-    out[CLIP_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(n, dtype=torch.int64)[None]
+    out[prefix + "text_model.embeddings.position_ids"] = torch.arange(n, dtype=torch.int64)[None]
     return out
 
 
@@ -184,13 +197,20 @@ _OPEN_CLIP_TOP = {
 }
 
 
-def open_clip_to_original(text_sd, config):
-    """SD 2.x: OpenCLIP keys under `cond_stage_model.model.`; q/k/v fused into `in_proj_*`."""
+def open_clip_to_original(text_sd, config, prefix=OPEN_CLIP_PREFIX):
+    """SD 2.x: OpenCLIP keys under `cond_stage_model.model.` (SDXL: `prefix`); q/k/v fused into `in_proj_*`.
+
+    A projection (SDXL's CLIPTextModelWithProjection) is written as OpenCLIP holds it: `text_projection`,
+    [width, embed], the transpose of the Linear weight (diffusers' reader transposes it back).
+    """
     out, qkv, left = {}, {}, []
     for key, t in text_sd.items():
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = t.t().contiguous()
+            continue
         key = _text_key(key)
         if key in _OPEN_CLIP_TOP:
-            out[OPEN_CLIP_PREFIX + _OPEN_CLIP_TOP[key]] = t
+            out[prefix + _OPEN_CLIP_TOP[key]] = t
             continue
         m = _LAYER.match(key)
         if not m:
@@ -203,13 +223,13 @@ def open_clip_to_original(text_sd, config):
         if module not in _OPEN_CLIP_LAYER:
             left.append(key)
             continue
-        out[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}.{_OPEN_CLIP_LAYER[module]}.{param}"] = t
+        out[f"{prefix}transformer.resblocks.{layer}.{_OPEN_CLIP_LAYER[module]}.{param}"] = t
     for (layer, param), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             left.append(f"encoder.layers.{layer}.self_attn.*_proj.{param}")
             continue
         fused = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # [3 * hidden, hidden] or [3 * hidden]
-        out[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{param}"] = fused
+        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{param}"] = fused
     _check_leftovers(left, "text encoder")
     return out
 
@@ -245,20 +265,27 @@ def _check_leftovers(left, what):
         )
 
 
-def to_original(unet_sd, vae_sd, text_sd, version, configs):
-    """The original-layout state dict of three diffusers components.
+def to_original(unet_sd, vae_sd, text_sd, version, configs, text_sd_2=None):
+    """The original-layout state dict of three diffusers components (SDXL: four, `text_sd_2` its OpenCLIP bigG).
 
     Returns (core, extras): `core` holds the converted model weights, `extras`
-    the derived keys (SD 1.x position ids, SD 2.x dropped block / projection)
-    that a user's file should supply when it has them.
+    the derived keys (CLIP position ids, SD 2.x dropped block / projection)
+    that a user's file should supply when it has them. SDXL's `logit_scale`
+    (unused for images) is written only from the user's file, as sd-scripts does.
     """
     core = {}
     core.update(unet_to_original(unet_sd, configs["unet"]))
     core.update(vae_to_original(vae_sd, configs["vae"]))
-    text = text_encoder_to_original(text_sd, version, configs["text_encoder"])
+    if version == "sdxl":
+        if text_sd_2 is None:
+            raise FormatError("an SDXL model needs its second text encoder (text_encoder_2) to be written")
+        text = clip_to_original(text_sd, configs["text_encoder"], SDXL_CLIP_PREFIX)
+        core.update(open_clip_to_original(text_sd_2, configs["text_encoder_2"], SDXL_OPEN_CLIP_PREFIX))
+    else:
+        text = text_encoder_to_original(text_sd, version, configs["text_encoder"])
     extras = {}
-    if version == "sd1":
-        key = CLIP_PREFIX + "text_model.embeddings.position_ids"
+    if version in ("sd1", "sdxl"):
+        key = (SDXL_CLIP_PREFIX if version == "sdxl" else CLIP_PREFIX) + "text_model.embeddings.position_ids"
         extras[key] = text.pop(key)
     else:
         extras = open_clip_extras(text, configs["text_encoder"])

@@ -1,4 +1,4 @@
-"""Architecture configs of Stable Diffusion 1.5 and 2.1, shipped so single files load offline.
+"""Architecture configs of Stable Diffusion 1.5 and 2.1, shipped so single files load offline (SDXL: sdxl_configs).
 
 The numbers are those of the published diffusers configs
 (runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1 and -2-1-base:
@@ -83,13 +83,21 @@ SCHEDULER = dict(
 
 
 def shipped_configs(version, v_parameterization=False):
-    """{'unet', 'vae', 'text_encoder'} config dicts of SD 1.5 or 2.1 (copies)."""
+    """{'unet', 'vae', 'text_encoder'} config dicts of SD 1.5 or 2.1 (copies); SDXL 1.0 base adds 'text_encoder_2'.
+
+    SDXL's architecture is the same for epsilon and v-prediction fine-tunes.
+    """
+    if version == "sdxl":
+        from . import sdxl_configs
+
+        return copy.deepcopy({"unet": sdxl_configs.UNET_SDXL, "vae": sdxl_configs.VAE_SDXL,
+                              "text_encoder": sdxl_configs.TEXT_SDXL, "text_encoder_2": sdxl_configs.TEXT_SDXL_2})
     if version == "sd1":
         unet, text = UNET_SD1, TEXT_SD1
     elif version == "sd2":
         unet, text = (UNET_SD2_V if v_parameterization else UNET_SD2_BASE), TEXT_SD2
     else:
-        raise ConfigError(f"unknown Stable Diffusion version {version!r}, expected 'sd1' or 'sd2'")
+        raise ConfigError(f"unknown Stable Diffusion version {version!r}, expected 'sd1', 'sd2' or 'sdxl'")
     vae = dict(VAE, sample_size=768) if version == "sd2" and v_parameterization else VAE
     return copy.deepcopy({"unet": unet, "vae": vae, "text_encoder": text})
 
@@ -105,17 +113,18 @@ def _read_config(folder, sub, name="config.json"):
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-def folder_configs(folder):
-    """The same three configs read from a diffusers-layout folder (`model_config`)."""
+def folder_configs(folder, version="sd1"):
+    """The same configs read from a diffusers-layout folder (`model_config`); SDXL's with text_encoder_2/."""
     if not Path(folder).is_dir():
         raise ConfigError(f"model_config {folder}: not a folder")
-    return {sub: _read_config(folder, sub) for sub in ("unet", "vae", "text_encoder")}
+    subs = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if version == "sdxl" else ())
+    return {sub: _read_config(folder, sub) for sub in subs}
 
 
-def tokenizer_folder(folder):
-    """`<model_config>/tokenizer` when it holds tokenizer files, else None."""
+def tokenizer_folder(folder, sub="tokenizer"):
+    """`<model_config>/<sub>` (tokenizer or SDXL's tokenizer_2) when it holds tokenizer files, else None."""
     if folder is None:
         return None
-    tok = Path(folder) / "tokenizer"
+    tok = Path(folder) / sub
     has_bpe = (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
     return tok if has_bpe or (tok / "tokenizer.json").is_file() else None
