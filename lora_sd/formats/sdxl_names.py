@@ -62,7 +62,7 @@ def _rename(path, table, layout):
             rest = ".".join(parts[cut:])
             if not rest:
                 return new_prefix
-            if inner:  # resnets and samplers: every Linear/Conv inside has a known name
+            if inner:  # resnets: every Linear/Conv inside has a known name
                 if rest not in inner:
                     break
                 rest = inner[rest]
