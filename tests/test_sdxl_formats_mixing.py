@@ -47,9 +47,10 @@ def test_sd1_and_sdxl_loras_not_merged(files, tmp_path):
 
 
 def test_unet_only_sdxl_file_without_metadata_is_sdxl(sdxl, tmp_path):  # noqa: F811
-    """A U-Net-only SDXL file without metadata: its original-layout names say SDXL, and it is written back so."""
+    """A U-Net-only SDXL file without metadata (modules that SD 1.x also has): its original-layout names say
+    SDXL, and it is written back so."""
     lora, _ = adapted_sdxl(sdxl)
-    unet_only = type(lora)({k: m for k, m in lora.modules.items() if k.startswith("unet.down_blocks.1.attentions.0.")})
+    unet_only = type(lora)({k: m for k, m in lora.modules.items() if k.startswith("unet.down_blocks.1.attentions.0.transformer_blocks.0.")})
     path = _without_metadata(save_lora(unet_only, tmp_path / "a.safetensors", version="sdxl"))
     back = load_lora(path)
     assert back.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
