@@ -111,10 +111,11 @@ def test_sdxl_metadata_as_sd_scripts(sdxl, tmp_path):
         assert any(k.startswith("lora_unet_input_blocks_") for k in f.keys())
 
 
-def test_diffusers_sdxl_pipeline_loads_our_kohya_file(sdxl, tmp_path):
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_diffusers_sdxl_pipeline_loads_our_file(sdxl, tmp_path, fmt):
     """diffusers' StableDiffusionXLPipeline.load_lora_weights reproduces the adapted model (float32)."""
     lora, models = adapted_sdxl(sdxl)
-    path = save_lora(lora, tmp_path / "x.safetensors", version="sdxl")
+    path = save_lora(lora, tmp_path / "x.safetensors", fmt, version="sdxl")
     base = copy.deepcopy(sdxl)
     pipe = base.pipeline()
     pipe.load_lora_weights(str(path))
