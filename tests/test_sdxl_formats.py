@@ -252,3 +252,19 @@ def test_block_map_inverts_diffusers_converter(layout):
     assert set(converted) == set(state)
     for key, tensor in state.items():
         assert torch.equal(converted[key], tensor), key
+
+
+def test_reads_what_diffusers_sdxl_pipeline_saves(sdxl, tmp_path):
+    """StableDiffusionXLPipeline.save_lora_weights (alphas in its adapter metadata) reads to the same LoRA."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import get_peft_model_state_dict
+
+    lora, models = adapted_sdxl(sdxl)
+    layers = {f"{p}_lora_layers" if p != "unet" else "unet_lora_layers": get_peft_model_state_dict(models[p])
+              for p in PARTS}
+    meta = {f"{p}_lora_adapter_metadata": models[p].peft_config["default"].to_dict() for p in PARTS}
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "d", **layers, **meta)
+    back, fmt = read_lora(tmp_path / "d")
+    assert fmt == "diffusers"
+    _same(lora, back)
+    assert back.metadata["ss_base_model_version"] == "sdxl_base_v1-0"  # text_encoder_2 says SDXL
