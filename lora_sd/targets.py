@@ -5,6 +5,10 @@ adapts every Linear and Conv2d: Linear and 1x1 convs at network_dim /
 network_alpha, 3x3 convs at conv_dim / conv_alpha (only when conv_dim is set).
 PEFT has no notion of "children of a class", so we list the module names
 explicitly and give convs their own rank through rank/alpha patterns.
+
+SDXL: the same rules on both text encoders (CLIPAttention/CLIPMLP of each;
+text encoder 2's `text_projection` is outside them, so not adapted, as in
+sd-scripts) and on the U-Net.
 """
 
 from dataclasses import dataclass
@@ -62,7 +66,7 @@ def find_targets(model, target_classes, with_conv):
 
 
 def target_modules(component: str, model, with_conv=False):
-    """{module name: is_3x3_conv} sd-scripts adapts in a "unet" or "text_encoder".
+    """{module name: is_3x3_conv} sd-scripts adapts in a "unet", "text_encoder" or "text_encoder_2".
 
     `with_conv` (conv_dim set) adds the U-Net's resnets and samplers, 3x3 convs included.
     """
@@ -91,11 +95,15 @@ def text_encoder_lora_config(text_encoder, spec: NetworkSpec) -> LoraConfig:
     return LoraConfig(r=spec.network_dim, lora_alpha=spec.network_alpha, target_modules=list(targets))
 
 
-def lora_configs(unet, text_encoder, spec: NetworkSpec, train_unet=True, train_text_encoder=True):
-    """{"unet": LoraConfig, "text_encoder": LoraConfig} for the parts being trained."""
+def lora_configs(unet, text_encoder, spec: NetworkSpec, train_unet=True, train_text_encoder=True,
+                 text_encoder_2=None):
+    """{"unet": LoraConfig, "text_encoder": LoraConfig, "text_encoder_2": LoraConfig (SDXL)} for the parts
+    being trained (`train_text_encoder`: both text encoders, as sd-scripts' SDXL network)."""
     configs = {}
     if train_unet:
         configs["unet"] = unet_lora_config(unet, spec)
     if train_text_encoder:
         configs["text_encoder"] = text_encoder_lora_config(text_encoder, spec)
+        if text_encoder_2 is not None:
+            configs["text_encoder_2"] = text_encoder_lora_config(text_encoder_2, spec)
     return configs

@@ -164,12 +164,14 @@ def test_conv_delta_shapes():
 def test_sdxl_text_encoder_names_readable(tiny_sd1, tmp_path):
     lora, _, _ = random_adapted(tiny_sd1)
     tensors = safetensors.torch.load_file(save_lora(lora, tmp_path / "x.safetensors"))
-    xl = {k.replace("lora_te_", "lora_te1_"): v for k, v in tensors.items()}
+    # text encoders only: an SDXL file's U-Net names are the original layout's (tests/test_sdxl_formats.py)
+    xl = {k.replace("lora_te_", "lora_te1_"): v for k, v in tensors.items() if k.startswith("lora_te_")}
     xl["lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(4, 32)
     xl["lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(37, 4)
     safetensors.torch.save_file(xl, tmp_path / "xl.safetensors")
     back = load_lora(tmp_path / "xl.safetensors")
     assert set(back.component("text_encoder")) == set(lora.component("text_encoder"))
+    assert back.metadata["ss_base_model_version"] == "sdxl_base_v1-0"  # noted from the names
     assert set(back.component("text_encoder_2")) == {"text_model.encoder.layers.0.mlp.fc1"}
 
     written = safetensors.torch.load_file(save_lora(back, tmp_path / "xl2.safetensors"))  # SDXL names kept

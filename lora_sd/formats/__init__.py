@@ -13,6 +13,7 @@ import safetensors.torch
 import torch
 
 from lora_sd.errors import FormatError
+from lora_sd.formats.base_model import note_base
 from lora_sd.formats.diffusers import (FOLDER_FILES, diffusers_file_contents, diffusers_folder_file, is_diffusers,
                                       lora_from_diffusers)
 from lora_sd.formats.kohya import is_kohya, kohya_file_contents, lora_from_kohya
@@ -27,7 +28,9 @@ def read_lora(path) -> tuple[LoraWeights, str]:
     """(the LoRA, its format) from a kohya file, a diffusers LoRA file or folder, or a PEFT adapter folder.
 
     Every LoRA input of every recipe comes through here: a file of non-finite
-    or mismatched tensors is refused, naming the file and the module.
+    or mismatched tensors is refused, naming the file and the module. An SDXL
+    LoRA (by its module names) whose metadata does not say so gets SDXL's
+    `ss_base_model_version`, so that it is never mixed with SD 1.x/2.x ones.
     """
     path = Path(path)
     if path.is_dir():
@@ -43,6 +46,7 @@ def read_lora(path) -> tuple[LoraWeights, str]:
                 "down [rank, in] or [rank, in, k, k] with up [out, rank] or [out, rank, 1, 1]"
             )
     _refuse_non_finite(lora, path)
+    note_base(lora, path)
     return lora, fmt
 
 
@@ -109,7 +113,8 @@ def load_lora(path) -> LoraWeights:
 
 
 def save_lora(lora: LoraWeights, path, fmt="kohya", save_precision="float", **kohya_meta):
-    """Write `lora` atomically. kohya_meta: version, v_parameterization, title (kohya only)."""
+    """Write `lora` atomically. kohya_meta (kohya only): version, v_parameterization, title, and unet_config
+    (the model's U-Net config, for SDXL's original-layout names; SDXL base's layout when not given)."""
     if fmt not in FORMATS:
         raise FormatError(f"--to: format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     path = Path(path)

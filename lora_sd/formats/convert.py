@@ -3,8 +3,9 @@
 import logging
 from pathlib import Path
 
+from lora_sd.errors import ConfigError
 from lora_sd.formats import read_lora, save_lora
-from lora_sd.formats.metadata import lora_version
+from lora_sd.formats.base_model import lora_base
 from lora_sd.io import check_writable_folder, refuse_overwriting_inputs
 
 logger = logging.getLogger(__name__)
@@ -19,7 +20,10 @@ def convert_lora_file(src, dst, to, save_precision="float", v2=False, v_paramete
     refuse_overwriting_inputs(dst, [src], "output")
     check_writable_folder(Path(dst).absolute().parent, f"output {dst}")
     lora, fmt_in = read_lora(src)
-    version = "sd2" if v2 else lora_version(lora.metadata) or "sd1"
+    version = lora_base(lora)
+    if v2 and version == "sdxl":
+        raise ConfigError(f"--v2: {src} is an SDXL LoRA (v2 is for SD 2.x); remove --v2")
+    version = "sd2" if v2 else version if version in ("sd1", "sd2", "sdxl") else "sd1"
     v_param = v_parameterization or lora.metadata.get("modelspec.prediction_type") == "v"
     out = save_lora(lora, dst, to, save_precision, version=version, v_parameterization=v_param)
     logger.info("%s (%s, %d modules) -> %s (%s)", src, fmt_in, len(lora.modules), out, to)

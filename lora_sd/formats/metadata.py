@@ -15,6 +15,8 @@ ARCHITECTURES = {
 }
 
 BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # ss_base_model_version
+# modelspec.implementation, as sd-scripts' sai_model_spec.build_metadata: SDXL LoRAs name the original (SGM) code
+IMPLEMENTATIONS = {"sdxl": "https://github.com/Stability-AI/generative-models"}
 KOHYA_METADATA_PREFIXES = ("ss_", "modelspec.")  # what travels through diffusers files and PEFT folders
 
 
@@ -62,12 +64,12 @@ def modelspec_metadata(version="sd1", v_parameterization=False, title=None, reso
     timestamp = int(timestamp if timestamp is not None else time.time())
     arch = ARCHITECTURES.get((version, v_parameterization and version == "sd2"), ARCHITECTURES[("sd1", False)])
     if resolution is None:
-        resolution = 768 if v_parameterization and version == "sd2" else 512
+        resolution = 1024 if version == "sdxl" else 768 if v_parameterization and version == "sd2" else 512
     w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
     return {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": arch + "/lora",
-        "modelspec.implementation": "diffusers",
+        "modelspec.implementation": IMPLEMENTATIONS.get(version, "diffusers"),
         "modelspec.title": title or f"LoRA@{timestamp}",
         "modelspec.resolution": f"{w}x{h}",
         "modelspec.date": datetime.datetime.fromtimestamp(timestamp).isoformat(),

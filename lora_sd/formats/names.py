@@ -4,9 +4,13 @@ kohya names are module paths with every `.` turned into `_`, so the way back
 needs to know which underscores belong to a name segment (`to_q`,
 `transformer_blocks`). The vocabulary below is the set of multi-word segments
 in SD 1.x/2.x/XL U-Nets and CLIP text encoders; the longest match wins.
+
+SDXL files name U-Net modules in the original layout (`lora_unet_input_blocks_4_1_...`):
+`kohya_name` maps to it and `key_from_kohya` back, through `sdxl_names` (the one map).
 """
 
 from lora_sd.errors import FormatError
+from lora_sd.formats.sdxl_names import is_sgm_unet_path, names_for
 
 # kohya prefix -> LoraWeights component
 KOHYA_PREFIXES = {
@@ -24,7 +28,7 @@ _SEGMENTS = {
     "conv_in", "conv_out", "conv_norm_out", "linear_1", "linear_2", "add_k_proj", "add_v_proj",
     # original (sgm) U-Net, as SDXL kohya files name it
     "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers",
-    "skip_connection",
+    "skip_connection", "time_embed", "label_emb",
     # CLIP
     "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "final_layer_norm",
     "text_projection",
@@ -32,18 +36,23 @@ _SEGMENTS = {
 _MAX_PARTS = max(s.count("_") + 1 for s in _SEGMENTS)
 
 
-def kohya_name(key: str, sdxl=False) -> str:
+def kohya_name(key: str, sdxl=False, unet_config=None) -> str:
     """`unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`.
 
-    SDXL files name the first text encoder `lora_te1_` (SD 1.x/2.x: `lora_te_`).
+    SDXL (as sd-scripts names it): the U-Net in the original layout
+    (`lora_unet_input_blocks_4_1_proj_in`), mapped with `unet_config`'s layout
+    (SDXL base's when None), and the first text encoder `lora_te1_` (SD 1.x/2.x: `lora_te_`).
     """
     component, path = key.split(".", 1)
     prefix = "lora_te1_" if sdxl and component == "text_encoder" else COMPONENT_PREFIX[component]
+    if sdxl and component == "unet":
+        path = names_for(unet_config).to_sgm(path)
     return prefix + path.replace(".", "_")
 
 
-def key_from_kohya(name: str, source="") -> str:
-    """The inverse of `kohya_name` (also reads SDXL's lora_te1_/lora_te2_)."""
+def key_from_kohya(name: str, source="", unet_config=None) -> str:
+    """The inverse of `kohya_name`: SD 1.x/2.x names, SDXL's (lora_te1_/lora_te2_, original-layout U-Net
+    names, mapped back with `unet_config`'s layout, SDXL base's when None) and diffusers-named SDXL files."""
     for prefix, component in KOHYA_PREFIXES.items():
         if name.startswith(prefix):
             break
@@ -59,4 +68,10 @@ def key_from_kohya(name: str, source="") -> str:
                 segments.append(candidate)
                 i += n
                 break
-    return component + "." + ".".join(segments)
+    path = ".".join(segments)
+    if component == "unet" and is_sgm_unet_path(path):
+        try:
+            path = names_for(unet_config).from_sgm(path)
+        except FormatError as e:
+            raise FormatError(f"{source}: key {name!r}: {e}") from None
+    return component + "." + path

@@ -13,8 +13,9 @@ LoRA + LoRA, two modes:
   sum_i ratio_i * delta_i (cross terms; one LoRA at ratio r comes out at
   r * |r| * delta), but it keeps the rank. Refused when ranks or alphas differ.
 
-LoRAs made for different base models (SD 1.x and 2.x) are refused; a module
-in only some LoRAs is merged exactly (the others contribute nothing).
+LoRAs made for different base models (SD 1.x, 2.x, SDXL: by metadata, else by
+module names) are refused; a module in only some LoRAs is merged exactly (the
+others contribute nothing).
 """
 
 import logging
@@ -26,6 +27,7 @@ import torch
 
 from lora_sd.errors import ConfigError, ModelMismatchError
 from lora_sd.formats import load_lora, save_lora
+from lora_sd.formats.base_model import BASE_NAMES, lora_base, same_base
 from lora_sd.formats.metadata import lora_version, version_metadata
 from lora_sd.io import precision_dtype
 from lora_sd.lora_weights import LoraModule, LoraWeights, fit_to_layer, model_module_name
@@ -35,7 +37,7 @@ from lora_sd.ops.lowrank import to_lora_shapes
 logger = logging.getLogger(__name__)
 
 MODES = ("exact", "kohya")
-VERSION_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+VERSION_NAMES = BASE_NAMES  # for messages about models as well
 
 
 def lora_names(loras, names=None) -> list[str]:
@@ -58,28 +60,28 @@ def load_loras(paths) -> tuple[list[LoraWeights], list[str]]:
 
 
 def common_version(loras, names) -> str | None:
-    """The base-model version all LoRAs agree on (None if none says); ConfigError if they differ."""
+    """The base-model version all LoRAs agree on ('sd1', 'sd2', 'sdxl'; None if none says); ConfigError
+    naming two files if they differ. A LoRA without metadata counts by its module names (`lora_base`)."""
     seen = {}
     for lora, name in zip(loras, names, strict=True):
-        version = lora_version(lora.metadata)
+        version = lora_base(lora)
         if version is not None:
             seen.setdefault(version, name)
-    if len(seen) > 1:
-        (v1, n1), (v2, n2) = list(seen.items())[:2]
-        raise ConfigError(
-            f"{n1} is a LoRA for {VERSION_NAMES[v1]} but {n2} is for {VERSION_NAMES[v2]}: "
-            "LoRAs for different base models cannot be merged"
-        )
-    return next(iter(seen), None)
+    for (v1, n1) in seen.items():
+        for (v2, n2) in seen.items():
+            if not same_base(v1, v2):
+                raise ConfigError(f"{n1} is a LoRA for {BASE_NAMES[v1]} but {n2} is for {BASE_NAMES[v2]}: "
+                                  "LoRAs for different base models cannot be merged")
+    return next((v for v in seen if v != "sd"), None)
 
 
 def check_model_version(lora, name, model_version):
-    """ModelMismatchError when a LoRA's metadata names another base model than the model's."""
-    version = lora_version(lora.metadata)
-    if version is not None and model_version is not None and version != model_version:
+    """ModelMismatchError when a LoRA is for another base model than the model's (metadata, else module names)."""
+    version = lora_base(lora)
+    if not same_base(version, model_version):
         raise ModelMismatchError(
-            f"{name} is a LoRA for {VERSION_NAMES.get(version, version)} but the model is "
-            f"{VERSION_NAMES.get(model_version, model_version)}"
+            f"{name} is a LoRA for {BASE_NAMES.get(version, version)} but the model is "
+            f"{BASE_NAMES.get(model_version, model_version)}: LoRAs do not carry over between them"
         )
 
 
