@@ -34,8 +34,13 @@ def lora_from_kohya(state_dict, metadata=None, source="") -> LoraWeights:
         if ".lora_down.weight" not in p or ".lora_up.weight" not in p:
             raise FormatError(f"{source}: module {name} has no {'lora_down' if '.lora_up.weight' in p else 'lora_up'} weight")
         down, up = p[".lora_down.weight"], p[".lora_up.weight"]
+        if ".alpha" in p and p[".alpha"].numel() != 1:
+            raise FormatError(f"{source}: {name}.alpha has shape {tuple(p['.alpha'].shape)}; an alpha is one number")
         alpha = float(p[".alpha"].float().item()) if ".alpha" in p else float(down.shape[0])
-        lora.modules[key_from_kohya(name, source)] = LoraModule(down, up, alpha)
+        key = key_from_kohya(name, source)
+        if key in lora.modules:  # lora_te_ and lora_te1_ both name the first text encoder: one would be dropped
+            raise FormatError(f"{source}: two modules of the file are both {key} (one is {name}); keep one of them")
+        lora.modules[key] = LoraModule(down, up, alpha)
     return lora
 
 

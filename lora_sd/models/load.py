@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_MIN_CLIP_VOCAB = 512  # a CLIP BPE vocabulary holds at least its 256 byte tokens, with and without </w>
 
 
 @dataclass
@@ -106,6 +107,11 @@ def _load_pretrained(source, local_files_only, torch_dtype, v2, v_parameterizati
     except (OSError, ValueError) as e:  # (EnvironmentError is OSError)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FormatError(f"{source}: could not load a diffusers Stable Diffusion model: {msg}") from None
+    if len(tokenizer) < _MIN_CLIP_VOCAB or len(tokenizer) > text_encoder.config.vocab_size:
+        # a missing or empty tokenizer/ loads as a 2-token tokenizer without an error: every prompt would be lost
+        raise FormatError(f"{source}: its tokenizer has {len(tokenizer)} tokens for a text encoder of "
+                          f"{text_encoder.config.vocab_size}: tokenizer/ is missing or broken (it needs vocab.json "
+                          "and merges.txt, or tokenizer.json)")
     version = _version_of_text_config(text_encoder.config)
     single_file.check_version(version, v2, source)
     _warn_prediction_type(source, v_parameterization)
