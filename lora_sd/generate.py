@@ -57,11 +57,29 @@ class GenerationSettings:
         for name in ("steps", "images_per_prompt", "W", "H"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name}: must be positive, got {getattr(self, name)}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:  # training's range (numpy's); -1 is not "random"
+            raise ConfigError(f"--seed: must be in [0, {2**32 - 1}] (leave it out for a random seed), got {self.seed}")
         if not math.isfinite(self.scale):
             raise ConfigError(f"--scale: must be a finite number, got {self.scale}")
         if self.W % 8 or self.H % 8:
             raise ConfigError(f"--W/--H: must be multiples of 8, got {self.W}x{self.H}")
         _sampler(self.sampler)
+
+
+def read_prompt_file(path, option="--from_file") -> list[str]:
+    """The prompts of a text file, one per line; blank lines and `#` comments skipped, as sd-scripts'
+    gen_img does. ConfigError naming the file when it is missing, no regular file, or not UTF-8."""
+    from lora_sd.io import special_file_kind
+
+    path = Path(path)
+    kind = special_file_kind(path)
+    if kind is not None or not path.is_file():  # a FIFO would block the read
+        raise ConfigError(f"{option} {path}: " + (f"is {kind}, not a text file" if kind else "no such file"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{option} {path}: not a UTF-8 text file (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 
 def add_networks(pipe, loras, multipliers, merge=False, names=None, model_version=None):
@@ -152,13 +170,15 @@ def generate(ckpt, outdir, settings: GenerationSettings, network_weights=(), net
              v2=False, v_parameterization=False, model_config=None, device=None, dtype="float"):
     """generate.py: load a model and LoRA files, write PNG images to `outdir`; returns their paths."""
     from lora_sd.models import load_base
-    from lora_sd.ops.args import check_output, parse_ratios, resolve_device
+    from lora_sd.outputs import check_output
+    from lora_sd.ops.args import check_model_config, parse_ratios, resolve_device
     from lora_sd.ops.merge import load_loras
 
     settings.check()
     muls = parse_ratios(network_weights, network_mul, option="--network_mul")
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = precision_dtype(dtype, "--precision")
+    check_model_config([ckpt], model_config)
     plan = plan_images(settings, outdir)
     for planned in plan:  # an image never replaces an input, nor goes into an input's folder (a model folder)
         check_output(planned.path, [ckpt, *network_weights, model_config], "--outdir")

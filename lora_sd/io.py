@@ -214,6 +214,25 @@ def _open_safetensors(path):
     return list(f.keys()), f.get_tensor, dict(f.metadata() or {})
 
 
+# the first bytes of what torch.save writes: a zip archive (torch >= 1.6), a pickle (protocol 2+)
+_PICKLE_HEADS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def special_file_kind(path) -> str | None:
+    """"a folder", "a FIFO", "a device", "a socket" for an existing path that is no regular file; None else."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return None
+
+
 def open_tensor_file(path, allow_pickle=False):
     """(keys, get(key), metadata) of a `.safetensors` file or a torch pickle (`.ckpt`/`.pt`/`.bin`).
 
@@ -227,12 +246,16 @@ def open_tensor_file(path, allow_pickle=False):
     from lora_sd.errors import FormatError
 
     path = Path(path)
-    if not path.is_file():
-        raise FormatError(f"{path}: no such file")
+    if not path.is_file():  # opening a FIFO or /dev/zero would block or read forever
+        kind = special_file_kind(path)
+        raise FormatError(f"{path}: " + (f"is {kind}, not a tensor file" if kind else "no such file"))
     if path.stat().st_size == 0:
         raise FormatError(f"{path}: is empty (0 bytes)")
     with open(path, "rb") as f:
         head = f.read(16)
+    if path.suffix == ".safetensors" and head.startswith(_PICKLE_HEADS):
+        raise FormatError(f"{path}: named .safetensors but holds a zip archive or pickle (a torch .ckpt/.pt?), not "
+                          "safetensors; if it is a torch checkpoint, rename it to .ckpt")
     if path.suffix == ".safetensors" or head[8:9] == b"{":
         keys, get, metadata = _open_safetensors(path)
     else:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_sd.cli import run_main  # noqa: E402
 from lora_sd.errors import ConfigError  # noqa: E402
-from lora_sd.generate import SAMPLERS, GenerationSettings, generate  # noqa: E402
+from lora_sd.generate import SAMPLERS, GenerationSettings, generate, read_prompt_file  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,9 +54,7 @@ def main(argv=None):
             raise ConfigError(f"--network_module: only networks.lora is supported, got {module!r}")
     prompts = list(args.prompt)
     if args.from_file:
-        if not Path(args.from_file).is_file():
-            raise ConfigError(f"--from_file: {args.from_file}: no such file")
-        prompts += [ln.strip() for ln in Path(args.from_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        prompts += read_prompt_file(args.from_file)
     settings = GenerationSettings(prompts, args.negative_prompt, args.steps, args.scale, args.seed, args.W, args.H,
                                   args.images_per_prompt, args.sampler)
     generate(args.ckpt, args.outdir, settings, args.network_weights, args.network_mul, args.network_merge,

@@ -52,19 +52,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", default="float", help="dtype the merge is computed in: float, fp16, bf16")
     parser.add_argument("--save_precision", default=None, help="dtype saved: float, fp16, bf16 (default: --precision)")
     parser.add_argument("--model_config", default=None, help="diffusers-layout config folder for a non-standard single file")
-    parser.add_argument("--concat", nargs="?", const="true", default="true",
-                        help="LoRA+LoRA: true = exact (ranks concatenated), false = sd-scripts' same-shape sum")
+    parser.add_argument("--concat", nargs="?", const="true", default=None,
+                        help="LoRA+LoRA: true (default) = exact (ranks concatenated), false = sd-scripts' same-shape sum")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # an option of the other mode would be ignored without a word: refuse it
+    unused = ["--concat"] * (args.concat is not None) if args.sd_model else \
+        [o for o, v in (("--v2", args.v2), ("--model_config", args.model_config)) if v]
+    if unused:
+        raise ConfigError(f"{unused[0]}: only used when merging " + ("LoRAs into one LoRA (no --sd_model)" if args.sd_model
+                          else "into a model (--sd_model)") + "; drop it")
     if args.sd_model is not None:
         merge_into_model_file(args.sd_model, args.save_to, args.models, args.ratios, v2=args.v2,
                               precision=args.precision, save_precision=args.save_precision,
                               model_config=args.model_config)
     else:
-        merge_lora_files(args.models, args.ratios, args.save_to, concat=_bool(args.concat),
+        merge_lora_files(args.models, args.ratios, args.save_to, concat=_bool(args.concat or "true"),
                          save_precision=args.save_precision, precision=args.precision)
 
 

@@ -103,3 +103,14 @@ def full_disk_at(monkeypatch, call: int) -> list:
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     return calls
+
+
+def one_error_line(recipe, argv, capsys) -> str:
+    """Run a recipe through run_main: asserts exit 2, one `error:` line and no traceback; returns the line."""
+    from lora_sd.cli import run_main
+
+    rc = run_main(recipe.main, [str(a) for a in argv])
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]

@@ -224,7 +224,7 @@ def test_save_to_an_existing_folder_that_is_not_a_model_is_refused(setup, tmp_pa
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     rc, err = _run(["--sd_model", s["folder"], "--save_to", out, "--models", s["files"]["a"]], capsys)
-    assert rc == 2 and f"--save_to {out}: an existing folder" in err and err.count("\n") == 1
+    assert rc == 2 and f"--save_to {out}: " in err and "folder" in err and err.count("\n") == 1
     assert (out / "notes.txt").read_text() == "mine"
 
 

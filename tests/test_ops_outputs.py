@@ -13,9 +13,9 @@ import recipes.extract_lora_from_models as extract_recipe
 import recipes.generate as generate_recipe
 import recipes.merge_lora as merge_recipe
 import recipes.svd_merge_lora as svd_recipe
-from lora_sd.cli import run_main
 from lora_sd.formats import save_lora
 from lora_sd.tiny import save_tiny_diffusers, save_tiny_single_file
+from tests.helpers import one_error_line as _one_error
 from tests.helpers import random_lora
 
 
@@ -40,14 +40,6 @@ def _digest(path):
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
         h.update(f.read_bytes())
     return h.hexdigest()
-
-
-def _one_error(recipe, argv, capsys):
-    rc = run_main(recipe.main, [str(a) for a in argv])
-    err = capsys.readouterr().err
-    errors = [ln for ln in err.splitlines() if ln.startswith("error")]
-    assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from lora_sd.data.images import IMAGE_EXTENSIONS, open_rgb
 from lora_sd.errors import ConfigError, DataError
+from lora_sd.io import check_writable_folder
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +150,11 @@ def resize_images(src, dst, max_resolution="512x512,384x384,256x256,128x128", *,
     # (io.refuse_overwriting_inputs would also refuse a dst that merely holds src, where nothing collides)
     if dst.is_dir() and os.path.samefile(dst, src):
         raise ConfigError(f"destination {dst} is the source folder; give another folder")
+    check_writable_folder(dst, f"destination {dst}")  # a file there, or a read-only folder: one line
     resolutions = parse_resolutions(max_resolution)
     images, others, outputs = _plan(src, resolutions, save_as_png, copy_associated_files)
+    if not images:  # an exit 0 that wrote nothing (or only copied captions) would hide a wrong folder
+        raise DataError(f"source folder {src} holds no images ({', '.join(IMAGE_EXTENSIONS)}); nothing to resize")
     created = [p for p in (dst, *dst.parents) if not p.exists()]
     dst.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".resize_images.", suffix=".tmp", dir=dst))

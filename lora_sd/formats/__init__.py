@@ -40,6 +40,11 @@ def read_lora(path) -> tuple[LoraWeights, str]:
     if not lora.modules:
         raise FormatError(f"{path}: holds no LoRA modules")
     for key, m in lora.modules.items():
+        if not (m.down.is_floating_point() and m.up.is_floating_point()):  # int8 weights are no LoRA we know
+            raise FormatError(f"{path}: module {key} holds {m.down.dtype}/{m.up.dtype} tensors; a LoRA's are floating point")
+        if m.rank == 0 or m.down.numel() == 0 or m.up.numel() == 0:
+            raise FormatError(f"{path}: module {key} is empty (down {tuple(m.down.shape)}, up {tuple(m.up.shape)}): "
+                              "a LoRA module has rank >= 1")
         if not _is_lora_pair(m.down, m.up):
             raise FormatError(
                 f"{path}: module {key} has down {tuple(m.down.shape)}, up {tuple(m.up.shape)}; a LoRA pair is "

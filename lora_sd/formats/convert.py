@@ -6,7 +6,7 @@ from pathlib import Path
 from lora_sd.errors import ConfigError
 from lora_sd.formats import read_lora, save_lora
 from lora_sd.formats.base_model import lora_base
-from lora_sd.io import check_writable_folder, refuse_overwriting_inputs
+from lora_sd.outputs import LORA_FILE_SUFFIXES, check_output
 
 logger = logging.getLogger(__name__)
 
@@ -17,8 +17,9 @@ def convert_lora_file(src, dst, to, save_precision="float", v2=False, v_paramete
     `dst` is checked before anything is read: never the input, inside it or holding it, and in a
     writable folder. `v2` / `v_parameterization` fill the kohya metadata when the input has none.
     """
-    refuse_overwriting_inputs(dst, [src], "output")
-    check_writable_folder(Path(dst).absolute().parent, f"output {dst}")
+    # a diffusers file keeps its alphas in the safetensors header: a pickle would lose them
+    suffixes = {"kohya": LORA_FILE_SUFFIXES, "diffusers": (".safetensors",), "peft": None}.get(to)
+    check_output(dst, [src], "output", file_suffixes=suffixes, folder=to == "peft")
     lora, fmt_in = read_lora(src)
     version = lora_base(lora)
     if v2 and version == "sdxl":

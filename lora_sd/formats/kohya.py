@@ -49,11 +49,13 @@ def lora_from_kohya(state_dict, metadata=None, source="", unet_config=None) -> L
         if ".lora_down.weight" not in p or ".lora_up.weight" not in p:
             raise FormatError(f"{source}: module {name} has no {'lora_down' if '.lora_up.weight' in p else 'lora_up'} weight")
         down, up = p[".lora_down.weight"], p[".lora_up.weight"]
+        if ".alpha" in p and p[".alpha"].numel() != 1:
+            raise FormatError(f"{source}: {name}.alpha has shape {tuple(p['.alpha'].shape)}; an alpha is one number")
         alpha = float(p[".alpha"].float().item()) if ".alpha" in p else float(down.shape[0])
         key = key_from_kohya(name, source, unet_config)
-        if key in lora.modules:
-            raise FormatError(f"{source}: key {name} names module {key} a second time (original-layout and "
-                              "diffusers U-Net names mixed?)")
+        if key in lora.modules:  # lora_te_ and lora_te1_, or original-layout and diffusers U-Net names, mixed
+            raise FormatError(f"{source}: key {name} names module {key} a second time (two names for one module: "
+                              "lora_te_ and lora_te1_, or original-layout and diffusers U-Net names?); keep one of them")
         lora.modules[key] = LoraModule(down, up, alpha)
     sdxl_names = [n for n in parts if n.startswith(("lora_te1_", "lora_te2_", *_SGM_PREFIXES))]
     if sdxl_names:

@@ -42,6 +42,8 @@ def lora_modules(component, state, config, source) -> dict[str, LoraModule]:
     if set(alphas) - set(pairs):
         raise FormatError(f"{source}: alpha {component}.{sorted(set(alphas) - set(pairs))[0]}.alpha has no LoRA module")
     patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise FormatError(f"{source}: {component} alpha_pattern is a {type(patterns).__name__}, not a {{module: alpha}} table")
     modules = {}
     for name, p in pairs.items():
         if len(p) != 2:
@@ -49,8 +51,12 @@ def lora_modules(component, state, config, source) -> dict[str, LoraModule]:
         down, up = p[LORA_A], p[LORA_B]
         alpha = patterns.get(get_pattern_key(patterns, name), config.get("lora_alpha", down.shape[0]))
         if name in alphas:
-            alpha = alphas[name].float().item()
-        modules[key_for_module(component, name)] = LoraModule(down, up, float(alpha))
+            alpha = alphas[name].float() if alphas[name].numel() == 1 else f"of shape {tuple(alphas[name].shape)}"
+        try:  # a number, or a one-element tensor; not a string, None, or a tensor of several values
+            alpha = float(alpha)
+        except (TypeError, ValueError):
+            raise FormatError(f"{source}: module {component}.{name} has an alpha {alpha!r}; an alpha is one number") from None
+        modules[key_for_module(component, name)] = LoraModule(down, up, alpha)
     return modules
 
 
@@ -65,11 +71,16 @@ def read_peft_folder(path) -> LoraWeights:
     for component in COMPONENTS:
         folder = path / component
         if not (folder / CONFIG_NAME).is_file():
+            if any((folder / n).exists() for n in (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin")):
+                # adapter weights without a readable config: skipping them would drop a whole component
+                raise FormatError(f"{folder}: has adapter files but no readable {CONFIG_NAME} file")
             continue
         try:
             cfg = json.loads((folder / CONFIG_NAME).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise FormatError(f"{folder / CONFIG_NAME}: not a readable adapter config ({e})") from None
+        if not isinstance(cfg, dict):
+            raise FormatError(f"{folder / CONFIG_NAME}: holds a JSON {type(cfg).__name__}, not an adapter config object")
         weights = folder / WEIGHTS_NAME
         if not weights.is_file():
             weights = folder / "adapter_model.bin"

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_MIN_CLIP_VOCAB = 512  # a CLIP BPE vocabulary holds at least its 256 byte tokens, with and without </w>
 
 
 @dataclass
@@ -144,6 +145,12 @@ def _load_pretrained(source, local_files_only, torch_dtype, v2, v_parameterizati
     except (OSError, ValueError) as e:  # (EnvironmentError is OSError)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FormatError(f"{source}: could not load a diffusers Stable Diffusion model: {msg}") from None
+    for tok, te, sub in ((tokenizer, text_encoder, "tokenizer"), (tokenizer_2, text_encoder_2, "tokenizer_2")):
+        if tok is not None and (len(tok) < _MIN_CLIP_VOCAB or len(tok) > te.config.vocab_size):
+            # a missing or empty tokenizer/ loads as a 2-token tokenizer without an error: every prompt would be lost
+            raise FormatError(f"{source}: its {sub} has {len(tok)} tokens for a text encoder of "
+                              f"{te.config.vocab_size}: {sub}/ is missing or broken (it needs vocab.json "
+                              "and merges.txt, or tokenizer.json)")
     version = "sdxl" if text_encoder_2 is not None else _version_of_text_config(text_encoder.config)
     single_file.check_version(version, v2, source)
     _warn_prediction_type(source, v_parameterization)

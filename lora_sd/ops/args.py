@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from lora_sd.errors import ConfigError
-from lora_sd.io import check_writable_folder, refuse_overwriting_inputs
 
 
 def check_pairs(values, items, option, what="model"):
@@ -37,14 +36,24 @@ def parse_ratios(models, ratios, option="--ratios") -> list[float]:
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """'cpu' / 'cuda' / 'cuda:N' as a torch.device; ConfigError when CUDA is asked for and absent."""
+    """'cpu' / 'cuda' / 'cuda:N' / 'mps' as a torch.device; ConfigError for any other device type (meta, xla,
+    ...: torch names them, but nothing here runs there) and for one that is not on this machine."""
     device = device or "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
         raise ConfigError(f"--device: {device!r} is not a device (use cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                              f"numbered from 0; use --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {device}: no Apple MPS device is available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {device}: not supported; use cpu, cuda, cuda:N or mps")
     return dev
 
 
@@ -54,9 +63,12 @@ def check_rank(value, option) -> int:
     return int(value)
 
 
-def check_output(output, inputs, option="--save_to"):
-    """Before any work: `output` must not be (in, or hold) one of `inputs`, and its folder must be
-    creatable and writable. The write itself can still fail (a full disk): the recipes report that
-    as one line too, and `io.atomic_path` leaves nothing behind."""
-    refuse_overwriting_inputs(output, inputs, option)
-    check_writable_folder(Path(output).absolute().parent, f"{option} {output}")
+
+
+def check_model_config(models, model_config, option="--model_config"):
+    """ConfigError when `model_config` is given but no model is a single file: diffusers folders (and hub ids)
+    carry their own configs, so it would be ignored without a word."""
+    if model_config is not None and not any(Path(m).is_file() for m in models):
+        raise ConfigError(f"{option} {model_config}: only used for single-file models, but "
+                          f"{' and '.join(str(m) for m in models)} {'is a folder' if len(models) == 1 else 'are folders'}"
+                          " holding the model's own configs; drop it")

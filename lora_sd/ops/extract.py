@@ -18,9 +18,10 @@ from lora_sd.errors import ConfigError, ModelMismatchError
 from lora_sd.formats import save_lora
 from lora_sd.formats.metadata import network_metadata, version_metadata
 from lora_sd.io import precision_dtype
+from lora_sd.outputs import LORA_FILE_SUFFIXES, check_output
 from lora_sd.lora_weights import LoraModule, LoraWeights, key_for_module
 from lora_sd.ops.lowrank import as_matrix, max_rank, to_lora_shapes, truncated_svd
-from lora_sd.ops.args import check_output, check_rank, resolve_device
+from lora_sd.ops.args import check_model_config, check_rank, resolve_device
 from lora_sd.ops.merge import VERSION_NAMES
 from lora_sd.targets import target_modules
 
@@ -145,7 +146,8 @@ def extract_lora_files(model_org, model_tuned, save_to, dim, conv_dim=None, v2=F
     check_min_diff(min_diff)
     resolve_device(device)
     precision_dtype(save_precision, "--save_precision")
-    check_output(save_to, [model_org, model_tuned, model_config])
+    check_model_config([model_org, model_tuned], model_config)
+    check_output(save_to, [model_org, model_tuned, model_config], file_suffixes=LORA_FILE_SUFFIXES)
     org = load_base(model_org, v2=v2, model_config=model_config)
     tuned = load_base(model_tuned, v2=v2, model_config=model_config)
     if org.version != tuned.version:

@@ -30,8 +30,9 @@ from lora_sd.formats import load_lora, save_lora
 from lora_sd.formats.base_model import BASE_NAMES, lora_base, same_base
 from lora_sd.formats.metadata import lora_version, version_metadata
 from lora_sd.io import precision_dtype
+from lora_sd.outputs import LORA_FILE_SUFFIXES, check_output
 from lora_sd.lora_weights import LoraModule, LoraWeights, fit_to_layer, model_module_name
-from lora_sd.ops.args import check_output, check_pairs, parse_ratios
+from lora_sd.ops.args import check_model_config, check_pairs, parse_ratios
 from lora_sd.ops.lowrank import to_lora_shapes
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,23 @@ def checked_pairs(loras, ratios, names, option="ratios"):
 
 
 def load_loras(paths) -> tuple[list[LoraWeights], list[str]]:
-    """(the LoRA files read, their paths as names for messages)."""
-    return [load_lora(p) for p in paths], [str(p) for p in paths]
+    """(the LoRA files read, their paths as names for messages). Modules that change nothing are reported."""
+    loras = [load_lora(p) for p in paths]
+    for lora, path in zip(loras, paths, strict=True):
+        _report_idle_modules(lora, path)
+    return loras, [str(p) for p in paths]
+
+
+def _report_idle_modules(lora: LoraWeights, name):
+    """A warning for modules whose delta is zero (alpha 0, or all-zero up weights: an untrained or broken LoRA):
+    merged or applied they do nothing, which would otherwise pass without a word."""
+    alpha0 = [k for k, m in lora.modules.items() if m.alpha == 0]
+    zero_up = [k for k, m in lora.modules.items() if m.alpha != 0 and not m.up.any()]
+    for keys, why in ((alpha0, "alpha 0: scale alpha / rank = 0, as in sd-scripts' merge, ComfyUI and "
+                       "AUTOMATIC1111"), (zero_up, "all-zero up weights (untrained?)")):
+        if keys:
+            logger.warning("%s: %d of %d module(s) change nothing (%s), e.g. %s",
+                           name, len(keys), len(lora.modules), why, keys[0])
 
 
 def common_version(loras, names) -> str | None:
@@ -205,13 +221,17 @@ def _merge_kohya(entry: ModuleParts, precision) -> LoraModule:
 # --- into a model --------------------------------------------------------------------
 
 
-def merge_into_models(loras, ratios, models: dict, precision=torch.float32, names=None, model_version=None):
+def merge_into_models(loras, ratios, models: dict, precision=torch.float32, names=None, model_version=None,
+                      save_dtype=None):
     """Add each LoRA's delta times its ratio to the weights of `models` ({'unet': ..., 'text_encoder': ...}).
 
     Every module of every LoRA is checked to exist and fit before any weight
     changes; the first that does not is a ModelMismatchError naming the file
     and the module. The sum is computed in `precision` and stored in each
-    weight's own dtype. Returns the number of weights changed.
+    weight's own dtype. A sum that is not finite there (or in `save_dtype`, the
+    dtype the caller will save in: fp16 overflows above 65504) is a ConfigError
+    naming the module; the models are then partly merged (the recipes discard
+    them, nothing is written). Returns the number of weights changed.
     """
     ratios, names = checked_pairs(loras, ratios, names)
     plan = []  # (layer, ratio, LoraModule shaped for the layer) for every module, checked first
@@ -228,12 +248,25 @@ def merge_into_models(loras, ratios, models: dict, precision=torch.float32, name
                                                  f"{component}.{path}")
                 except ModelMismatchError as e:
                     raise ModelMismatchError(f"{name}: {e}") from None
-                plan.append((layer, ratio, fitted))
+                plan.append((layer, ratio, fitted, name, f"{component}.{path}"))
     with torch.no_grad():
-        for layer, ratio, m in plan:
+        for layer, ratio, m, name, key in plan:
             weight = layer.weight
-            weight.copy_((weight.to(precision) + ratio * m.delta(precision)).to(weight.dtype))
-    return len({id(layer) for layer, _, _ in plan})
+            merged = (weight.to(precision) + ratio * m.delta(precision)).to(weight.dtype)
+            _check_finite_merge(merged, save_dtype, name, key, ratio, precision)
+            weight.copy_(merged)
+    return len({id(plan_item[0]) for plan_item in plan})
+
+
+def _check_finite_merge(merged, save_dtype, name, key, ratio, precision):
+    """A merged weight with NaN/inf (a huge ratio, or an fp16 overflow) would be written as a broken model."""
+    for dtype in (merged.dtype, save_dtype):
+        if dtype is not None and not torch.isfinite(merged.to(dtype)).all():
+            raise ConfigError(
+                f"{name}: merging module {key} at ratio {ratio:g} gives weights that are not finite in {dtype} "
+                f"(computed in {precision}); use a smaller ratio, or float for --precision / --save_precision. "
+                "Nothing was written"
+            )
 
 
 # --- files ---------------------------------------------------------------------------
@@ -248,7 +281,7 @@ def merge_lora_files(models, ratios, save_to, concat=True, save_precision=None, 
     merge_dtype = precision_dtype(precision, "--precision")
     save_precision = save_precision or precision
     precision_dtype(save_precision, "--save_precision")
-    check_output(save_to, models)
+    check_output(save_to, models, file_suffixes=LORA_FILE_SUFFIXES)
     loras, names = load_loras(models)
     merged = merge_loras(loras, ratios, "exact" if concat else "kohya", names, merge_dtype)
     save_lora(merged, save_to, save_precision=save_precision, version=lora_version(merged.metadata) or "sd1")
@@ -272,14 +305,16 @@ def merge_into_model_file(sd_model, save_to, models, ratios, v2=False, precision
     save_precision = save_precision or precision
     precision_dtype(save_precision, "--save_precision")  # a bad value is refused before any work
     single_file = str(save_to).lower().endswith(SINGLE_FILE_SUFFIXES)
-    check_output(save_to, [sd_model, *models, model_config])
+    check_model_config([sd_model], model_config)
+    check_output(save_to, [sd_model, *models, model_config], file_suffixes=SINGLE_FILE_SUFFIXES if single_file else None)
     if Path(save_to).is_dir() and (single_file or not (Path(save_to) / "model_index.json").is_file()):
         # a diffusers folder replaces the one there: never a folder that is not a model
         raise ConfigError(f"--save_to {save_to}: an existing folder that is not a diffusers model; give a new name")
     loras, names = load_loras(models)
     model = load_base(sd_model, v2=v2, model_config=model_config)
     parts = {"unet": model.unet, "text_encoder": model.text_encoder}
-    merge_into_models(loras, ratios, parts, merge_dtype, names, model_version=model.version)
+    merge_into_models(loras, ratios, parts, merge_dtype, names, model_version=model.version,
+                      save_dtype=precision_dtype(save_precision))
     for name, ratio in zip(names, ratios, strict=True):
         logger.info("merged %s at ratio %g", name, ratio)
     if single_file:

@@ -16,8 +16,9 @@ import torch
 from lora_sd.formats import save_lora
 from lora_sd.formats.metadata import lora_version, network_metadata, version_metadata
 from lora_sd.io import precision_dtype
+from lora_sd.outputs import LORA_FILE_SUFFIXES, check_output
 from lora_sd.lora_weights import LoraWeights
-from lora_sd.ops.args import check_output, check_rank, parse_ratios, resolve_device
+from lora_sd.ops.args import check_rank, parse_ratios, resolve_device
 from lora_sd.ops.lowrank import factorize_product, max_rank
 from lora_sd.ops.merge import checked_pairs, common_version, gather_modules, load_loras
 
@@ -74,7 +75,7 @@ def svd_merge_files(models, ratios, save_to, new_rank, new_conv_rank=None, devic
     resolve_device(device)
     dtype = precision_dtype(precision, "--precision")
     precision_dtype(save_precision, "--save_precision")
-    check_output(save_to, models)
+    check_output(save_to, models, file_suffixes=LORA_FILE_SUFFIXES)
     loras, names = load_loras(models)
     merged = svd_merge(loras, ratios, new_rank, new_conv_rank, device, dtype, names)
     save_lora(merged, save_to, save_precision=save_precision, version=lora_version(merged.metadata) or "sd1")
