@@ -104,14 +104,23 @@ def test_v_parameterization_is_allowed_and_v2_is_an_error(sdxl_folder):
     assert "\n" not in msg and str(sdxl_folder) in msg and "SDXL" in msg and "drop --v2" in msg
 
 
-def test_refiner_folder_is_refused(sdxl_folder, tmp_path):
+@pytest.mark.parametrize("removed,says", [
+    (("text_encoder_2",), "an SDXL diffusers folder needs text_encoder_2/"),
+    (("tokenizer_2",), "an SDXL diffusers folder needs tokenizer_2/"),
+    (("text_encoder", "tokenizer"), "refiner"),
+])
+def test_incomplete_sdxl_folder_is_one_line(removed, says, sdxl_folder, tmp_path):
+    """A missing subfolder is named (transformers 5 would make an empty tokenizer of a missing tokenizer_2/)."""
     import shutil
 
     from lora_sd.errors import FormatError
     from lora_sd.models import load_base
 
-    refiner = tmp_path / "refiner"  # SDXL refiner folders have text_encoder_2/ only
-    shutil.copytree(sdxl_folder, refiner)
-    shutil.rmtree(refiner / "text_encoder")
-    with pytest.raises(FormatError, match=r"refiner.*SDXL base"):
-        load_base(refiner)
+    folder = tmp_path / "incomplete"
+    shutil.copytree(sdxl_folder, folder)
+    for sub in removed:
+        shutil.rmtree(folder / sub)
+    with pytest.raises(FormatError) as info:
+        load_base(folder)
+    msg = str(info.value)
+    assert "\n" not in msg and str(folder) in msg and says in msg, msg

@@ -207,7 +207,7 @@ def test_bad_single_files_are_one_line_naming_the_file(sdxl_files, tmp_path):
 
 def test_v2_with_an_sdxl_file_is_one_error_line(sdxl_files, capsys):
     path, config, _ = sdxl_files
-    with pytest.raises(LoraSdError, match=r"sdxl\.safetensors: --v2 was given but this is an SDXL model"):
+    with pytest.raises(LoraSdError, match=r"sdxl\.safetensors: --v2 was given but the file looks like SDXL"):
         load_base(path, v2=True, model_config=config)
     rc = run_main(lambda argv: load_base(path, v2=True, model_config=config), [])
     err = capsys.readouterr().err.strip()
