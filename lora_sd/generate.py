@@ -60,7 +60,7 @@ class GenerationSettings:
         if not math.isfinite(self.scale):
             raise ConfigError(f"--scale: must be a finite number, got {self.scale}")
         if (self.W or 0) % 8 or (self.H or 0) % 8:
-            raise ConfigError(f"--W/--H: must be multiples of 8, got {self.W}x{self.H}")
+            raise ConfigError(f"--W/--H: must be multiples of 8, got {self.W or 'default'}x{self.H or 'default'}")
         _sampler(self.sampler)
 
 
