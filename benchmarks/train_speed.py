@@ -208,14 +208,16 @@ def run_table(rows_wanted, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["tiny", "sd15", "sdxl"], help="run one row (default: all, each in a subprocess)")
+    parser.add_argument("--model", choices=["tiny", "sd15", "sdxl"],
+                        help="run one row (default: all, each in a subprocess)")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--only", choices=["tiny", "sd15", "sdxl"], help="table run: only this model's rows")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (after one warm-up step)")
     parser.add_argument("--resolution", type=int, default=None, help="pixels (default: 64 tiny, 512 SD 1.5, 1024 SDXL)")
     parser.add_argument("--weights", default="float", help="dtype of the base weights: float, bf16, fp16 (autocast)")
     parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
-    parser.add_argument("--fp8_base", action="store_true", help="frozen base weights in float8 (the training's fp8_base)")
+    parser.add_argument("--fp8_base", action="store_true",
+                        help="frozen base weights in float8 (the training's fp8_base)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); on shared cores 1 avoids OpenMP contention")
     parser.add_argument("--json", action="store_true", help="print the row as JSON (used by the table run)")
@@ -238,7 +240,8 @@ def main(argv=None):
     device = rows[0][0]["device"] if rows else "?"
     print(f"device: {device}, torch threads: {rows[0][0]['threads'] if rows else '?'}, batch 1, "
           "cached latents and text-encoder outputs, U-Net LoRA dim 4")
-    print("| model | resolution | gradient checkpointing | precision, optimizer | s/step | peak memory (GiB) | command |")
+    print("| model | resolution | gradient checkpointing | precision, optimizer | s/step | peak memory (GiB) "
+          "| command |")
     print("|---|---|---|---|---|---|---|")
     for r, cmd in rows:
         reso, precision = describe(r)

@@ -85,7 +85,8 @@ def _run(main, argv, capsys):
 
 @pytest.mark.parametrize("kind", ["single_file", "folder"])
 def test_merge_into_sdxl_model_equals_diffusers(xl, kind, tmp_path):
-    src, out = (xl["single"], tmp_path / "merged.safetensors") if kind == "single_file" else (xl["folder"], tmp_path / "m")
+    single = kind == "single_file"
+    src, out = (xl["single"], tmp_path / "merged.safetensors") if single else (xl["folder"], tmp_path / "m")
     argv = ["--sd_model", src, "--save_to", out, "--models", xl["files"]["a"], xl["files"]["b"], "--ratios", *RATIOS]
     config = ["--model_config", xl["config"]] if kind == "single_file" else []
     merge_lora.main([str(a) for a in argv + config])
