@@ -45,8 +45,8 @@ class GenerationSettings:
     steps: int = 50
     scale: float = 7.5
     seed: int | None = None
-    W: int = 512
-    H: int = 512
+    W: int | None = None  # None: the model's size (512; SDXL 1024, as sd-scripts' sdxl_gen_img.py)
+    H: int | None = None
     images_per_prompt: int = 1
     sampler: str = "ddim"
     extra: dict = field(default_factory=dict)
@@ -55,14 +55,14 @@ class GenerationSettings:
         if not self.prompts:
             raise ConfigError("--prompt: give a prompt (or --from_file)")
         for name in ("steps", "images_per_prompt", "W", "H"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"--{name}: must be positive, got {getattr(self, name)}")
         if self.seed is not None and not 0 <= self.seed < 2**32:  # training's range (numpy's); -1 is not "random"
             raise ConfigError(f"--seed: must be in [0, {2**32 - 1}] (leave it out for a random seed), got {self.seed}")
         if not math.isfinite(self.scale):
             raise ConfigError(f"--scale: must be a finite number, got {self.scale}")
-        if self.W % 8 or self.H % 8:
-            raise ConfigError(f"--W/--H: must be multiples of 8, got {self.W}x{self.H}")
+        if (self.W or 0) % 8 or (self.H or 0) % 8:
+            raise ConfigError(f"--W/--H: must be multiples of 8, got {self.W or 'default'}x{self.H or 'default'}")
         _sampler(self.sampler)
 
 
@@ -84,20 +84,19 @@ def read_prompt_file(path, option="--from_file") -> list[str]:
 
 def add_networks(pipe, loras, multipliers, merge=False, names=None, model_version=None):
     """Put LoRAs on a pipeline: adapters weighted by `multipliers`, or merged into the weights."""
-    from lora_sd.ops.merge import check_model_version, checked_pairs, merge_into_models
+    from lora_sd.ops.merge import check_model_version, checked_pairs, merge_into_models, model_parts
 
     multipliers, names = checked_pairs(loras, multipliers, names, "multipliers")
     if not loras:
         return []
     if merge:
-        merge_into_models(loras, multipliers, {"unet": pipe.unet, "text_encoder": pipe.text_encoder},
-                          names=names, model_version=model_version)
+        merge_into_models(loras, multipliers, model_parts(pipe), names=names, model_version=model_version)
         return []
     adapters = []
     for i, (lora, name) in enumerate(zip(loras, names, strict=True)):
         check_model_version(lora, name, model_version)
         try:
-            lora.apply_to(unet=pipe.unet, text_encoder=pipe.text_encoder, adapter_name=f"lora{i}")
+            lora.apply_to(**model_parts(pipe), adapter_name=f"lora{i}")
         except ModelMismatchError as e:
             raise ModelMismatchError(f"{name}: {e}") from None
         adapters.append(f"lora{i}")
@@ -185,6 +184,8 @@ def generate(ckpt, outdir, settings: GenerationSettings, network_weights=(), net
     loras, names = load_loras(network_weights)
     model = load_base(ckpt, v2=v2, v_parameterization=v_parameterization, model_config=model_config,
                       torch_dtype=torch_dtype)
+    size = 1024 if model.version == "sdxl" else 512
+    settings = replace(settings, W=settings.W or size, H=settings.H or size)
     pipe = model.pipeline(scheduler=make_scheduler(settings.sampler, model.scheduler.config))
     add_networks(pipe, loras, muls, network_merge, names, model_version=model.version)
     pipe.to(dev)

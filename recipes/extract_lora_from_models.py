@@ -6,7 +6,8 @@
 
 Models are single files or diffusers folders. Per sd-scripts target module the difference
 tuned - org is truncated by SVD to --dim (3x3 convs to --conv_dim; without it they are left out);
-the text encoder is left out when no weight differs by more than --min_diff (and the log says so);
+a text encoder (SDXL: each of the two) is left out when no weight of it differs by more than --min_diff
+(and the log says so);
 models of which no weight differs by more than --min_diff are refused (nothing is written).
 The output is a kohya LoRA file with sd-scripts' metadata; a --save_to that is (or is inside) one
 of the models is refused before any work.
@@ -33,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--save_precision", default="float", help="dtype saved: float, fp16, bf16")
     parser.add_argument("--min_diff", type=float, default=0.01,
-                        help="text encoder left out when no weight differs by more than this; "
+                        help="a text encoder is left out when no weight of it differs by more than this; "
                         "models that differ by no more than this are refused")
     parser.add_argument("--model_config", default=None, help="diffusers-layout config folder for non-standard single files")
     return parser.parse_args(argv)

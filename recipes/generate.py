@@ -1,4 +1,5 @@
-"""Generate images with a Stable Diffusion model and LoRAs at their own multipliers (sd-scripts' gen_img_diffusers.py).
+"""Generate images with a Stable Diffusion model and LoRAs at their own multipliers (sd-scripts' gen_img_diffusers.py,
+sdxl_gen_img.py for SDXL models: both text encoders, 1024 px by default).
 
     python recipes/generate.py --ckpt model.safetensors --outdir out --prompt "a photo of a cat" \
         [--negative_prompt "..."] --network_weights a.safetensors b.safetensors --network_mul 0.8 0.5 \
@@ -35,8 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--scale", type=float, default=7.5, help="guidance scale")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--W", type=int, default=512)
-    parser.add_argument("--H", type=int, default=512)
+    parser.add_argument("--W", type=int, default=None, help="width (default 512; SDXL 1024)")
+    parser.add_argument("--H", type=int, default=None, help="height (default 512; SDXL 1024)")
     parser.add_argument("--images_per_prompt", type=int, default=1)
     parser.add_argument("--sampler", default="ddim", help="one of " + ", ".join(SAMPLERS))
     parser.add_argument("--v2", action="store_true")

@@ -6,7 +6,8 @@ Into a model (W' = W + sum ratio_i * up_i @ down_i * alpha_i / rank_i, computed 
         --models a.safetensors b.safetensors --ratios 0.8 0.5 [--v2] [--precision float|fp16|bf16] \
         [--save_precision ...] [--model_config FOLDER]
 
---sd_model is a single file (.safetensors/.ckpt, original layout) or a diffusers folder; --save_to
+--sd_model is a single file (.safetensors/.ckpt, original layout) or a diffusers folder, SD 1.x/2.x or
+SDXL (recognised by itself; both text encoders merged); --save_to
 ending in .safetensors/.ckpt is written in the original layout (keeping the other keys of a
 single-file --sd_model), anything else as a diffusers folder.
 
@@ -17,7 +18,8 @@ LoRAs into one LoRA (no --sd_model):
 
 --concat true (default): ranks concatenated, exactly sum ratio_i * delta_i for any ranks and alphas.
 --concat false: sd-scripts' same-shape weighted sum of ups and downs (not the sum of deltas;
-refused when ranks or alphas differ: use svd_merge_lora.py). LoRAs for SD 1.x and 2.x are refused.
+refused when ranks or alphas differ: use svd_merge_lora.py). LoRAs for different base models
+(SD 1.x, 2.x, SDXL) are refused, and so is a LoRA for another kind of model than --sd_model.
 
 A --save_to that is an input (a LoRA, --sd_model, --model_config), inside one or a folder holding one
 is refused before any work; nothing is ever half-written (a failed write leaves no output).

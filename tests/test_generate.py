@@ -179,7 +179,7 @@ def test_prompts_from_file(files, tmp_path, capsys):
     (["--scale", "nan"], "--scale: must be a finite number, got nan"),
     (["--scale", "inf"], "--scale: must be a finite number, got inf"),
     (["--steps", "0"], "--steps: must be positive, got 0"),
-    (["--W", "65"], "--W/--H: must be multiples of 8, got 65x512"),
+    (["--W", "65"], "--W/--H: must be multiples of 8, got 65xdefault"),
 ])
 def test_bad_settings_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, flags, problem):
     """Checked before anything is read: a missing model path is never looked at."""

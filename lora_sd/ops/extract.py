@@ -3,8 +3,8 @@
 The modules are those sd-scripts' networks.lora adapts (`lora_sd.targets`):
 Linear and 1x1 convs of the U-Net's transformer blocks and of the text
 encoder's attention and MLP at rank `dim`; with `conv_dim` also the resnet and
-sampler convs (3x3 at `conv_dim`, their Linear/1x1 at `dim`). The text encoder
-is left out when no weight differs by more than `min_diff` (sd-scripts' rule);
+sampler convs (3x3 at `conv_dim`, their Linear/1x1 at `dim`). A text encoder
+is left out when no weight of it differs by more than `min_diff` (sd-scripts' rule);
 models of which no weight differs by more than that are refused.
 Singular values go into `up` and alpha = rank (scale 1), as sd-scripts writes.
 """
@@ -22,7 +22,7 @@ from lora_sd.outputs import LORA_FILE_SUFFIXES, check_output
 from lora_sd.lora_weights import LoraModule, LoraWeights, key_for_module
 from lora_sd.ops.lowrank import as_matrix, max_rank, to_lora_shapes, truncated_svd
 from lora_sd.ops.args import check_model_config, check_rank, resolve_device
-from lora_sd.ops.merge import VERSION_NAMES
+from lora_sd.ops.merge import VERSION_NAMES, model_parts
 from lora_sd.targets import target_modules
 
 logger = logging.getLogger(__name__)
@@ -63,15 +63,18 @@ def check_min_diff(min_diff):
         raise ConfigError(f"--min_diff: must be a number >= 0, got {min_diff!r}")
 
 
+TEXT_ENCODERS = {"text_encoder": "text encoder", "text_encoder_2": "text encoder 2"}
+
+
 def _differing_components(org, tuned, with_conv, min_diff, device, names):
     """{component: weight pairs} of the components to extract, by sd-scripts' rule and ours:
 
-    the text encoder only when a weight differs by more than `min_diff` (sd-scripts); the U-Net
-    unless it does not differ at all. When no weight of either differs by more than `min_diff`
-    the LoRA would be all zeros (or noise): a ConfigError naming both models.
+    a text encoder only when a weight differs by more than `min_diff` (sd-scripts; SDXL's two
+    each on its own); the U-Net unless it does not differ at all. When no weight of any differs
+    by more than `min_diff` the LoRA would be all zeros (or noise): a ConfigError naming both models.
     """
     found, biggest = {}, {}
-    for component in ("text_encoder", "unet"):
+    for component in (*TEXT_ENCODERS, "unet"):
         if org.get(component) is None or tuned.get(component) is None:
             continue
         pairs = _target_weights(component, org[component], tuned[component], with_conv)
@@ -83,14 +86,16 @@ def _differing_components(org, tuned, with_conv, min_diff, device, names):
             f"--min_diff {min_diff:g} (largest difference {max(biggest.values()):.3g}); nothing to extract "
             "(lower --min_diff to extract smaller differences)"
         )
-    te = biggest.get("text_encoder")
-    if te is not None:
+    for component, what in TEXT_ENCODERS.items():
+        te = biggest.get(component)
+        if te is None:
+            continue
         if te <= min_diff:
-            logger.info("text encoder: largest weight difference %.3g is not above --min_diff %g: "
-                        "the text encoder is left out of the LoRA", te, min_diff)
-            del found["text_encoder"]
+            logger.info("%s: largest weight difference %.3g is not above --min_diff %g: "
+                        "the %s is left out of the LoRA", what, te, min_diff, what)
+            del found[component]
         else:
-            logger.info("text encoder: largest weight difference %.3g: extracting it", te)
+            logger.info("%s: largest weight difference %.3g: extracting it", what, te)
     if biggest.get("unet") == 0:
         logger.info("U-Net: no weight differs: the U-Net is left out of the LoRA")
         del found["unet"]
@@ -99,7 +104,7 @@ def _differing_components(org, tuned, with_conv, min_diff, device, names):
 
 def extract_lora(org: dict, tuned: dict, dim, conv_dim=None, min_diff=0.01, device="cpu", method="auto",
                  progress=None, names=("the original model", "the tuned model")) -> LoraWeights:
-    """A LoRA whose deltas approximate tuned - org, from {'unet': ..., 'text_encoder': ...} dicts of modules.
+    """A LoRA whose deltas approximate tuned - org, from {'unet': ..., 'text_encoder': ...[, 'text_encoder_2']}.
 
     `dim` / `conv_dim`: ranks of Linear-and-1x1 / 3x3 modules (clamped to what
     each module allows, reported). `method`: 'auto' | 'full' | 'randomized'
@@ -153,9 +158,7 @@ def extract_lora_files(model_org, model_tuned, save_to, dim, conv_dim=None, v2=F
     if org.version != tuned.version:
         raise ModelMismatchError(f"--model_org is {VERSION_NAMES[org.version]} but --model_tuned is "
                                  f"{VERSION_NAMES[tuned.version]}: not two versions of one model")
-    lora = extract_lora({"unet": org.unet, "text_encoder": org.text_encoder},
-                        {"unet": tuned.unet, "text_encoder": tuned.text_encoder},
-                        dim, conv_dim, min_diff, device,
+    lora = extract_lora(model_parts(org), model_parts(tuned), dim, conv_dim, min_diff, device,
                         names=(f"--model_org {model_org}", f"--model_tuned {model_tuned}"))
     lora.metadata.update(version_metadata(org.version))
     save_lora(lora, save_to, save_precision=save_precision, version=org.version,

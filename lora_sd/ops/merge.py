@@ -91,6 +91,14 @@ def common_version(loras, names) -> str | None:
     return next((v for v in seen if v != "sd"), None)
 
 
+def model_parts(model) -> dict:
+    """{'unet': ..., 'text_encoder': ..., 'text_encoder_2': ... (SDXL only)}: the parts LoRAs adapt."""
+    parts = {"unet": model.unet, "text_encoder": model.text_encoder}
+    if getattr(model, "text_encoder_2", None) is not None:
+        parts["text_encoder_2"] = model.text_encoder_2
+    return parts
+
+
 def check_model_version(lora, name, model_version):
     """ModelMismatchError when a LoRA is for another base model than the model's (metadata, else module names)."""
     version = lora_base(lora)
@@ -223,7 +231,7 @@ def _merge_kohya(entry: ModuleParts, precision) -> LoraModule:
 
 def merge_into_models(loras, ratios, models: dict, precision=torch.float32, names=None, model_version=None,
                       save_dtype=None):
-    """Add each LoRA's delta times its ratio to the weights of `models` ({'unet': ..., 'text_encoder': ...}).
+    """Add each LoRA's delta times its ratio to the weights of `models` (`model_parts`: unet, text encoder(s)).
 
     Every module of every LoRA is checked to exist and fit before any weight
     changes; the first that does not is a ModelMismatchError naming the file
@@ -312,8 +320,7 @@ def merge_into_model_file(sd_model, save_to, models, ratios, v2=False, precision
         raise ConfigError(f"--save_to {save_to}: an existing folder that is not a diffusers model; give a new name")
     loras, names = load_loras(models)
     model = load_base(sd_model, v2=v2, model_config=model_config)
-    parts = {"unet": model.unet, "text_encoder": model.text_encoder}
-    merge_into_models(loras, ratios, parts, merge_dtype, names, model_version=model.version,
+    merge_into_models(loras, ratios, model_parts(model), merge_dtype, names, model_version=model.version,
                       save_dtype=precision_dtype(save_precision))
     for name, ratio in zip(names, ratios, strict=True):
         logger.info("merged %s at ratio %g", name, ratio)
