@@ -165,7 +165,7 @@ def test_sdxl_resume_gives_the_same_lora(xl_assets, tmp_path):
     assert any(not torch.equal(a[k], step2[k]) for k in a)
 
 
-def test_sdxl_network_weights_continues_from_a_file_and_refuses_sd1_loras(xl_assets, tmp_path, tiny_sd1):
+def test_sdxl_network_weights_continues_from_a_file_and_refuses_sd1_loras(xl_assets, tmp_path, tiny_sd1, capsys):
     from tests.helpers import random_lora
 
     from lora_sd.formats import load_lora, save_lora
@@ -181,6 +181,7 @@ def test_sdxl_network_weights_continues_from_a_file_and_refuses_sd1_loras(xl_ass
     sd1 = save_lora(random_lora(tiny_sd1), tmp_path / "sd1.safetensors", "kohya")
     code = run_main(train_recipe.main, xl_args(xl_assets, tmp_path / "bad", "--network_weights", str(sd1)))
     assert code == 2 and not (tmp_path / "bad" / "lora.safetensors").exists()
+    assert "a LoRA for SD 1.x, but the base model is SDXL" in capsys.readouterr().err
 
 
 def test_text_encoder_lr_pair_reaches_the_two_param_groups(xl_assets, tmp_path, monkeypatch):
