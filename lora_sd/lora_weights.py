@@ -5,8 +5,9 @@ extraction and conversion are functions on it. A module is keyed by its
 diffusers path with the component first (`unet.down_blocks.0...to_q`,
 `text_encoder.text_model.encoder.layers.0.mlp.fc1`): the transformers-4 path,
 which is what files use. transformers 5 dropped `text_model.` from
-CLIPTextModel's module names; `model_module_name` / `key_for_module` are the
-one place that maps between the two.
+CLIPTextModel's module names (CLIPTextModelWithProjection, SDXL's
+`text_encoder_2`, keeps it); `model_module_name` / `key_for_module` are the
+one place that maps between the two, for both text encoders.
 """
 
 import warnings

@@ -111,10 +111,11 @@ def test_sdxl_metadata_as_sd_scripts(sdxl, tmp_path):
         assert any(k.startswith("lora_unet_input_blocks_") for k in f.keys())
 
 
-def test_diffusers_sdxl_pipeline_loads_our_kohya_file(sdxl, tmp_path):
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_diffusers_sdxl_pipeline_loads_our_file(sdxl, tmp_path, fmt):
     """diffusers' StableDiffusionXLPipeline.load_lora_weights reproduces the adapted model (float32)."""
     lora, models = adapted_sdxl(sdxl)
-    path = save_lora(lora, tmp_path / "x.safetensors", version="sdxl")
+    path = save_lora(lora, tmp_path / "x.safetensors", fmt, version="sdxl")
     base = copy.deepcopy(sdxl)
     pipe = base.pipeline()
     pipe.load_lora_weights(str(path))
@@ -251,3 +252,19 @@ def test_block_map_inverts_diffusers_converter(layout):
     assert set(converted) == set(state)
     for key, tensor in state.items():
         assert torch.equal(converted[key], tensor), key
+
+
+def test_reads_what_diffusers_sdxl_pipeline_saves(sdxl, tmp_path):
+    """StableDiffusionXLPipeline.save_lora_weights (alphas in its adapter metadata) reads to the same LoRA."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import get_peft_model_state_dict
+
+    lora, models = adapted_sdxl(sdxl)
+    layers = {f"{p}_lora_layers" if p != "unet" else "unet_lora_layers": get_peft_model_state_dict(models[p])
+              for p in PARTS}
+    meta = {f"{p}_lora_adapter_metadata": models[p].peft_config["default"].to_dict() for p in PARTS}
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "d", **layers, **meta)
+    back, fmt = read_lora(tmp_path / "d")
+    assert fmt == "diffusers"
+    _same(lora, back)
+    assert back.metadata["ss_base_model_version"] == "sdxl_base_v1-0"  # text_encoder_2 says SDXL

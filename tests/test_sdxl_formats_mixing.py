@@ -46,10 +46,20 @@ def test_sd1_and_sdxl_loras_not_merged(files, tmp_path):
     assert not out.exists()
 
 
+def test_convert_refuses_v2_for_an_sdxl_lora(files, tmp_path):
+    from lora_sd.formats.convert import convert_lora_file
+
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(ConfigError, match=f"--v2: {files['sdxl']} is an SDXL LoRA"):
+        convert_lora_file(files["sdxl"], out, "kohya", v2=True)
+    assert not out.exists()
+
+
 def test_unet_only_sdxl_file_without_metadata_is_sdxl(sdxl, tmp_path):  # noqa: F811
-    """A U-Net-only SDXL file without metadata: its original-layout names say SDXL, and it is written back so."""
+    """A U-Net-only SDXL file without metadata (modules that SD 1.x also has): its original-layout names say
+    SDXL, and it is written back so."""
     lora, _ = adapted_sdxl(sdxl)
-    unet_only = type(lora)({k: m for k, m in lora.modules.items() if k.startswith("unet.down_blocks.1.attentions.0.")})
+    unet_only = type(lora)({k: m for k, m in lora.modules.items() if k.startswith("unet.down_blocks.1.attentions.0.transformer_blocks.0.")})
     path = _without_metadata(save_lora(unet_only, tmp_path / "a.safetensors", version="sdxl"))
     back = load_lora(path)
     assert back.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
