@@ -57,3 +57,70 @@ def test_tiny_sdxl_pipeline_generates_offline(tiny_sdxl):
     image = pipe("a photo of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                  output_type="np").images
     assert image.shape == (1, 64, 64, 3) and 0 <= image.min() and image.max() <= 1
+
+
+def assert_same_outputs(a, b):
+    got, want = sdxl_outputs(a), sdxl_outputs(b)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tiny_sdxl, tmp_path_factory):
+    from lora_sd.models import save_diffusers
+
+    return save_diffusers(tiny_sdxl, tmp_path_factory.mktemp("sdxl") / "folder")
+
+
+def test_diffusers_folder_loads_in_diffusers_and_load_base(tiny_sdxl, sdxl_folder):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    from lora_sd.models import load_base
+
+    for sub in ("text_encoder", "text_encoder_2"):  # transformers 4's names, the `text_model.` level included
+        with safe_open(str(sdxl_folder / sub / "model.safetensors"), "pt") as f:
+            assert all(k.startswith(("text_model.", "text_projection.")) for k in f.keys()), sub
+    for sub in ("tokenizer", "tokenizer_2"):  # what transformers 4's CLIPTokenizer reads
+        assert (sdxl_folder / sub / "vocab.json").is_file() and (sdxl_folder / sub / "merges.txt").is_file()
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), local_files_only=True)
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer.pad_token == "<|endoftext|>"
+    assert_same_outputs(pipe, tiny_sdxl)
+    model = load_base(sdxl_folder)  # no flag: recognised as SDXL
+    assert (model.version, model.source_format, model.v_parameterization) == ("sdxl", "diffusers", False)
+    assert model.tokenizer_2.pad_token_id == 0
+    assert_same_outputs(model, tiny_sdxl)
+
+
+def test_v_parameterization_is_allowed_and_v2_is_an_error(sdxl_folder):
+    from lora_sd.errors import FormatError
+    from lora_sd.models import load_base
+
+    model = load_base(sdxl_folder, v_parameterization=True)
+    assert model.version == "sdxl" and model.scheduler.config.prediction_type == "v_prediction"
+    with pytest.raises(FormatError) as info:
+        load_base(sdxl_folder, v2=True)
+    msg = str(info.value)
+    assert "\n" not in msg and str(sdxl_folder) in msg and "SDXL" in msg and "drop --v2" in msg
+
+
+@pytest.mark.parametrize("removed,says", [
+    (("text_encoder_2",), "an SDXL diffusers folder needs text_encoder_2/"),
+    (("tokenizer_2",), "an SDXL diffusers folder needs tokenizer_2/"),
+    (("text_encoder", "tokenizer"), "refiner"),
+])
+def test_incomplete_sdxl_folder_is_one_line(removed, says, sdxl_folder, tmp_path):
+    """A missing subfolder is named (transformers 5 would make an empty tokenizer of a missing tokenizer_2/)."""
+    import shutil
+
+    from lora_sd.errors import FormatError
+    from lora_sd.models import load_base
+
+    folder = tmp_path / "incomplete"
+    shutil.copytree(sdxl_folder, folder)
+    for sub in removed:
+        shutil.rmtree(folder / sub)
+    with pytest.raises(FormatError) as info:
+        load_base(folder)
+    msg = str(info.value)
+    assert "\n" not in msg and str(folder) in msg and says in msg, msg

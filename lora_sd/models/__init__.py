@@ -1,9 +1,11 @@
-"""Stable Diffusion base models: load from a diffusers folder, a single file or a hub id; save back.
+"""Stable Diffusion 1.x / 2.x / XL base models: load from a diffusers folder, a single file or a hub id; save back.
 
 - `load_base(path, v2=False, v_parameterization=False, model_config=None, torch_dtype=None)` -> SDModel
+  (the version, SDXL included, is recognised from the folder or the file's keys)
 - `save_single_file(model, path, save_precision="float", original_state_dict=None)`: original layout
+  (SDXL: Stability's SGM layout)
 - `save_diffusers(model, folder)`: a diffusers folder that transformers 4 and 5 both load
-  (text encoder under transformers 4's `text_model.` names, tokenizer with vocab.json/merges.txt)
+  (text encoders under transformers 4's `text_model.` names, tokenizers with vocab.json/merges.txt)
 """
 
 from .load import (

@@ -110,6 +110,18 @@ def _is_sdxl_unet(unet):
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
+def _check_subfolders(folder, sdxl):
+    """Every component's subfolder is there: transformers 5 makes an empty 2-token tokenizer of a missing one."""
+    subs = ("vae", "text_encoder", "tokenizer") + (("text_encoder_2", "tokenizer_2") if sdxl else ())
+    missing = [sub + "/" for sub in subs if not (Path(folder) / sub).is_dir()]
+    if sdxl and missing == ["text_encoder/", "tokenizer/"]:
+        raise FormatError(f"{folder}: an SDXL folder with text_encoder_2/ only (an SDXL refiner?); only SDXL base "
+                          "models and their fine-tunes are supported")
+    if missing:
+        what = "an SDXL" if sdxl else "a Stable Diffusion"
+        raise FormatError(f"{folder}: {what} diffusers folder needs {', '.join(missing)} (not found)")
+
+
 def _load_pretrained(source, local_files_only, torch_dtype, v2, v_parameterization, source_format):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -120,9 +132,8 @@ def _load_pretrained(source, local_files_only, torch_dtype, v2, v_parameterizati
     text_encoder_2 = tokenizer_2 = None
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **kw)
-        if _is_sdxl_unet(unet) and source_format == "diffusers" and not (Path(source) / "text_encoder").is_dir():
-            raise FormatError(f"{source}: an SDXL folder without text_encoder/ (an SDXL refiner?); only SDXL base "
-                              "models and their fine-tunes are supported")
+        if source_format == "diffusers":
+            _check_subfolders(source, _is_sdxl_unet(unet))
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **kw)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch_dtype, **kw)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)

@@ -81,9 +81,6 @@ def detect_version(state_dict, path):
 
 def check_version(detected, v2, path):
     """A `--v2` that contradicts the file is an error saying what the file looks like."""
-    if v2 and detected == "sdxl":
-        raise FormatError(f"{path}: --v2 was given but this is an SDXL model ({VERSION_NAMES[detected]}), "
-                          "recognised without any flag; drop --v2")
     if v2 and detected != "sd2":
         raise FormatError(f"{path}: --v2 was given but the file looks like {VERSION_NAMES[detected]}; drop --v2")
     if v2 is False and detected == "sd2":
