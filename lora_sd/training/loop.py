@@ -37,7 +37,7 @@ import torch
 
 from lora_sd.errors import TrainingError, TrainingInterrupted
 from lora_sd.io import atomic_path, check_writable_folder
-from lora_sd.training import checkpoint, optim
+from lora_sd.training import checkpoint, optim, text_cache
 from lora_sd.training.interrupt import StopRequest, stop_on_ctrl_c
 from lora_sd.training.metadata import at_save, training_metadata
 from lora_sd.training.noise import compute_loss
@@ -45,7 +45,6 @@ from lora_sd.training.network import check_attention, check_fp8, lora_strength, 
 from lora_sd.training.sampling import read_prompts, sample_images
 from lora_sd.training.setup import load_model, make_accelerator, seed_everything
 from lora_sd.training.text import conditioning
-from lora_sd.training.text_cache import check_cacheable, default_text_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ class LoraTraining:
         cfg = self.cfg
         check_attention(cfg)
         check_fp8(cfg)
-        check_cacheable(cfg)
+        text_cache.check_cacheable(cfg)
         check_writable_folder(cfg.output_dir, f"`output_dir` {cfg.output_dir}")
         checkpoint.refuse_outputs_over_inputs(cfg)
         if cfg.resume:  # a bad state folder is refused before the model loads
@@ -176,7 +175,7 @@ class LoraTraining:
         to_disk = cfg.cache_text_encoder_outputs_to_disk
         self.text_conditioning = conditioning(list(self.encoders.values()), tokenizers, cfg.max_token_length,
                                               cfg.clip_skip, cached=not cfg.train_text_encoder,
-                                              cache_dir=default_text_cache_dir() if to_disk else None)
+                                              cache_dir=text_cache.default_text_cache_dir() if to_disk else None)
         self.text_encoders_offloaded = False
         if not (cfg.cache_text_encoder_outputs or to_disk):
             return
