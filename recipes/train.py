@@ -1,4 +1,4 @@
-"""Train a LoRA for Stable Diffusion 1.x / 2.x (sd-scripts' train_network.py, kohya option names).
+"""Train a LoRA for Stable Diffusion 1.x / 2.x / XL (sd-scripts' train_network.py / sdxl_train_network.py).
 
     accelerate launch recipes/train.py --config configs/char.toml [--option value ...]
     python recipes/train.py                      # the demo: configs/demo.toml, ~1 min on 2 CPU cores
@@ -11,10 +11,15 @@ prior_loss_weight, clip_skip, max_token_length, mixed precision with float32
 LoRA weights, gradient checkpointing/accumulation, 8 optimizers, 6 schedules,
 saves every n epochs/steps in kohya/diffusers/PEFT formats with ss_* metadata,
 save_state/resume, TensorBoard, sample images, multi-process with accelerate.
+SDXL is recognised from the model (configs/sdxl_char.toml, the low-memory recipe):
+both text encoders, size/crop conditioning, text_encoder_lr as one value or two,
+cache_text_encoder_outputs(_to_disk), fp8_base.
 Refused with a one-line error and exit code 2: unknown or mistyped options,
 a missing model or dataset, an unwritable output_dir (checked before the model
 loads), fp16 on CPU, both network_train_*_only, a NaN loss, non-finite LoRA
-weights at a save (never written).
+weights at a save (never written), fp8_base without mixed precision,
+cache_text_encoder_outputs with trained text encoders or changing captions, an
+SD 1.x/2.x network_weights on SDXL (and the reverse).
 
 Multi-process on CPU: `accelerate launch --multi_gpu --num_processes 2 recipes/train.py ...`.
 """

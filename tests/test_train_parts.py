@@ -8,7 +8,8 @@ import torch
 from lora_sd.errors import ConfigError
 from lora_sd.models.load import noise_scheduler
 from lora_sd.training import noise, optim
-from lora_sd.training.text import CachedTextEncoder, encode, tokenize
+from lora_sd.training.text import TextEncoders, encode, tokenize
+from lora_sd.training.text_cache import CachedTextEncoder
 
 OPTIONAL = {"Prodigy": "prodigyopt", "DAdaptAdam": "dadaptation"}
 
@@ -136,8 +137,9 @@ def test_clip_skip_uses_penultimate_layer_through_final_norm(tiny_sd1):
         want = te.final_layer_norm(out.hidden_states[-2])
         assert torch.allclose(got, want)
         assert torch.allclose(encode(te, ids, clip_skip=1), out.last_hidden_state)
-        cached = CachedTextEncoder(te, tiny_sd1.tokenizer, clip_skip=2)
-        assert torch.equal(cached(["a photo of a cat", "a photo of a cat"])[1], got[0])
+        cached = CachedTextEncoder(TextEncoders([te], [tiny_sd1.tokenizer], clip_skip=2))
+        context, pooled = cached(["a photo of a cat", "a photo of a cat"])
+        assert torch.equal(context[1], got[0]) and pooled is None
         assert len(cached.cache) == 1
 
 
@@ -158,7 +160,8 @@ def test_uncached_latents_are_encoded_in_float32_under_autocast(tiny_sd1, monkey
     batch = {"pixel_values": torch.rand(1, 3, 64, 64, generator=gen) * 2 - 1, "captions": ["a photo"],
              "loss_weights": torch.ones(1)}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = compute_loss(batch, unet=tiny_sd1.unet, text_conditioning=lambda c: torch.zeros(1, 77, 32), vae=vae,
+        loss = compute_loss(batch, unet=tiny_sd1.unet, text_conditioning=lambda c: (torch.zeros(1, 77, 32), None),
+                            vae=vae,
                             scheduler=tiny_sd1.scheduler, cfg=TrainConfig(), generator=gen,
                             weight_dtype=torch.float32)
     assert seen == [False] and torch.isfinite(loss)
@@ -218,7 +221,7 @@ def test_compute_loss_follows_min_snr_noise_offset_and_v_parameterization(tiny_s
 
     def loss(options):
         with torch.no_grad():
-            return compute_loss(batch, unet=tiny_sd1.unet, text_conditioning=lambda captions: hidden,
+            return compute_loss(batch, unet=tiny_sd1.unet, text_conditioning=lambda captions: (hidden, None),
                                 vae=tiny_sd1.vae, scheduler=noise_scheduler(options.get("v_parameterization", False)),
                                 cfg=TrainConfig(**options), generator=torch.Generator().manual_seed(3),
                                 weight_dtype=torch.float32)

@@ -17,17 +17,21 @@ class CoercionError(ValueError):
     """The value does not fit its field; str() says what it must be (`must be an integer, got 'x'`)."""
 
 
+NUMBER_OR_PAIR = float | list[float]  # text_encoder_lr: one value, or (te1, te2) for SDXL
+
+
 def base_type(typ):
-    """(type, optional) of an `int | None` style annotation."""
+    """(type, optional) of an `int | None` style annotation (`float | list[float] | None`: NUMBER_OR_PAIR)."""
     args = typing.get_args(typ)
     if isinstance(typ, types.UnionType) and type(None) in args:
-        return next(a for a in args if a is not type(None)), True
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else NUMBER_OR_PAIR), True
     return typ, False
 
 
 def type_name(typ) -> str:
     return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-            list[str]: "a list of strings",
+            list[str]: "a list of strings", NUMBER_OR_PAIR: "a finite number or a list of two (te1, te2)",
             tuple[int, int]: "a positive size S or W,H (TOML: S or [W, H])"}.get(typ, str(typ))
 
 
@@ -104,6 +108,16 @@ def coerce(value, typ, from_cli: bool = False):
             return [str(v) for v in items]
     elif typ == tuple[int, int]:
         return parse_resolution(value)
+    elif typ == NUMBER_OR_PAIR:
+        items = value if isinstance(value, list) else [value]
+        try:
+            numbers = [coerce(v, float, from_cli or isinstance(v, str)) for v in items]
+        except CoercionError:
+            raise CoercionError(got) from None
+        if len(numbers) == 1:
+            return numbers[0]
+        if len(numbers) == 2:
+            return numbers
     else:
         raise TypeError(f"no coercion for {typ}")  # a field of a type this module does not know: a bug
     raise CoercionError(got)

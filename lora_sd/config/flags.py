@@ -2,7 +2,7 @@
 
 import argparse
 
-from lora_sd.config.coerce import base_type
+from lora_sd.config.coerce import NUMBER_OR_PAIR, base_type
 from lora_sd.config.options import FIELDS, SD_SCRIPTS_ACCEPTED, TYPES
 from lora_sd.errors import ConfigError, ConfigErrors
 
@@ -21,6 +21,8 @@ def add_config_arguments(parser: argparse.ArgumentParser):
             group.add_argument(f"--{name}", nargs="?", const="true", metavar="BOOL", **kw)
         elif typ == list[str]:
             group.add_argument(f"--{name}", nargs="*", metavar="ARG", **kw)
+        elif typ == NUMBER_OR_PAIR:
+            group.add_argument(f"--{name}", nargs="+", metavar="FLOAT", **kw)
         else:
             group.add_argument(f"--{name}", metavar=typ.__name__.upper() if typ in (int, float, str) else "W,H", **kw)
     for name, (typ, _) in SD_SCRIPTS_ACCEPTED.items():  # sd-scripts' store_true flags take no value there

@@ -55,7 +55,10 @@ class TrainConfig:
     max_data_loader_n_workers: int | None = opt(None, "DataLoader workers (default min(8, cpus-1))")
     persistent_data_loader_workers: bool = opt(False, "keep DataLoader workers alive between epochs")
     max_token_length: int | None = opt(None, "75 (default), 150 or 225 caption tokens")
-    clip_skip: int | None = opt(None, "use the text encoder's n-th last layer (2 for anime models)")
+    clip_skip: int | None = opt(None, "use the text encoder's n-th last layer (2 for anime models; SDXL ignores it)")
+    cache_text_encoder_outputs: bool = opt(False, "encode each caption once with the (frozen) text encoders, then "
+                                           "free them from the device (needs network_train_unet_only)")
+    cache_text_encoder_outputs_to_disk: bool = opt(False, "cache the text-encoder outputs on disk too")
     # --- network
     network_module: str = opt("networks.lora", "networks.lora (or lora): the kohya LoRA network")
     network_dim: int = opt(4, "LoRA rank")
@@ -69,7 +72,8 @@ class TrainConfig:
     # --- optimization
     learning_rate: float = opt(1e-4, "learning rate of every LoRA weight (unless unet_lr/text_encoder_lr)")
     unet_lr: float | None = opt(None, "U-Net LoRA learning rate (default learning_rate)")
-    text_encoder_lr: float | None = opt(None, "text encoder LoRA learning rate (default learning_rate)")
+    text_encoder_lr: float | list[float] | None = opt(None, "text encoder LoRA learning rate (default "
+                                                      "learning_rate); SDXL: one value, or two (te1, te2)")
     optimizer_type: str = opt("AdamW", "AdamW, AdamW8bit, Lion, Lion8bit, SGDNesterov, Adafactor, Prodigy, DAdaptAdam")
     optimizer_args: list[str] = opt([], "key=value, e.g. weight_decay=0.01 betas=0.9,0.99")
     lr_scheduler: str = opt("constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
@@ -82,6 +86,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = opt(1, "micro-batches summed per optimizer step")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, slower")
     mixed_precision: str = opt("no", "no, fp16 (GPU only) or bf16; LoRA weights stay float32")
+    fp8_base: bool = opt(False, "store the frozen base model's Linear/Conv weights in float8 (computed in "
+                         "mixed_precision, which must be bf16 or fp16): about half the memory of bf16")
     xformers: bool = opt(False, "xformers attention (PyTorch SDPA is the default)")
     sdpa: bool = opt(False, "PyTorch SDPA attention (the default anyway)")
     seed: int | None = opt(None, "random seed (random when not given; recorded in the outputs)")

@@ -44,6 +44,13 @@ def check_values(cfg: TrainConfig, errors: ConfigErrors, inline_datasets: bool):
         errors.add("dataset_config", "is required: give a dataset TOML, inline [[datasets]] tables or `train_data_dir`")
     elif len(sources) > 1:
         errors.add(sources[0], f"and `{sources[1]}` are both given: use one dataset source")
+    if cfg.fp8_base and cfg.mixed_precision == "no":
+        errors.add("fp8_base", 'stores the base model in float8 and computes in the mixed-precision dtype: set '
+                   '`mixed_precision = "bf16"` (or "fp16" on a GPU)')
+    if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
+        if cfg.train_text_encoder:
+            errors.add("cache_text_encoder_outputs", "needs `network_train_unet_only = true`: text encoders that are "
+                       "trained cannot have their outputs cached (as in sd-scripts)")
     if cfg.dim_from_weights and not cfg.network_weights:
         errors.add("dim_from_weights", "needs `network_weights`")
 
@@ -69,8 +76,9 @@ def _check_ranges(cfg, errors):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             errors.add(key, f"must be >= 1 when given, got {getattr(cfg, key)}")
     for key in NOT_NEGATIVE:
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
-            errors.add(key, f"must be >= 0, got {getattr(cfg, key)}")
+        value = getattr(cfg, key)
+        if value is not None and min(value if isinstance(value, list) else [value]) < 0:
+            errors.add(key, f"must be >= 0, got {value}")
     for key in PROBABILITIES:
         if not 0 <= getattr(cfg, key) <= 1:
             errors.add(key, f"must be in [0, 1], got {getattr(cfg, key)}")

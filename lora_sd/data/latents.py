@@ -45,13 +45,19 @@ def default_cache_dir() -> Path:
 _file_hashes: dict[tuple[str, int, int], str] = {}
 
 
+def weights_fingerprint(*models) -> str:
+    """sha256 of the models' weights (names, dtypes, bytes): a cache keyed by it misses when a weight changes."""
+    h = hashlib.sha256()
+    for i, model in enumerate(models):
+        for name, t in sorted(model.state_dict().items()):
+            h.update(f"{i}.{name}.{t.dtype}".encode() if i or t.dtype != torch.float32 else name.encode())
+            h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def vae_fingerprint(vae) -> str:
     """sha256 of the VAE's weights: cached latents are invalidated when the VAE changes, not only its path."""
-    h = hashlib.sha256()
-    for name, t in sorted(vae.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return weights_fingerprint(vae)
 
 
 class VaeEncoder:

@@ -102,6 +102,16 @@ class TrainData:
         """The next pass over `dataloader` yields this epoch's batches (shuffle from seed + epoch)."""
         self.sampler.choose_epoch(epoch)
 
+    def captions(self) -> list[str]:
+        """The captions training will see (each once), as the first epoch processes them (prefix, suffix,
+        wildcards): what `cache_text_encoder_outputs` encodes up front."""
+        captions = {}
+        for row in self.index.to_list():
+            if row["num_repeats"] > 0:
+                sub = self.configs[row["dataset"]].subsets[row["subset"]]
+                captions[process_caption(row["caption"], sub, random.Random(0), 1)] = None
+        return list(captions)
+
     def _subsets(self):
         for ds in self.configs:
             yield from ds.subsets

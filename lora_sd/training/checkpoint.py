@@ -72,21 +72,17 @@ def refuse_outputs_over_inputs(cfg):
                               f"would overwrite the input {given}; give another output_name or output_dir")
 
 
-def trained_lora(accelerator, unet, text_encoder, cfg) -> LoraWeights:
-    """The LoRA being trained, read from the (unwrapped) PEFT-adapted models."""
-    models = {}
-    if cfg.train_unet:
-        models["unet"] = accelerator.unwrap_model(unet)
-    if cfg.train_text_encoder:
-        models["text_encoder"] = accelerator.unwrap_model(text_encoder)
-    return LoraWeights.from_peft_models(**models)
+def trained_lora(accelerator, models: dict) -> LoraWeights:
+    """The LoRA being trained, read from the (unwrapped) PEFT-adapted models {"unet": ..., "text_encoder": ...,
+    "text_encoder_2": ...} (the parts trained)."""
+    return LoraWeights.from_peft_models(**{name: accelerator.unwrap_model(m) for name, m in models.items()})
 
 
-def write_lora(lora: LoraWeights, path: Path, cfg, *, version: str) -> Path:
+def write_lora(lora: LoraWeights, path: Path, cfg, *, version: str, unet_config=None) -> Path:
     """Write one LoRA file or folder in cfg.save_model_as, atomically (a failed write names `path`)."""
     precision = cfg.save_precision or "float"
     if cfg.save_model_as in ("safetensors", "ckpt", "pt"):
-        return save_lora(lora, path, "kohya", precision, version=version,
+        return save_lora(lora, path, "kohya", precision, version=version, unet_config=unet_config,
                          v_parameterization=cfg.v_parameterization, title=cfg.output_name)
     if cfg.save_model_as == "peft":
         return save_lora(lora, path, "peft", precision)
@@ -96,15 +92,16 @@ def write_lora(lora: LoraWeights, path: Path, cfg, *, version: str) -> Path:
     return path
 
 
-def save_lora_file(accelerator, unet, text_encoder, cfg, metadata: dict, *, version: str,
+def save_lora_file(accelerator, models: dict, cfg, metadata: dict, *, version: str, unet_config=None,
                    epoch=None, step=None, interrupted=False) -> Path | None:
-    """Save the current LoRA (main process only); returns its path."""
+    """Save the current LoRA of `models` (the trained parts; main process only); returns its path.
+    `unet_config`: the U-Net's, for SDXL's original-layout names."""
     accelerator.wait_for_everyone()
     path = Path(cfg.output_dir) / lora_file_name(cfg, epoch, step, interrupted)
     if accelerator.is_main_process:
-        lora = trained_lora(accelerator, unet, text_encoder, cfg)
+        lora = trained_lora(accelerator, models)
         lora.metadata = dict(metadata)
-        write_lora(lora, path, cfg, version=version)
+        write_lora(lora, path, cfg, version=version, unet_config=unet_config)
         logger.info("saved %s", path)
     accelerator.wait_for_everyone()
     return path

@@ -1,4 +1,8 @@
-"""train(cfg): LoRA training for Stable Diffusion 1.x / 2.x, as a recipe in three parts (setup helpers: setup.py).
+"""train(cfg): LoRA training for Stable Diffusion 1.x / 2.x / XL, as a recipe in three parts (setup: setup.py).
+
+The model families differ only in data: the parts trained (SDXL: two text
+encoders), the text conditioning (text.py) and SDXL's pooled/size conditioning
+of the U-Net (noise.compute_loss); this loop is the same for all.
 
 `LoraTraining(cfg)`, in the shape of a torchtune recipe:
   setup()   accelerator -> base model -> LoRA adapters -> data -> optimizer and
@@ -33,11 +37,11 @@ import torch
 
 from lora_sd.errors import TrainingError, TrainingInterrupted
 from lora_sd.io import atomic_path, check_writable_folder
-from lora_sd.training import checkpoint, optim
+from lora_sd.training import checkpoint, optim, text_cache
 from lora_sd.training.interrupt import StopRequest, stop_on_ctrl_c
 from lora_sd.training.metadata import at_save, training_metadata
 from lora_sd.training.noise import compute_loss
-from lora_sd.training.network import check_attention, lora_strength
+from lora_sd.training.network import check_attention, check_fp8, lora_strength, text_encoders, trained_parts
 from lora_sd.training.sampling import read_prompts, sample_images
 from lora_sd.training.setup import load_model, make_accelerator, seed_everything
 from lora_sd.training.text import conditioning
@@ -56,6 +60,7 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     unet: object = None  # the trained models (unwrapped, adapters on): for checks in Python
     text_encoder: object = None
+    text_encoder_2: object = None  # SDXL
 
 
 def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
@@ -97,6 +102,8 @@ class LoraTraining:
         """Devices, base model with LoRA, data, optimizer, schedule, resume, and the outputs written at start."""
         cfg = self.cfg
         check_attention(cfg)
+        check_fp8(cfg)
+        text_cache.check_cacheable(cfg)
         check_writable_folder(cfg.output_dir, f"`output_dir` {cfg.output_dir}")
         checkpoint.refuse_outputs_over_inputs(cfg)
         if cfg.resume:  # a bad state folder is refused before the model loads
@@ -105,9 +112,9 @@ class LoraTraining:
         self.accelerator = make_accelerator(cfg)
         seed_everything(cfg, self.accelerator)
         self.model, self.weight_dtype = load_model(cfg, self.accelerator.device)
-        self.unet, self.text_encoder = self.model.unet, self.model.text_encoder
-        self.trained = {name: m for name, m, on in (("text_encoder", self.text_encoder, cfg.train_text_encoder),
-                                                    ("unet", self.unet, cfg.train_unet)) if on}
+        self.unet = self.model.unet
+        self.encoders = text_encoders(self.model)  # {"text_encoder": te1, "text_encoder_2": te2 (SDXL)}
+        self.trained = trained_parts(self.model, cfg)
         for m in self.trained.values():
             m.train()
         self.data = self._setup_data()
@@ -145,9 +152,8 @@ class LoraTraining:
     def _setup_optimization(self):
         """Optimizer and schedule over the LoRA parameters, then accelerate.prepare (DDP, precision, sharding)."""
         cfg, acc = self.cfg, self.accelerator
-        lrs = {"text_encoder": cfg.text_encoder_lr, "unet": cfg.unet_lr}
-        groups = [{"params": optim.trainable_parameters(m),
-                   "lr": cfg.learning_rate if lrs[name] is None else lrs[name]} for name, m in self.trained.items()]
+        lrs = optim.part_learning_rates(cfg, list(self.trained))
+        groups = [{"params": optim.trainable_parameters(m), "lr": lrs[name]} for name, m in self.trained.items()]
         optimizer, self.optimizer_name = optim.build_optimizer(cfg.optimizer_type, groups, cfg.learning_rate,
                                                                cfg.optimizer_args)
         lr_scheduler = optim.build_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps,
@@ -157,10 +163,27 @@ class LoraTraining:
         self.models = dict(zip(self.trained, prepared[:len(self.trained)]))
         self.optimizer, self.dataloader, self.lr_scheduler = prepared[len(self.trained):]
         self.unet = self.models.get("unet", self.unet)
-        self.text_encoder = self.models.get("text_encoder", self.text_encoder)
+        self.encoders = {name: self.models.get(name, m) for name, m in self.encoders.items()}
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.text_conditioning = conditioning(self.text_encoder, self.model.tokenizer, cfg.max_token_length,
-                                              cfg.clip_skip, cached=not cfg.train_text_encoder)
+        self._setup_text_conditioning()
+
+    def _setup_text_conditioning(self):
+        """captions -> (context, pooled): encoded each step (text encoders trained), else once per caption;
+        `cache_text_encoder_outputs`: every caption up front, then the text encoders leave the device."""
+        cfg, model = self.cfg, self.model
+        tokenizers = [model.tokenizer] + ([model.tokenizer_2] if model.tokenizer_2 is not None else [])
+        to_disk = cfg.cache_text_encoder_outputs_to_disk
+        self.text_conditioning = conditioning(list(self.encoders.values()), tokenizers, cfg.max_token_length,
+                                              cfg.clip_skip, cached=not cfg.train_text_encoder,
+                                              cache_dir=text_cache.default_text_cache_dir() if to_disk else None)
+        self.text_encoders_offloaded = False
+        if not (cfg.cache_text_encoder_outputs or to_disk):
+            return
+        with self.accelerator.main_process_first(), self.accelerator.autocast():  # the main process fills the disk
+            self.text_conditioning.fill(self.data.captions())
+        for m in self.encoders.values():  # sd-scripts moves them to the CPU too; back on the device to sample
+            m.to("cpu")
+        self.text_encoders_offloaded = True
 
     def _setup_progress(self):
         """The counters saved with the training state, restored from `resume`."""
@@ -302,8 +325,9 @@ class LoraTraining:
         cfg, acc = self.cfg, self.accelerator
         self._check_weights()
         meta = at_save(self.metadata, steps=self.progress.global_step, epoch=self.progress.epochs_begun)
-        path = checkpoint.save_lora_file(acc, self.unet, self.text_encoder, cfg, meta, version=self.model.version,
-                                         epoch=epoch, step=step, interrupted=interrupted)
+        path = checkpoint.save_lora_file(acc, self.models, cfg, meta, version=self.model.version,
+                                         unet_config=self.model.unet.config, epoch=epoch, step=step,
+                                         interrupted=interrupted)
         self.result.saved.append(path)
         if cfg.save_state if state is None else state:
             checkpoint.save_training_state(self.state, Path(cfg.output_dir)
@@ -311,9 +335,17 @@ class LoraTraining:
         return path
 
     def sample(self):
-        self.result.samples += sample_images(self.accelerator, self.model, unet=self.unet,
-                                             text_encoder=self.text_encoder, cfg=self.cfg, prompts=self.prompts,
-                                             step=self.progress.global_step)
+        device = self.accelerator.device
+        if self.text_encoders_offloaded:
+            for m in self.encoders.values():
+                m.to(device)
+        try:
+            self.result.samples += sample_images(self.accelerator, self.model, models=self.encoders | self.models,
+                                                 cfg=self.cfg, prompts=self.prompts, step=self.progress.global_step)
+        finally:
+            if self.text_encoders_offloaded:
+                for m in self.encoders.values():
+                    m.to("cpu")
 
     def finish(self) -> TrainResult:
         """The final save (with the state when save_state or save_state_on_train_end), then the result (with the
@@ -324,7 +356,10 @@ class LoraTraining:
             self._stop_interrupted(with_state)
         result.lora_path = self.save(state=with_state)
         result.steps, result.epochs = self.progress.global_step, self.progress.epochs_begun
-        result.unet, result.text_encoder = acc.unwrap_model(self.unet), acc.unwrap_model(self.text_encoder)
+        result.unet = acc.unwrap_model(self.unet)
+        result.text_encoder = acc.unwrap_model(self.encoders["text_encoder"])
+        if "text_encoder_2" in self.encoders:
+            result.text_encoder_2 = acc.unwrap_model(self.encoders["text_encoder_2"])
         return result
 
     def _stop_interrupted(self, with_state: bool):

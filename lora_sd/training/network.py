@@ -47,7 +47,20 @@ def set_attention(unet, cfg):
         unet.enable_xformers_memory_efficient_attention()
 
 
-def add_network(unet, text_encoder, cfg):
+def text_encoders(model) -> dict:
+    """{"text_encoder": te1, "text_encoder_2": te2 (SDXL)}: the text encoders a model has."""
+    return {name: m for name, m in (("text_encoder", model.text_encoder),
+                                    ("text_encoder_2", model.text_encoder_2)) if m is not None}
+
+
+def trained_parts(model, cfg) -> dict:
+    """{part name: module} of the parts that get a LoRA: the U-Net and/or every text encoder (sd-scripts'
+    SDXL network trains both or neither)."""
+    parts = text_encoders(model) if cfg.train_text_encoder else {}
+    return {**parts, "unet": model.unet} if cfg.train_unet else parts
+
+
+def add_network(model, cfg):
     """Add the trained adapter ("default") to the parts being trained; returns the NetworkSpec used.
 
     A part that `network_weights` holds starts from the file; any other starts fresh.
@@ -55,9 +68,10 @@ def add_network(unet, text_encoder, cfg):
     from diffusers.training_utils import cast_training_params
 
     spec = network_spec(cfg)
-    models = {"unet": unet, "text_encoder": text_encoder}
-    configs = lora_configs(unet, text_encoder, spec, cfg.train_unet, cfg.train_text_encoder)
-    start = _network_weights(cfg, spec, wanted=list(configs)) if cfg.network_weights else {}
+    models = trained_parts(model, cfg)
+    configs = lora_configs(model.unet, model.text_encoder, spec, cfg.train_unet, cfg.train_text_encoder,
+                           text_encoder_2=model.text_encoder_2)
+    start = _network_weights(cfg, spec, list(configs), model.version) if cfg.network_weights else {}
     for name, config in configs.items():
         if name in start:
             start[name].apply_to(**{name: models[name]})
@@ -69,12 +83,43 @@ def add_network(unet, text_encoder, cfg):
     return spec
 
 
-def _network_weights(cfg, spec, wanted) -> dict:
-    """{part: LoraWeights} of the parts in `wanted` that the `network_weights` file holds."""
+def store_base_in_fp8(modules):
+    """sd-scripts' fp8_base: the frozen Linear/Conv2d weights of the base model stored as float8_e4m3fn (a byte
+    per weight), computed in the mixed-precision dtype: autocast casts them for each matmul/conv. Norms,
+    embeddings and biases stay in the mixed-precision dtype (CPU autocast does not cast group_norm's weights);
+    the LoRA weights stay float32. After add_network, so that PEFT never sees a float8 base weight."""
+    count = 0
+    for module in modules:
+        for name, m in module.named_modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in name:
+                m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
+                count += m.weight.numel()
+    logger.info("fp8_base: %.1f M base weights stored as float8_e4m3fn", count / 1e6)
+
+
+def check_fp8(cfg):
+    """fp8_base where it cannot run: refused before anything is loaded."""
+    if not cfg.fp8_base:
+        return
+    if not hasattr(torch, "float8_e4m3fn"):
+        raise ConfigError(f"`fp8_base` needs torch >= 2.1 (float8_e4m3fn); this torch is {torch.__version__}")
+    if cfg.mixed_precision == "no":
+        raise ConfigError('`fp8_base` stores the base model in float8 and computes in the mixed-precision dtype: '
+                          'set `mixed_precision = "bf16"` (or "fp16" on a GPU)')
+
+
+def _network_weights(cfg, spec, wanted, version) -> dict:
+    """{part: LoraWeights} of the parts in `wanted` that the `network_weights` file holds (refused when the file
+    is for another family than the model: SD 1.x/2.x and SDXL are never mixed)."""
     from lora_sd.formats import load_lora
+    from lora_sd.formats.base_model import BASE_NAMES, lora_base, same_base
     from lora_sd.lora_weights import LoraWeights
 
     lora = load_lora(cfg.network_weights)
+    base = lora_base(lora)
+    if not same_base(base, version):
+        raise ConfigError(f"`network_weights` {cfg.network_weights}: a LoRA for {BASE_NAMES[base]}, but the base "
+                          f"model is {BASE_NAMES[version]}; give a LoRA trained on this kind of model")
     ignored = [c for c in lora.components if c not in wanted]
     if ignored:
         logger.warning("network_weights %s: its %s modules are not trained in this run and are ignored",
@@ -125,9 +170,10 @@ def lora_strength(models, multiplier: float):
                 layer.set_scale(adapter, 1.0)
 
 
-def enable_gradient_checkpointing(unet, text_encoder, cfg):
+def enable_gradient_checkpointing(model, cfg):
     if not cfg.gradient_checkpointing:
         return
-    unet.enable_gradient_checkpointing()
+    model.unet.enable_gradient_checkpointing()
     if cfg.train_text_encoder:
-        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for te in text_encoders(model).values():
+            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -7,7 +7,8 @@ the velocity `sqrt(a) * noise - sqrt(1 - a) * x0`. Loss: per-sample MSE,
 times the sample's loss weight (prior_loss_weight for regularization
 images), times the min-SNR weight `min(snr, gamma) / snr` (`/ (snr + 1)` for
 v-prediction), then the batch mean. `compute_loss` puts these together for
-one batch, as the training loop runs it.
+one batch, as the training loop runs it; on SDXL the U-Net also gets te2's
+pooled output and the images' size/crop `time_ids` (`added_cond_kwargs`).
 """
 
 import torch
@@ -55,6 +56,12 @@ def diffusion_loss(model_pred, target, loss_weights, scheduler=None, timesteps=N
     return loss.mean()
 
 
+def time_ids(batch) -> torch.Tensor:
+    """SDXL's [B, 6] size conditioning: original (h, w), crop (top, left), target (h, w) of each image
+    (sd-scripts' get_size_embeddings input; diffusers' `add_time_ids`)."""
+    return torch.cat([batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]], dim=1)
+
+
 def compute_loss(batch, *, unet, text_conditioning, vae, scheduler, cfg, generator, weight_dtype):
     """The diffusion loss of one batch: VAE latents (or cached ones), noise, timesteps, U-Net, target, loss."""
     device = next(vae.parameters()).device
@@ -67,8 +74,12 @@ def compute_loss(batch, *, unet, text_conditioning, vae, scheduler, cfg, generat
     eps = sample_noise(latents, cfg.noise_offset, generator)
     timesteps = sample_timesteps(latents.shape[0], cfg.min_timestep, cfg.max_timestep, generator, device)
     noisy = scheduler.add_noise(latents, eps, timesteps)
-    hidden = text_conditioning(batch["captions"])  # [B, 77 (or 152/227), hidden]
-    pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
+    context, pooled = text_conditioning(batch["captions"])  # [B, 77 (or 152/227), hidden], SDXL: [B, P]
+    added = None
+    if pooled is not None:  # SDXL: te2's pooled projection and each image's size/crop ids
+        added = {"text_embeds": pooled.to(device, weight_dtype),
+                 "time_ids": time_ids(batch).to(device, weight_dtype)}
+    pred = unet(noisy.to(weight_dtype), timesteps, context.to(device, weight_dtype), added_cond_kwargs=added).sample
     target = target_for(scheduler, latents, eps, timesteps, cfg.v_parameterization)
     return diffusion_loss(pred, target, batch["loss_weights"].to(device), scheduler, timesteps,
                           cfg.min_snr_gamma, cfg.v_parameterization)

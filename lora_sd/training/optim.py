@@ -74,6 +74,17 @@ def build_scheduler(name: str, optimizer, *, warmup_steps: int, total_steps: int
                          num_training_steps=total_steps * num_processes, **kwargs)
 
 
+def part_learning_rates(cfg, parts: list[str]) -> dict[str, float]:
+    """{part: learning rate}: `unet_lr` and `text_encoder_lr`, else `learning_rate`. `text_encoder_lr` is one
+    value for every text encoder, or two (te1, te2) for SDXL's (as sd-scripts' list)."""
+    te_lrs = cfg.text_encoder_lr if isinstance(cfg.text_encoder_lr, list) else [cfg.text_encoder_lr] * 2
+    if len(te_lrs) == 2 and te_lrs[0] != te_lrs[1] and "text_encoder" in parts and "text_encoder_2" not in parts:
+        raise ConfigError(f"`text_encoder_lr` {cfg.text_encoder_lr}: two values are for SDXL's two text encoders; "
+                          "this model has one: give one value")
+    given = {"unet": cfg.unet_lr, "text_encoder": te_lrs[0], "text_encoder_2": te_lrs[1]}
+    return {p: cfg.learning_rate if given[p] is None else given[p] for p in parts}
+
+
 def current_lrs(optimizer) -> list[float]:
     """The learning rate of each group (D-Adaptation/Prodigy: d * lr, as sd-scripts logs it)."""
     out = []

@@ -79,20 +79,22 @@ def _check_prompt(p: SamplePrompt, where: str):
 
 
 @torch.no_grad()
-def sample_images(accelerator, model, *, unet, text_encoder, cfg, prompts, step: int) -> list[Path]:
+def sample_images(accelerator, model, *, models: dict, cfg, prompts, step: int) -> list[Path]:
     """Write one image per prompt (main process only) with the LoRA being trained; returns the paths.
 
-    `model` is the SDModel trained on; `unet`/`text_encoder` its (prepared) parts with the adapters.
+    `model` is the SDModel trained on; `models` its (prepared) parts with the adapters ({"unet": ...,
+    "text_encoder": ..., "text_encoder_2": ...}). SDXL samples with StableDiffusionXLPipeline (SDModel.pipeline).
     """
     if not accelerator.is_main_process:
         return []
-    trained = dataclasses.replace(model, unet=accelerator.unwrap_model(unet),
-                                  text_encoder=accelerator.unwrap_model(text_encoder))
+    trained = dataclasses.replace(model, **{name: accelerator.unwrap_model(m) for name, m in models.items()})
     pipe = trained.pipeline(make_scheduler(cfg.sample_sampler, model.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     folder = Path(cfg.output_dir) / "sample"
     folder.mkdir(parents=True, exist_ok=True)
     clip_skip = cfg.clip_skip - 1 if cfg.clip_skip and cfg.clip_skip > 1 else None  # diffusers counts from 0
+    if model.version == "sdxl":
+        clip_skip = None  # SDXL's pipeline already takes the penultimate layers (what training used)
     paths = []
     for i, p in enumerate(prompts):
         seed = p.seed if p.seed is not None else cfg.seed + i

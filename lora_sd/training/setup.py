@@ -9,7 +9,8 @@ import torch
 
 from lora_sd.demo import resolve_demo_path
 from lora_sd.errors import ConfigError
-from lora_sd.training.network import add_network, enable_gradient_checkpointing, set_attention
+from lora_sd.training.network import (add_network, enable_gradient_checkpointing, set_attention, store_base_in_fp8,
+                                      text_encoders)
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,9 @@ def make_accelerator(cfg):
         kwargs = dict(log_with="tensorboard",
                       project_config=ProjectConfiguration(project_dir=str(Path(cfg.logging_dir) / run)))
     AcceleratorState._reset_state()  # a second run in one Python process may use another precision
-    if cfg.train_text_encoder and cfg.clip_skip and cfg.clip_skip > 1:
-        # the text encoder's last layers do not reach the U-Net: DDP must expect LoRA weights without gradients
+    if cfg.train_text_encoder:
+        # with clip_skip, and on SDXL (penultimate layers), a text encoder's last layers do not reach the U-Net:
+        # DDP must expect LoRA weights without gradients (the model family is not known before it loads)
         kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     # cpu=True on a GPU-less machine makes `accelerate launch --multi_gpu` run DDP over gloo (see DESIGN.md)
     return Accelerator(cpu=not has_cuda, mixed_precision=cfg.mixed_precision,
@@ -39,20 +41,26 @@ def make_accelerator(cfg):
 def load_model(cfg, device):
     """(SDModel, weight dtype): the base model on `device`, frozen, the LoRA adapters added.
 
-    The U-Net and text encoder are cast to the mixed-precision dtype; the VAE only
-    encodes and stays float32 (sd-scripts' no_half_vae); LoRA weights are float32.
+    The U-Net and text encoder(s) are cast to the mixed-precision dtype (`fp8_base`: their Linear/Conv
+    weights stored in float8); the VAE only encodes and stays float32 (sd-scripts' no_half_vae; SDXL's
+    VAE overflows in fp16); LoRA weights are float32.
     """
     from lora_sd.models.load import load_base
 
     model = load_base(resolve_demo_path(cfg.pretrained_model_name_or_path), v2=cfg.v2,
                       v_parameterization=cfg.v_parameterization, model_config=cfg.model_config)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    for m in (model.unet, model.text_encoder, model.vae):
+    if model.version == "sdxl" and cfg.clip_skip:  # as sd-scripts: SDXL always takes the penultimate layers
+        logger.warning("clip_skip is ignored for SDXL (both text encoders' penultimate layers are used, as in "
+                       "sd-scripts)")
+    for m in (model.unet, model.vae, *text_encoders(model).values()):
         m.requires_grad_(False)
         m.to(device, dtype=torch.float32 if m is model.vae else weight_dtype)
     set_attention(model.unet, cfg)
-    add_network(model.unet, model.text_encoder, cfg)
-    enable_gradient_checkpointing(model.unet, model.text_encoder, cfg)
+    add_network(model, cfg)
+    if cfg.fp8_base:
+        store_base_in_fp8([model.unet, *text_encoders(model).values()])
+    enable_gradient_checkpointing(model, cfg)
     return model, weight_dtype
 
 

@@ -1,9 +1,16 @@
-"""Captions -> text-encoder hidden states, as sd-scripts conditions the U-Net.
+"""Captions -> the U-Net's text conditioning, as sd-scripts computes it: (context, pooled).
+
+SD 1.x/2.x: context = the text encoder's last hidden states (`clip_skip = n`:
+the n-th last layer through the final layer norm); pooled is None.
+SDXL (sd-scripts' get_hidden_states_sdxl): context = the penultimate hidden
+states of both text encoders (no final norm) concatenated along the features;
+pooled = text encoder 2's projected pooled output (`text_embeds`) of the first
+chunk. SDXL ignores clip_skip, as sd-scripts does.
 
 `max_token_length` 150 / 225 splits a caption into 2 / 3 chunks of 75 tokens,
 each encoded as `<BOS> 75 tokens <EOS/PAD>`, and joins the hidden states back
-into `<BOS> 150|225 tokens <EOS>` (152 / 227 positions). `clip_skip = n` takes
-the n-th last hidden layer through the final layer norm.
+into `<BOS> 150|225 tokens <EOS>` (152 / 227 positions); both SDXL tokenizers
+are chunked alike.
 """
 
 import torch
@@ -23,7 +30,7 @@ def tokenize(tokenizer, captions: list[str], max_token_length: int | None = None
         chunks = []
         for i in range(1, total - chunk + 2, chunk - 2):  # 1, 76, 151
             c = torch.cat([row[:1], row[i:i + chunk - 2], row[-1:]])
-            if not pad_is_eos:  # SD2: "<BOS> ... x <PAD>" ends with <EOS>; "<BOS> <PAD> ..." starts with <EOS>
+            if not pad_is_eos:  # SD2/SDXL te2: "<BOS> ... x <PAD>" ends with <EOS>; "<BOS> <PAD> ..." starts with <EOS>
                 if c[-2] not in (tokenizer.eos_token_id, tokenizer.pad_token_id):
                     c[-1] = tokenizer.eos_token_id
                 if c[1] == tokenizer.pad_token_id:
@@ -33,17 +40,9 @@ def tokenize(tokenizer, captions: list[str], max_token_length: int | None = None
     return torch.stack(out)
 
 
-def encode(text_encoder, input_ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
-    """[B, chunks, 77] ids -> [B, 77 or chunks*75+2, hidden] hidden states."""
-    batch, n_chunks, chunk = input_ids.shape
-    flat = input_ids.reshape(-1, chunk).to(next(text_encoder.parameters()).device)
-    if clip_skip is None or clip_skip <= 1:
-        hidden = text_encoder(flat)[0]
-    else:
-        out = text_encoder(flat, output_hidden_states=True, return_dict=True)
-        base = getattr(text_encoder, "module", text_encoder)
-        norm = getattr(base, "text_model", base).final_layer_norm
-        hidden = norm(out.hidden_states[-clip_skip].to(norm.weight.dtype))
+def _join_chunks(hidden: torch.Tensor, batch: int, n_chunks: int) -> torch.Tensor:
+    """[B*chunks, 77, C] -> [B, 77 or chunks*75+2, C]: <BOS>, each chunk's 75 inner states, the last <EOS>."""
+    chunk = hidden.shape[1]
     hidden = hidden.reshape(batch, n_chunks, chunk, -1)
     if n_chunks == 1:
         return hidden[:, 0]
@@ -51,30 +50,74 @@ def encode(text_encoder, input_ids: torch.Tensor, clip_skip: int | None = None) 
     return torch.cat([hidden[:, 0, :1], middle, hidden[:, -1, -1:]], dim=1)
 
 
-def conditioning(text_encoder, tokenizer, max_token_length=None, clip_skip=None, cached=False):
-    """captions -> [B, 77|152|227, hidden]: encoded at each call, or once per caption when `cached`
-    (a text encoder that is not trained)."""
-    if cached:
-        return CachedTextEncoder(text_encoder, tokenizer, max_token_length, clip_skip)
-    return lambda captions: encode(text_encoder, tokenize(tokenizer, captions, max_token_length), clip_skip)
+def _flat(text_encoder, input_ids):
+    return input_ids.reshape(-1, input_ids.shape[-1]).to(next(text_encoder.parameters()).device)
 
 
-class CachedTextEncoder:
-    """Hidden states per caption, computed once: for a text encoder that is not trained."""
+def encode(text_encoder, input_ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+    """SD 1.x/2.x: [B, chunks, 77] ids -> [B, 77 or chunks*75+2, hidden] hidden states."""
+    flat = _flat(text_encoder, input_ids)
+    if clip_skip is None or clip_skip <= 1:
+        hidden = text_encoder(flat)[0]
+    else:
+        out = text_encoder(flat, output_hidden_states=True, return_dict=True)
+        base = getattr(text_encoder, "module", text_encoder)
+        norm = getattr(base, "text_model", base).final_layer_norm
+        hidden = norm(out.hidden_states[-clip_skip].to(norm.weight.dtype))
+    return _join_chunks(hidden, input_ids.shape[0], input_ids.shape[1])
 
-    def __init__(self, text_encoder, tokenizer, max_token_length=None, clip_skip=None, max_entries=100_000):
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+
+def encode_sdxl(text_encoder, text_encoder_2, ids_1, ids_2) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL: ([B, L, C1 + C2] penultimate states of both encoders, [B, P] te2's pooled projection)."""
+    batch, n_chunks = ids_1.shape[:2]
+    h1 = text_encoder(_flat(text_encoder, ids_1), output_hidden_states=True, return_dict=True).hidden_states[-2]
+    out2 = text_encoder_2(_flat(text_encoder_2, ids_2), output_hidden_states=True, return_dict=True)
+    pooled = out2.text_embeds.reshape(batch, n_chunks, -1)[:, 0]  # sd-scripts: the first chunk's pool
+    context = torch.cat([_join_chunks(h1, batch, n_chunks), _join_chunks(out2.hidden_states[-2], batch, n_chunks)],
+                        dim=-1)
+    return context, pooled
+
+
+class TextEncoders:
+    """captions -> (context [B, L, C], pooled [B, P] or None): the model family's text conditioning.
+
+    `encoders`/`tokenizers`: one of each (SD 1.x/2.x) or two (SDXL)."""
+
+    def __init__(self, encoders, tokenizers, max_token_length=None, clip_skip=None):
+        self.encoders, self.tokenizers = list(encoders), list(tokenizers)
         self.max_token_length, self.clip_skip = max_token_length, clip_skip
-        self.cache: dict[str, torch.Tensor] = {}
-        self.max_entries = max_entries
 
-    @torch.no_grad()
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
-        if missing:
-            ids = tokenize(self.tokenizer, missing, self.max_token_length)
-            states = encode(self.text_encoder, ids, self.clip_skip)
-            if len(self.cache) + len(missing) > self.max_entries:
-                self.cache.clear()
-            self.cache.update(zip(missing, states))
-        return torch.stack([self.cache[c] for c in captions])
+    @property
+    def sdxl(self) -> bool:
+        return len(self.encoders) == 2
+
+    def __call__(self, captions: list[str]):
+        ids = [tokenize(t, captions, self.max_token_length) for t in self.tokenizers]
+        if self.sdxl:
+            return encode_sdxl(*self.encoders, *ids)
+        return encode(self.encoders[0], ids[0], self.clip_skip), None
+
+    def cache_id(self) -> str:
+        """What a cached output depends on besides its caption: the weights, the vocabularies, the options."""
+        import hashlib
+        import json
+
+        from lora_sd.data.latents import weights_fingerprint
+
+        h = hashlib.sha256(weights_fingerprint(*self.encoders).encode())
+        for t in self.tokenizers:
+            h.update(json.dumps(sorted(t.get_vocab().items())).encode())
+            h.update(f"{t.pad_token_id}|{t.model_max_length}".encode())
+        h.update(f"{self.max_token_length}|{None if self.sdxl else self.clip_skip}".encode())
+        return h.hexdigest()
+
+
+def conditioning(encoders, tokenizers, max_token_length=None, clip_skip=None, cached=False, cache_dir=None):
+    """captions -> (context, pooled|None): encoded at each call, or once per caption when `cached` (text encoders
+    that are not trained), kept in memory and, with `cache_dir`, on disk (lora_sd.training.text_cache)."""
+    fn = TextEncoders(encoders, tokenizers, max_token_length, clip_skip)
+    if not cached:
+        return fn
+    from lora_sd.training.text_cache import CachedTextEncoder
+
+    return CachedTextEncoder(fn, cache_dir)
