@@ -42,8 +42,6 @@ GPU_ROWS = [  # SDXL at 1024 px, U-Net only, cached latents and text-encoder out
     ("sdxl", True, 3, ["--resolution", "1024", "--weights", "bf16", "--optimizer", "adamw8bit"]),
     ("sdxl", True, 3, ["--resolution", "1024", "--weights", "bf16", "--optimizer", "adamw8bit", "--fp8_base"]),
 ]
-# where the training's fp8_base lives ("module:function(unet, compute_dtype)"; being built in issue 10)
-FP8_BASE_HOOK = "lora_sd.training.fp8:apply_fp8_base"
 
 
 def build_unet(model: str, weights=torch.float32, device="cpu"):
@@ -64,17 +62,6 @@ def build_unet(model: str, weights=torch.float32, device="cpu"):
     finally:
         torch.set_default_dtype(default)
     return unet, {"tiny": 8, "sd15": 64, "sdxl": 128}[model], config["cross_attention_dim"]
-
-
-def fp8_base_hook():
-    """The training's fp8_base function, or None when this version has none."""
-    import importlib
-
-    module, name = FP8_BASE_HOOK.split(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
 
 
 def make_optimizer(name, params):
@@ -104,12 +91,16 @@ def run_row(model: str, gradient_checkpointing: bool, steps: int, resolution=Non
     from lora_sd.config import TrainConfig
     from lora_sd.io import precision_dtype
     from lora_sd.targets import NetworkSpec, lora_configs
+    from lora_sd.training.network import store_base_in_fp8
     from lora_sd.tiny import build_tiny_sd
     from lora_sd.training.noise import compute_loss
     from lora_sd.models.load import noise_scheduler
 
     weight_dtype = precision_dtype(weights, "--weights")
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weight_dtype, "no")
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # rows of other precisions may run in one process (the tests do)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed)
     device = accelerator.device
     unet, latent_side, hidden_size = build_unet(model, weight_dtype, device)
@@ -122,7 +113,7 @@ def run_row(model: str, gradient_checkpointing: bool, steps: int, resolution=Non
     for p in params:  # the LoRA trains in float32 (sd-scripts without full_bf16), the base stays in `weights`
         p.data = p.data.float()
     if fp8_base:
-        fp8_base_hook()(unet, weight_dtype)
+        store_base_in_fp8([unet])  # the training's fp8_base: frozen Linear/Conv weights in float8
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -149,7 +140,7 @@ def run_row(model: str, gradient_checkpointing: bool, steps: int, resolution=Non
                 latents = batch["latents"].to(device) * 0.13025
                 loss = sdxl_loss(unet, latents, hidden, pooled, time_ids, scheduler, gen, weight_dtype)
             else:
-                loss = compute_loss(batch, unet=unet, text_conditioning=lambda captions: hidden, vae=vae,
+                loss = compute_loss(batch, unet=unet, text_conditioning=lambda captions: (hidden, None), vae=vae,
                                     scheduler=scheduler, cfg=cfg, generator=gen, weight_dtype=weight_dtype)
         accelerator.backward(loss)
         optimizer.step()
@@ -194,9 +185,6 @@ def run_table(rows_wanted, args):
             continue
         row = row_args(model, gc, args.steps or steps, args.threads, extra)
         cmd = "python benchmarks/train_speed.py " + " ".join(row)
-        if "--fp8_base" in extra and fp8_base_hook() is None:
-            print(f"{cmd}: skipped: this version has no fp8_base ({FP8_BASE_HOOK})", file=sys.stderr)
-            continue
         out = subprocess.run([sys.executable, __file__, *row, "--json"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parents[1])
         if out.returncode:
@@ -225,8 +213,6 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model:
-        if args.fp8_base and fp8_base_hook() is None:
-            sys.exit(f"error: --fp8_base: this version has no fp8_base ({FP8_BASE_HOOK} not found)")
         steps = args.steps or (20 if args.model == "tiny" else 2)
         row = run_row(args.model, args.gradient_checkpointing, steps, args.resolution, args.weights,
                       args.optimizer, args.fp8_base)
