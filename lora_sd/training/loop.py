@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lora_sd.errors import TrainingError, TrainingInterrupted
+from lora_sd.errors import ConfigError, TrainingError, TrainingInterrupted
 from lora_sd.io import atomic_path, check_writable_folder
 from lora_sd.training import checkpoint, optim
 from lora_sd.training.interrupt import StopRequest, stop_on_ctrl_c
@@ -169,6 +169,11 @@ class LoraTraining:
                                               self.progress)
         if self.cfg.resume:
             checkpoint.load_training_state(self.state, self.cfg.resume)
+            done, batches = self.progress.batches_in_epoch, len(self.dataloader)
+            if done > batches:  # the epoch could never end: every later epoch would skip all its batches
+                raise ConfigError(f"`resume` {self.cfg.resume}: the state is {done} batches into its epoch, but this "
+                                  f"run's epochs have {batches} (fewer images, or a larger batch size or process "
+                                  "count?); resume with the dataset and batch size it was saved with")
 
     def _setup_outputs(self):
         """Metadata of every save, the resolved config beside the outputs, trackers, and the result to fill."""
