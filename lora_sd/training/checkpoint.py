@@ -26,8 +26,8 @@ import torch
 from lora_sd.config import OPTION_NAMES
 from lora_sd.errors import ConfigError, FormatError
 from lora_sd.formats import save_lora
-from lora_sd.io import (atomic_path, failures_name, load_tree, open_tensor_file, replace, save_tree,
-                        tree_from_json, tree_to_json)
+from lora_sd.io import (atomic_path, failures_name, load_tree, open_tensor_file, refuse_overwriting_inputs, replace,
+                        save_tree, tree_from_json, tree_to_json)
 from lora_sd.lora_weights import LoraWeights
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ def refuse_outputs_over_inputs(cfg):
     inputs = [cfg.pretrained_model_name_or_path, cfg.network_weights, cfg.model_config, cfg.sample_prompts,
               cfg.source, cfg.dataset_config, cfg.train_data_dir, cfg.reg_data_dir]
     inputs += [p for ds in cfg.datasets for sub in ds.subsets for p in (sub.image_dir, sub.metadata_file)]
+    # and no output_dir that is (or is inside) an input folder: the run would add its files to the images or model
+    refuse_overwriting_inputs(out / cfg.output_name, inputs, "`output_dir`/`output_name`")
     for given in filter(None, inputs):
         path = Path(given).resolve()
         name = path.name

@@ -98,6 +98,8 @@ class LoraTraining:
         cfg = self.cfg
         check_attention(cfg)
         check_writable_folder(cfg.output_dir, f"`output_dir` {cfg.output_dir}")
+        if cfg.logging_dir:  # TensorBoard's writer fails later with an AttributeError traceback
+            check_writable_folder(cfg.logging_dir, f"`logging_dir` {cfg.logging_dir}")
         checkpoint.refuse_outputs_over_inputs(cfg)
         if cfg.resume:  # a bad state folder is refused before the model loads
             checkpoint.check_state_folder(cfg.resume)
