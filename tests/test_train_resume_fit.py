@@ -39,3 +39,10 @@ def test_a_logging_dir_that_cannot_be_a_folder_is_refused_before_any_work(assets
     assert run_main(train_recipe.main, args(assets, out, "--logging_dir", str(tmp_path / "afile"))) == 2
     assert f"error: `logging_dir` {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_output_dir_below_the_working_directory_is_fine_without_a_config_file(assets, tmp_path, monkeypatch):  # noqa: F811
+    """No config file leaves cfg.source empty: it must not count as an input (Path("") is the working folder)."""
+    monkeypatch.chdir(tmp_path)
+    assert run_main(train_recipe.main, args(assets, "out", steps=1)) == 0
+    assert (tmp_path / "out" / "lora.safetensors").is_file()

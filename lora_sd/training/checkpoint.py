@@ -64,7 +64,7 @@ def refuse_outputs_over_inputs(cfg):
               cfg.source, cfg.dataset_config, cfg.train_data_dir, cfg.reg_data_dir]
     inputs += [p for ds in cfg.datasets for sub in ds.subsets for p in (sub.image_dir, sub.metadata_file)]
     # and no output_dir that is (or is inside) an input folder: the run would add its files to the images or model
-    refuse_overwriting_inputs(out / cfg.output_name, inputs, "`output_dir`/`output_name`")
+    refuse_overwriting_inputs(out / cfg.output_name, [p for p in inputs if p], "`output_dir`/`output_name`")
     for given in filter(None, inputs):
         path = Path(given).resolve()
         name = path.name
