@@ -100,7 +100,8 @@ def test_an_unexpected_file_is_refused_by_name(state, assets, tmp_path, capsys):
     folder = _copy(state, tmp_path)
     (folder / "notes.txt").write_text("hello")
     # checked before the model loads: the missing model is not reached
-    code, err = _resume(assets, tmp_path / "out", folder, capsys, "--pretrained_model_name_or_path", str(tmp_path))
+    code, err = _resume(assets, tmp_path / "out", folder, capsys, "--pretrained_model_name_or_path",
+                        str(tmp_path / "no-model"))
     assert code == 2 and "unexpected 'notes.txt'" in err
 
 

@@ -238,6 +238,10 @@ def test_compute_loss_follows_min_snr_noise_offset_and_v_parameterization(tiny_s
     ("a cat --w 0", "`--w 0` must be at least 8"), ("a cat --h 4", "`--h 4` must be at least 8"),
     ("a cat --s 0", "`--s 0` must be at least 1"), ("a cat --l nan", "`--l nan` must be a finite number"),
     ("a cat --l inf", "`--l inf` must be a finite number"), ("a cat --w wide", "`--w wide` is not a number"),
+    # each was memory no machine has, a scheduler's ValueError or torch's seed overflow, at the first sample
+    ("a cat --w 100000", "`--w 100000` must be at most 8192"), ("a cat --h 8193", "`--h 8193` must be at most 8192"),
+    ("a cat --s 1001", "`--s 1001` must be at most 1000"), (f"a cat --d {2**64}", f"`--d {2**64}` must be at most "
+                                                                                 f"{2**64 - 1}"),
 ])
 def test_a_bad_sample_prompt_is_refused_when_read(tmp_path, line, problem):
     """Checked when the prompt file is read (at start), not at the first sample hours into the run."""

@@ -5,7 +5,8 @@ TrainConfig (lora_sd.config.options) and the dataset tables
 `resolution = "768,512"` means the same in either file. Numbers must be
 finite: TOML has `inf`/`nan` literals and the command line "inf"/"nan"
 strings, and a non-finite learning rate would only show as NaN weights after
-the model has loaded.
+the model has loaded. Integers must fit in 64 bits: torch, numpy and the data
+loader take them as int64 and overflow with a traceback.
 """
 
 import math
@@ -39,6 +40,9 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+MIN_SIDE, MAX_SIDE = 8, 8192  # 8: the VAE halves a side three times
+
+
 def parse_resolution(value) -> tuple[int, int]:
     """512, "512", "768,512", [768, 512] -> (width, height): sd-scripts' `--resolution` and dataset `resolution`.
 
@@ -54,7 +58,20 @@ def parse_resolution(value) -> tuple[int, int]:
         value = (value, value)
     if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(is_int(v) and v > 0 for v in value)):
         raise CoercionError(f"must be {type_name(tuple[int, int])}, got {value!r}")
+    if not all(MIN_SIDE <= v <= MAX_SIDE for v in value):
+        # below: the VAE's convolutions have nothing left to slide over (a traceback mid-run);
+        # above: every image is resized to that size in memory before anything else happens
+        raise CoercionError(f"must have sides from {MIN_SIDE} to {MAX_SIDE} pixels, got {value!r}")
     return tuple(value)
+
+
+INT64_MAX = 2**63 - 1
+
+
+def int64(value: int) -> int:
+    if not -INT64_MAX <= value <= INT64_MAX:
+        raise CoercionError(f"must be an integer of at most {INT64_MAX}, got {value}")
+    return value
 
 
 def finite(value: float) -> float:
@@ -85,11 +102,11 @@ def coerce(value, typ, from_cli: bool = False):
     elif typ is int:
         if from_cli:
             try:
-                return int(value)
+                value = int(value)
             except ValueError:
                 raise CoercionError(got) from None
         if is_int(value):
-            return value
+            return int64(value)
     elif typ is float:
         if from_cli:
             try:

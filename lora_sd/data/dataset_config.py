@@ -192,6 +192,20 @@ def _relative_to(path: str | None, base: Path | None) -> str | None:
     return str(base / path)
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _tables(value, label: str, what: str, errors: ConfigErrors) -> list[dict]:
+    """An array of tables (`[[what]]`, at least one): anything else (a number, a list of strings, ...) is one
+    error naming `label`, and nothing to read."""
+    if isinstance(value, list) and value and all(isinstance(t, dict) for t in value):
+        return value
+    errors.add(label, f"must hold at least one [[{what}]] table" + (f", got {_short(value)}" if value else ""))
+    return []
+
+
 def load_dataset_config(source, *, path_for_errors=None, defaults: dict | None = None,
                         base_dir=None) -> list[DatasetConfig]:
     """Read a dataset TOML file (or its already-parsed dict) into DatasetConfigs.
@@ -208,12 +222,14 @@ def load_dataset_config(source, *, path_for_errors=None, defaults: dict | None =
         raw = read_toml(source, "dataset config file", where)
     errors = ConfigErrors(where)
     _check_unknown(raw, {"general", "datasets"}, "", errors)
-    general = raw.get("general", {}) or {}
+    general = raw.get("general", {})
+    if not isinstance(general, dict):
+        errors.add("general", f"must be a [general] table, got {_short(general)}")
+        general = {}
     general_typed = _read_table(general, _KNOWN - _SUBSET_ONLY, "general", errors)
     defaults_typed = _typed(defaults or {}, "defaults", errors)
-    datasets_raw = raw.get("datasets", [])
-    if not isinstance(datasets_raw, list) or not datasets_raw:
-        errors.add("datasets", "must hold at least one [[datasets]] table")
+    datasets_raw = _tables(raw.get("datasets"), "datasets", "datasets", errors)
+    if not datasets_raw:
         errors.raise_if_any()
     base = Path(base_dir) if base_dir is not None else None
     out = []
@@ -222,9 +238,7 @@ def load_dataset_config(source, *, path_for_errors=None, defaults: dict | None =
         fallbacks = [_read_table(ds_raw, (_KNOWN - _SUBSET_ONLY) | {"subsets"}, label, errors), general_typed,
                      defaults_typed]
         ds = _resolve(fallbacks, DatasetConfig, skip={"subsets"})
-        subsets_raw = ds_raw.get("subsets", [])
-        if not subsets_raw:
-            errors.add(f"{label}.subsets", "must hold at least one [[datasets.subsets]] table")
+        subsets_raw = _tables(ds_raw.get("subsets"), f"{label}.subsets", "datasets.subsets", errors)
         for s, sub_raw in enumerate(subsets_raw):
             where_s = f"{label}.subsets[{s}]"
             sub = _resolve([_read_table(sub_raw, _SUBSET_KEYS | set(_REFUSED), where_s, errors)] + fallbacks,

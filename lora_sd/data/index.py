@@ -64,6 +64,22 @@ def _find_metadata_image(key: str, image_dir: Path | None) -> Path | None:
     return None
 
 
+def _metadata_entry(entry, key: str, meta_path: Path) -> tuple[str | None, str | None]:
+    """(caption, tags) of one metadata entry: strings or absent, and not both absent or empty (sd-scripts
+    asserts "caption or tag is required"; an entry of another shape would train on an empty caption)."""
+    if not isinstance(entry, dict):
+        raise DataError(f"`metadata_file` {meta_path}: the entry for {key!r} must be an object "
+                        f'{{"caption": "...", "tags": "..."}}, got {type(entry).__name__}')
+    caption, tags = entry.get("caption"), entry.get("tags")
+    for name, value in (("caption", caption), ("tags", tags)):
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"`metadata_file` {meta_path}: {key!r} `{name}` must be a string, "
+                            f"got {type(value).__name__}")
+    if not caption and not tags:
+        raise DataError(f"`metadata_file` {meta_path}: {key!r} has neither `caption` nor `tags` (one is required)")
+    return caption, tags
+
+
 def _metadata_rows(sub) -> list[dict]:
     meta_path = Path(sub.metadata_file)
     try:
@@ -82,11 +98,9 @@ def _metadata_rows(sub) -> list[dict]:
         if path is None:
             raise DataError(f"`metadata_file` {meta_path}: no image for key {key!r} "
                             f"(looked in {image_dir or 'the working directory'})")
-        entry = entry if isinstance(entry, dict) else {}
-        caption, tags = entry.get("caption"), entry.get("tags")
+        caption, tags = _metadata_entry(entry, key, meta_path)
         if caption is None:
             caption, tags = tags, None
-        caption = caption or ""
         if tags and sub.enable_wildcard:  # sd-scripts: the tags on one line, added to every caption line
             tags = tags.replace("\n", sub.caption_separator)
             caption = "\n".join(f"{line}{sub.caption_separator} {tags}" for line in caption.split("\n") if line.strip())

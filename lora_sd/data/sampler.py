@@ -11,6 +11,12 @@ it independent of the number of data-loader workers.
 
 import random
 
+from lora_sd.errors import DataError
+
+# Samples per epoch held as a list of rows (as sd-scripts): ~1 GB at this size; beyond it a huge num_repeats
+# would only end in a MemoryError traceback.
+MAX_EPOCH_SAMPLES = 10**8
+
 
 def epoch_rng(seed: int, epoch: int) -> random.Random:
     return random.Random(f"lora_sd:{seed}:{epoch}")
@@ -30,6 +36,9 @@ class BucketBatchSampler:
         self.seed = seed
         self.epoch = 0
         self.batch_sizes = batch_sizes
+        if sum(rows_repeats) > MAX_EPOCH_SAMPLES:
+            raise DataError(f"an epoch of {sum(rows_repeats)} samples (images x `num_repeats`) is more than "
+                            f"{MAX_EPOCH_SAMPLES} held in memory; lower `num_repeats`")
         # (dataset, bucket) -> rows, each row repeated: fixed for the whole run
         self.groups: dict[tuple[int, tuple[int, int]], list[int]] = {}
         for row, (d, bucket, repeats) in enumerate(zip(rows_dataset, rows_bucket, rows_repeats)):

@@ -26,8 +26,8 @@ import torch
 from lora_sd.config import OPTION_NAMES
 from lora_sd.errors import ConfigError, FormatError
 from lora_sd.formats import save_lora
-from lora_sd.io import (atomic_path, failures_name, load_tree, open_tensor_file, replace, save_tree,
-                        tree_from_json, tree_to_json)
+from lora_sd.io import (atomic_path, failures_name, load_tree, open_tensor_file, refuse_overwriting_inputs, replace,
+                        save_tree, tree_from_json, tree_to_json)
 from lora_sd.lora_weights import LoraWeights
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ def refuse_outputs_over_inputs(cfg):
     inputs = [cfg.pretrained_model_name_or_path, cfg.network_weights, cfg.model_config, cfg.sample_prompts,
               cfg.source, cfg.dataset_config, cfg.train_data_dir, cfg.reg_data_dir]
     inputs += [p for ds in cfg.datasets for sub in ds.subsets for p in (sub.image_dir, sub.metadata_file)]
+    # and no output_dir that is (or is inside) an input folder: the run would add its files to the images or model
+    refuse_overwriting_inputs(out / cfg.output_name, [p for p in inputs if p], "`output_dir`/`output_name`")
     for given in filter(None, inputs):
         path = Path(given).resolve()
         name = path.name
@@ -124,8 +126,17 @@ class Progress:
         return {"global_step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
 
     def load_state_dict(self, state):
-        self.global_step, self.epoch = int(state["global_step"]), int(state["epoch"])
-        self.batches_in_epoch = int(state["batches_in_epoch"])
+        self.global_step, self.epoch = counter(state, "global_step"), counter(state, "epoch")
+        self.batches_in_epoch = counter(state, "batches_in_epoch")
+
+
+def counter(table: dict, key: str) -> int:
+    """A saved count: a JSON integer from 0 to 2**63 - 1. int() would take -3 (a run that trains past its end),
+    1.7 or true (silently truncated) and 10**30 (an absurd summary) from a hand-edited state.json."""
+    value = table[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ValueError(f"`{key}` must be an integer from 0 to {2**63 - 1}, got {value!r}")
+    return value
 
 
 STATE_FORMAT, STATE_VERSION = "lora-sd training state", 1
@@ -242,7 +253,7 @@ def load_training_state(state: TrainingState, folder):
             _check_like(info["grad_scaler"], state.accelerator.scaler.state_dict(), "grad_scaler")
             state.accelerator.scaler.load_state_dict(info["grad_scaler"])
         state.progress.load_state_dict(info["progress"])
-        state.accelerator.step = int(info["accelerator_step"])
+        state.accelerator.step = counter(info, "accelerator_step")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise FormatError(f"{folder / 'state.json'}: a bad value in the state ({type(e).__name__}: {e})") from None
     if rng is None:

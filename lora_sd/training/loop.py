@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from lora_sd.errors import TrainingError, TrainingInterrupted
+from lora_sd.errors import ConfigError, TrainingError, TrainingInterrupted
 from lora_sd.io import atomic_path, check_writable_folder
 from lora_sd.training import checkpoint, optim, text_cache
 from lora_sd.training.interrupt import StopRequest, stop_on_ctrl_c
@@ -105,6 +105,8 @@ class LoraTraining:
         check_fp8(cfg)
         text_cache.check_cacheable(cfg)
         check_writable_folder(cfg.output_dir, f"`output_dir` {cfg.output_dir}")
+        if cfg.logging_dir:  # TensorBoard's writer fails later with an AttributeError traceback
+            check_writable_folder(cfg.logging_dir, f"`logging_dir` {cfg.logging_dir}")
         checkpoint.refuse_outputs_over_inputs(cfg)
         if cfg.resume:  # a bad state folder is refused before the model loads
             checkpoint.check_state_folder(cfg.resume)
@@ -192,6 +194,11 @@ class LoraTraining:
                                               self.progress)
         if self.cfg.resume:
             checkpoint.load_training_state(self.state, self.cfg.resume)
+            done, batches = self.progress.batches_in_epoch, len(self.dataloader)
+            if done > batches:  # the epoch could never end: every later epoch would skip all its batches
+                raise ConfigError(f"`resume` {self.cfg.resume}: the state is {done} batches into its epoch, but this "
+                                  f"run's epochs have {batches} (fewer images, or a larger batch size or process "
+                                  "count?); resume with the dataset and batch size it was saved with")
 
     def _setup_outputs(self):
         """Metadata of every save, the resolved config beside the outputs, trackers, and the result to fill."""

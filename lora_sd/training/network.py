@@ -71,6 +71,7 @@ def add_network(model, cfg):
     models = trained_parts(model, cfg)
     configs = lora_configs(model.unet, model.text_encoder, spec, cfg.train_unet, cfg.train_text_encoder,
                            text_encoder_2=model.text_encoder_2)
+    check_fits_model(cfg, model, models, configs)
     start = _network_weights(cfg, spec, list(configs), model.version) if cfg.network_weights else {}
     for name, config in configs.items():
         if name in start:
@@ -106,6 +107,29 @@ def check_fp8(cfg):
     if cfg.mixed_precision == "no":
         raise ConfigError('`fp8_base` stores the base model in float8 and computes in the mixed-precision dtype: '
                           'set `mixed_precision = "bf16"` (or "fp16" on a GPU)')
+
+
+def check_fits_model(cfg, model, models, configs):
+    """Options bounded by the loaded model, refused before any adapter is made: `clip_skip` above the text
+    encoder's layer count (an IndexError at the first step), and a rank above what every targeted layer can
+    have (`network_dim = 100000` would allocate gigabytes of weights that add nothing)."""
+    text_config = getattr(model.text_encoder, "config", None)
+    layers = getattr(text_config, "num_hidden_layers", None)
+    if cfg.clip_skip and layers and cfg.clip_skip > layers:
+        raise ConfigError(f"`clip_skip` {cfg.clip_skip} is above the text encoder's {layers} layers; use 1..{layers} "
+                          "(2 for anime models)")
+    for what, conv in (("network_dim", False), ("conv_dim", True)):
+        full_ranks, rank = [], None
+        for name, config in configs.items():
+            for target in config.target_modules:
+                weight = models[name].get_submodule(target).weight  # [out, in] or [out, in, kh, kw]
+                if (weight.dim() == 4 and weight.shape[2:] != (1, 1)) != conv:
+                    continue
+                full_ranks.append(min(weight.shape[0], weight[0].numel()))
+                rank = config.rank_pattern.get(target, config.r)
+        if full_ranks and rank > max(full_ranks):
+            raise ConfigError(f"`{what}` {rank} is above the rank of every layer it applies to (at most "
+                              f"{max(full_ranks)} in this model); use {max(full_ranks)} or less")
 
 
 def _network_weights(cfg, spec, wanted, version) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lora_sd.config.coerce import MAX_SIDE
 from lora_sd.errors import ConfigError
 from lora_sd.generate import make_scheduler
 from lora_sd.io import atomic_path
@@ -71,9 +72,14 @@ def read_prompts(path) -> list[SamplePrompt]:
 
 
 def _check_prompt(p: SamplePrompt, where: str):
-    for key, value, least in (("w", p.width, 8), ("h", p.height, 8), ("s", p.steps, 1)):
-        if value < least:
+    # the largest: an image side training accepts (more is memory no machine has), the schedulers' 1000
+    # training timesteps (DDIM refuses more steps, at the first sample), and what torch takes as a seed
+    for key, value, least, most in (("w", p.width, 8, MAX_SIDE), ("h", p.height, 8, MAX_SIDE),
+                                    ("s", p.steps, 1, 1000), ("d", p.seed, -2**63, 2**64 - 1)):
+        if value is not None and value < least:
             raise ConfigError(f"{where}: `--{key} {value}` must be at least {least}")
+        if value is not None and value > most:
+            raise ConfigError(f"{where}: `--{key} {value}` must be at most {most}")
     if not math.isfinite(p.guidance_scale):
         raise ConfigError(f"{where}: `--l {p.guidance_scale}` must be a finite number")
 
