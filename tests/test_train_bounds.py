@@ -49,7 +49,7 @@ def _fit(tiny, **options):
     cfg = SimpleNamespace(**{"clip_skip": None, "network_dim": 4, "conv_dim": None, **options})
     spec = NetworkSpec(cfg.network_dim, 1.0, cfg.conv_dim, 1.0)
     models = {"unet": tiny.unet, "text_encoder": tiny.text_encoder}
-    check_fits_model(cfg, models, lora_configs(tiny.unet, tiny.text_encoder, spec))
+    check_fits_model(cfg, tiny, models, lora_configs(tiny.unet, tiny.text_encoder, spec))
 
 
 def test_options_bounded_by_the_model_are_refused_before_any_adapter(tiny_sd1):
