@@ -25,6 +25,11 @@ def random_adapted(tiny, network_dim=4, network_alpha=2, conv_dim=None, conv_alp
     spec = NetworkSpec(network_dim, network_alpha, conv_dim, conv_alpha)
     configs = lora_configs(unet, te, spec, train_unet, train_text_encoder)
     models = {"unet": unet, "text_encoder": te}
+    return add_random_adapters(models, configs, seed, scale), unet, te
+
+
+def add_random_adapters(models: dict, configs: dict, seed=0, scale=0.1) -> LoraWeights:
+    """Add each config's adapter to its part of `models` with random LoRA weights; the LoRA as LoraWeights."""
     gen = torch.Generator().manual_seed(seed)
     for name, config in configs.items():
         models[name].add_adapter(config)
@@ -32,7 +37,7 @@ def random_adapted(tiny, network_dim=4, network_alpha=2, conv_dim=None, conv_alp
             for pname, p in models[name].named_parameters():
                 if "lora_" in pname:
                     p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return LoraWeights.from_peft_models(**{n: models[n] for n in configs}), unet, te
+    return LoraWeights.from_peft_models(**{n: models[n] for n in configs})
 
 
 def text_ids(tiny, prompt="a photo of a cat"):

@@ -13,6 +13,7 @@ from lora_sd.formats import load_lora, read_lora, save_lora
 from lora_sd.formats.sdxl_names import SgmNames
 from lora_sd.lora_weights import LoraWeights
 from lora_sd.targets import NetworkSpec, lora_configs
+from tests.helpers import add_random_adapters
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -30,14 +31,7 @@ def adapted_sdxl(model, conv_dim=2, seed=0, scale=0.1):
     configs = lora_configs(models["unet"], models["text_encoder"], NetworkSpec(4, 2, conv_dim, 1),
                            text_encoder_2=models["text_encoder_2"])
     assert set(configs) == set(PARTS)
-    gen = torch.Generator().manual_seed(seed)
-    for name, config in configs.items():
-        models[name].add_adapter(config)
-        with torch.no_grad():
-            for pname, p in models[name].named_parameters():
-                if "lora_" in pname:
-                    p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return LoraWeights.from_peft_models(**models), models
+    return add_random_adapters(models, configs, seed, scale), models
 
 
 def outputs(unet, te1, te2, tokenizer, tokenizer_2):

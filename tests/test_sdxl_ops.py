@@ -21,6 +21,7 @@ from lora_sd.models import load_base
 from lora_sd.targets import NetworkSpec, TEXT_ENCODER_TARGET_CLASSES, UNET_CONV_TARGET_CLASSES, UNET_TARGET_CLASSES
 from lora_sd.targets import lora_configs
 from lora_sd.tiny import build_tiny_sd, save_tiny_diffusers, save_tiny_single_file
+from tests.helpers import add_random_adapters
 from recipes import extract_lora_from_models, generate, merge_lora, svd_merge_lora
 from tests.test_ops_extract import add_known_delta
 from tests.test_sdxl_formats import outputs
@@ -34,14 +35,7 @@ def sdxl_lora(model, dim, alpha, conv_dim, conv_alpha, seed, text_encoders=True,
     models = {p: copy.deepcopy(getattr(model, p)) for p in PARTS}
     configs = lora_configs(models["unet"], models["text_encoder"], NetworkSpec(dim, alpha, conv_dim, conv_alpha),
                            train_text_encoder=text_encoders, text_encoder_2=models["text_encoder_2"])
-    gen = torch.Generator().manual_seed(seed)
-    for name, config in configs.items():
-        models[name].add_adapter(config)
-        with torch.no_grad():
-            for pname, p in models[name].named_parameters():
-                if "lora_" in pname:
-                    p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return LoraWeights.from_peft_models(**{n: models[n] for n in configs})
+    return add_random_adapters(models, configs, seed, scale)
 
 
 def model_outputs(model):
