@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lora_sd.cli import run_main
-from lora_sd.io import load_tree, save_tree
+from lora_sd.state_tree import load_tree, save_tree
 from lora_sd.training import checkpoint, optim
 from tests.helpers import full_disk_at
 from tests.test_train import args, assets, train_recipe  # noqa: F401  (assets: the tiny model + images fixture)

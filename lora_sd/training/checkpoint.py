@@ -26,9 +26,9 @@ import torch
 from lora_sd.config import OPTION_NAMES
 from lora_sd.errors import ConfigError, FormatError
 from lora_sd.formats import save_lora
-from lora_sd.io import (atomic_path, failures_name, load_tree, open_tensor_file, refuse_overwriting_inputs, replace,
-                        save_tree, tree_from_json, tree_to_json)
+from lora_sd.io import atomic_path, failures_name, open_tensor_file, refuse_overwriting_inputs, replace
 from lora_sd.lora_weights import LoraWeights
+from lora_sd.state_tree import load_tree, save_tree, tree_from_json, tree_to_json
 
 logger = logging.getLogger(__name__)
 
