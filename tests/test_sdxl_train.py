@@ -6,35 +6,18 @@ Each run is a few steps through `main(argv)`; the tiny SDXL folder and a four-im
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
 from lora_sd.cli import run_main
 from lora_sd.demo import draw_image
-from tests.test_train import kohya_file, train_recipe
+from tests.test_train import args, kohya_file, make_assets, train_recipe
 
 
 @pytest.fixture(scope="session")
 def xl_assets(tmp_path_factory):
-    from lora_sd.tiny import save_tiny_diffusers
-
-    root = tmp_path_factory.mktemp("sdxl_train_assets")
-    save_tiny_diffusers(root / "model", "sdxl")
-    sub = root / "images" / "2_sks shape"
-    sub.mkdir(parents=True)
-    rng = random.Random(0)
-    for i in range(4):
-        draw_image(rng).save(sub / f"{i}.png")
-        (sub / f"{i}.caption").write_text(f"a photo of sks shape, red{', blue' if i % 2 else ''}")
-    return root
-
-
-def xl_args(assets, out, *extra, steps=2):
-    return ["--pretrained_model_name_or_path", str(assets / "model"), "--train_data_dir", str(assets / "images"),
-            "--resolution", "64", "--output_dir", str(out), "--output_name", "lora", "--max_train_steps",
-            str(steps), "--seed", "1", "--max_data_loader_n_workers", "0", "--learning_rate", "1e-3", *extra]
+    return make_assets(tmp_path_factory.mktemp("sdxl_train_assets"), "sdxl")
 
 
 def xl_pipeline(assets):
@@ -71,7 +54,7 @@ def expected_kohya_names(conv: bool) -> set[str]:
 
 def test_sdxl_file_has_sd_scripts_names_and_diffusers_reproduces_the_trained_model(xl_assets, tmp_path):
     out = tmp_path / "out"
-    result = train_recipe.main(xl_args(xl_assets, out, "--network_dim", "4", "--network_alpha", "2",
+    result = train_recipe.main(args(xl_assets, out, "--network_dim", "4", "--network_alpha", "2",
                                        "--network_args", "conv_dim=2", "conv_alpha=1", "--max_token_length", "150"))
     assert result.version == "sdxl"
     state, meta = kohya_file(out / "lora.safetensors")
@@ -129,7 +112,7 @@ def test_sdxl_lora_overfits_a_single_image(xl_assets, tmp_path):
     draw_image(random.Random(5)).save(data / "0.png")
     (data / "0.caption").write_text("a photo of sks shape")
     out = tmp_path / "out"
-    train_recipe.main(xl_args(xl_assets, out, "--train_data_dir", str(tmp_path / "one"), "--learning_rate", "1e-2",
+    train_recipe.main(args(xl_assets, out, "--train_data_dir", str(tmp_path / "one"), "--learning_rate", "1e-2",
                               "--network_dim", "8", "--network_alpha", "8", "--network_args", "conv_dim=8",
                               "conv_alpha=8", "--cache_latents", "--network_train_unet_only",
                               "--cache_text_encoder_outputs", steps=60))  # the tiny SDXL learns in its convs
@@ -152,9 +135,9 @@ def test_sdxl_lora_overfits_a_single_image(xl_assets, tmp_path):
 def test_sdxl_resume_gives_the_same_lora(xl_assets, tmp_path):
     """Both text encoders and the U-Net trained: stopped at the step-2 state, resumed: bit-identical."""
     common = ("--save_every_n_steps", "2", "--save_state", "--text_encoder_lr", "1e-3", "5e-4")
-    train_recipe.main(xl_args(xl_assets, tmp_path / "a", *common, steps=4))
-    train_recipe.main(xl_args(xl_assets, tmp_path / "b", *common, steps=2))
-    result = train_recipe.main(xl_args(xl_assets, tmp_path / "b", *common, "--resume",
+    train_recipe.main(args(xl_assets, tmp_path / "a", *common, steps=4))
+    train_recipe.main(args(xl_assets, tmp_path / "b", *common, steps=2))
+    result = train_recipe.main(args(xl_assets, tmp_path / "b", *common, "--resume",
                                        str(tmp_path / "b" / "lora-state"), steps=4))
     assert result.steps == 4
     a, _ = kohya_file(tmp_path / "a" / "lora.safetensors")
@@ -170,16 +153,16 @@ def test_sdxl_network_weights_continues_from_a_file_and_refuses_sd1_loras(xl_ass
 
     from lora_sd.formats import load_lora, save_lora
 
-    train_recipe.main(xl_args(xl_assets, tmp_path / "first", "--network_dim", "4"))
+    train_recipe.main(args(xl_assets, tmp_path / "first", "--network_dim", "4"))
     start = tmp_path / "first" / "lora.safetensors"
-    train_recipe.main(xl_args(xl_assets, tmp_path / "out", "--network_weights", str(start), "--dim_from_weights",
+    train_recipe.main(args(xl_assets, tmp_path / "out", "--network_weights", str(start), "--dim_from_weights",
                               "--learning_rate", "0"))
     want, got = load_lora(start), load_lora(tmp_path / "out" / "lora.safetensors")
     assert got.modules.keys() == want.modules.keys() and any(k.startswith("text_encoder_2.") for k in got.modules)
     for k, m in want.modules.items():
         assert torch.equal(got.modules[k].down, m.down) and torch.equal(got.modules[k].up, m.up)
     sd1 = save_lora(random_lora(tiny_sd1), tmp_path / "sd1.safetensors", "kohya")
-    code = run_main(train_recipe.main, xl_args(xl_assets, tmp_path / "bad", "--network_weights", str(sd1)))
+    code = run_main(train_recipe.main, args(xl_assets, tmp_path / "bad", "--network_weights", str(sd1)))
     assert code == 2 and not (tmp_path / "bad" / "lora.safetensors").exists()
     assert "a LoRA for SD 1.x, but the base model is SDXL" in capsys.readouterr().err
 
@@ -192,7 +175,7 @@ def test_text_encoder_lr_pair_reaches_the_two_param_groups(xl_assets, tmp_path, 
     real = optim.build_optimizer
     monkeypatch.setattr(optim, "build_optimizer", lambda name, groups, *a: seen.append(groups) or
                         real(name, groups, *a))
-    train_recipe.main(xl_args(xl_assets, tmp_path / "out", "--text_encoder_lr", "3e-4", "2e-4", "--unet_lr", "1e-3",
+    train_recipe.main(args(xl_assets, tmp_path / "out", "--text_encoder_lr", "3e-4", "2e-4", "--unet_lr", "1e-3",
                               steps=1))
     groups = seen[0]
     assert [g["lr"] for g in groups] == [3e-4, 2e-4, 1e-3]
@@ -206,7 +189,7 @@ def test_text_encoder_lr_pair_reaches_the_two_param_groups(xl_assets, tmp_path, 
     toml.write_text(f'pretrained_model_name_or_path = "m"\ntrain_data_dir = "{xl_assets / "images"}"\n'
                     'text_encoder_lr = [1e-4, 5e-5]\n')
     assert load_config(toml).text_encoder_lr == [1e-4, 5e-5]
-    bad = run_main(train_recipe.main, xl_args(xl_assets, tmp_path / "bad", "--text_encoder_lr", "1", "2", "3"))
+    bad = run_main(train_recipe.main, args(xl_assets, tmp_path / "bad", "--text_encoder_lr", "1", "2", "3"))
     assert bad == 2
 
 
@@ -214,7 +197,7 @@ def test_fp8_base_trains_with_float8_weights(xl_assets, tmp_path):
     if not hasattr(torch, "float8_e4m3fn"):
         pytest.skip("this torch has no float8")
     out = tmp_path / "out"
-    result = train_recipe.main(xl_args(xl_assets, out, "--fp8_base", "--mixed_precision", "bf16"))
+    result = train_recipe.main(args(xl_assets, out, "--fp8_base", "--mixed_precision", "bf16"))
     base = dict(result.unet.named_modules())["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
     assert base.base_layer.weight.dtype == torch.float8_e4m3fn
     assert base.lora_A["default"].weight.dtype == torch.float32
@@ -232,7 +215,7 @@ def test_sdxl_refusals_exit_2_and_write_nothing(xl_assets, tmp_path, bad, capsys
              "cache_with_shuffle": ["--cache_text_encoder_outputs", "--network_train_unet_only",
                                     "--shuffle_caption"]}[bad]
     out = tmp_path / "out"
-    assert run_main(train_recipe.main, xl_args(xl_assets, out, *extra)) == 2
+    assert run_main(train_recipe.main, args(xl_assets, out, *extra)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     assert {"fp8_no_mixed": "`fp8_base`", "cache_with_te": "network_train_unet_only",

@@ -27,11 +27,12 @@ def assets(tmp_path_factory):
     return make_assets(tmp_path_factory.mktemp("train_assets"))
 
 
-def make_assets(root: Path) -> Path:
-    """The tiny SD1 model folder, four captioned images (`images/2_sks shape`) and two regularization images."""
+def make_assets(root: Path, version="sd1") -> Path:
+    """The tiny model folder (SD1 by default), four captioned images (`images/2_sks shape`) and two
+    regularization images."""
     from lora_sd.tiny import save_tiny_diffusers
 
-    save_tiny_diffusers(root / "model", "sd1")
+    save_tiny_diffusers(root / "model", version)
     sub = root / "images" / "2_sks shape"
     sub.mkdir(parents=True)
     rng = random.Random(0)

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import FormatError
 from ..io import atomic_path, open_tensor_file, precision_dtype
+from ..outputs import TENSOR_FILE_SUFFIXES
 from . import sd_configs, single_file
 from .original_layout import to_original
 from .state_dict_io import load_state_dict, save_state_dict
@@ -27,7 +28,7 @@ from .tokenizer import load_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = TENSOR_FILE_SUFFIXES  # a single-file model is any tensor file
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _MIN_CLIP_VOCAB = 512  # a CLIP BPE vocabulary holds at least its 256 byte tokens, with and without </w>
 
