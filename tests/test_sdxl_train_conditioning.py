@@ -66,8 +66,7 @@ def test_cached_text_encoder_outputs_equal_uncached_in_memory_and_on_disk(tiny_x
 
 
 def test_a_run_with_cached_text_encoder_outputs_on_disk_trains_the_same_lora(tmp_path, monkeypatch):
-    from tests.test_sdxl_train import xl_args
-    from tests.test_train import kohya_file, train_recipe
+    from tests.test_train import args, kohya_file, train_recipe
 
     from lora_sd.demo import draw_image
     from lora_sd.tiny import save_tiny_diffusers
@@ -80,9 +79,9 @@ def test_a_run_with_cached_text_encoder_outputs_on_disk_trains_the_same_lora(tmp
         draw_image(random.Random(i)).save(sub / f"{i}.png")
     monkeypatch.setattr(text_cache, "default_text_cache_dir", lambda: tmp_path / "text_cache")
     common = ("--network_train_unet_only", "--max_token_length", "150")
-    train_recipe.main(xl_args(tmp_path, tmp_path / "a", *common))
+    train_recipe.main(args(tmp_path, tmp_path / "a", *common))
     for run in ("b", "c"):  # c reads what b wrote
-        train_recipe.main(xl_args(tmp_path, tmp_path / run, *common, "--cache_text_encoder_outputs_to_disk"))
+        train_recipe.main(args(tmp_path, tmp_path / run, *common, "--cache_text_encoder_outputs_to_disk"))
     assert len(list((tmp_path / "text_cache").rglob("shard-*.safetensors"))) == 1
     a, _ = kohya_file(tmp_path / "a" / "lora.safetensors")
     for run in ("b", "c"):
