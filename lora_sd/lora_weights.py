@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
+from lora_sd import adapter_math
 from lora_sd.errors import ModelMismatchError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -26,29 +27,77 @@ TE_PREFIX = "text_model."
 
 @dataclass
 class LoraModule:
-    """One adapted module. delta W = up @ down * alpha / rank."""
+    """One adapted module: its kind ("lora", "loha", "lokr"), its tensors, its alpha, and DoRA's magnitude.
 
-    down: torch.Tensor  # [rank, in] or [rank, in, k, k]
-    up: torch.Tensor  # [out, rank] or [out, rank, 1, 1]
+    A plain LoRA keeps `down` / `up` (delta W = up @ down * alpha / rank); LoHa and
+    LoKr keep their tensors in `tensors` under LyCORIS' names (hada_w1_a, lokr_w1,
+    ...; `down`/`up` are None). `dora_scale` makes any kind DoRA. The delta of
+    every kind is defined once, in `adapter_math`. `shape` is the adapted
+    weight's shape where the tensors do not tell it (LoHa/LoKr keep 3x3 convs
+    flattened); None when unknown.
+    """
+
+    down: torch.Tensor | None  # [rank, in] or [rank, in, k, k]
+    up: torch.Tensor | None  # [out, rank] or [out, rank, 1, 1]
     alpha: float
+    kind: str = "lora"
+    tensors: dict = field(default_factory=dict)
+    dora_scale: torch.Tensor | None = None  # [out, 1(, 1, 1)] per output row, or [1, in(, 1, 1)] per input column
+    shape: tuple | None = None
+
+    @classmethod
+    def of_kind(cls, kind, tensors: dict, alpha, dora_scale=None, shape=None) -> "LoraModule":
+        """A module from its tensors under file names (`lora_down.weight`, `hada_w1_a`, ...)."""
+        if kind == "lora":
+            return cls(tensors["lora_down.weight"], tensors["lora_up.weight"], float(alpha),
+                       dora_scale=dora_scale, shape=shape)
+        return cls(None, None, float(alpha), kind, dict(tensors), dora_scale, shape)
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """{file tensor name: tensor} of this module's factors (alpha and dora_scale not included)."""
+        if self.kind == "lora":
+            return {"lora_down.weight": self.down, "lora_up.weight": self.up}
+        return dict(self.tensors)
 
     @property
-    def rank(self) -> int:
-        return self.down.shape[0]
+    def rank(self) -> int | None:
+        """The rank the alpha is divided by; None for a LoKr with no decomposed factor (scale 1)."""
+        return adapter_math.kind_rank(self.kind, self.named_tensors())
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return adapter_math.kind_scale(self.kind, self.named_tensors(), self.alpha)
+
+    def weight_shape(self) -> tuple:
+        """The adapted weight's shape: `shape` when set, else what the tensors tell ([out, in*k*k] for a
+        flattened LoHa/LoKr conv)."""
+        if self.shape is not None:
+            return tuple(self.shape)
+        if self.kind == "lora":
+            return (self.up.shape[0], *self.down.shape[1:])
+        return tuple(adapter_math.delta(self.kind, self.named_tensors(), self.alpha).shape)
 
     @property
     def is_3x3(self) -> bool:
         """A conv with a kernel larger than 1x1 (kohya's conv_dim / conv_alpha modules)."""
-        return self.down.dim() == 4 and self.down.shape[2:] != (1, 1)
+        shape = self.weight_shape()
+        return len(shape) == 4 and shape[2:] != (1, 1)
 
-    def delta(self, dtype=torch.float32) -> torch.Tensor:
-        """The full weight delta, shaped like the module's weight: [out, in] or [out, in, k, k]."""
-        w = self.up.to(dtype).flatten(1) @ self.down.to(dtype).flatten(1)  # [out, in*k*k]
-        return (w * self.scale).reshape(self.up.shape[0], *self.down.shape[1:])
+    def delta(self, dtype=torch.float32, shape=None) -> torch.Tensor:
+        """The full weight delta, shaped like the module's weight (`shape`, else `weight_shape()`).
+
+        DoRA's magnitude is not in it: a DoRA module changes the weight by `merged(weight) - weight`."""
+        t = {k: v.to(dtype) for k, v in self.named_tensors().items()}
+        return adapter_math.delta(self.kind, t, self.alpha, shape or self.weight_shape())
+
+    def merged(self, weight, multiplier=1.0, dtype=torch.float32) -> torch.Tensor:
+        """`weight` with this module added at `multiplier`, in `dtype`; DoRA as ComfyUI applies a strength:
+        W + multiplier * (DoRA(W) - W)."""
+        w = weight.to(dtype)
+        d = self.delta(dtype, tuple(weight.shape))
+        if self.dora_scale is None:
+            return w + multiplier * d
+        return w + multiplier * (adapter_math.dora_weight(w, d, self.dora_scale.to(dtype)) - w)
 
 
 @dataclass
@@ -73,7 +122,11 @@ class LoraWeights:
         def convert(t):
             return t.detach().to(device, dtype).contiguous()
 
-        mods = {k: LoraModule(convert(m.down), convert(m.up), m.alpha) for k, m in self.modules.items()}
+        mods = {}
+        for k, m in self.modules.items():
+            dora = convert(m.dora_scale) if m.dora_scale is not None else None
+            tensors = {n: convert(t) for n, t in m.named_tensors().items()}
+            mods[k] = LoraModule.of_kind(m.kind, tensors, m.alpha, dora, m.shape)
         return LoraWeights(mods, dict(self.metadata))
 
     # --- PEFT models ------------------------------------------------------------
