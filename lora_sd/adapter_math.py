@@ -31,7 +31,7 @@ def kind_of(names) -> str | None:
 
 def tucker(t, wa, wb):
     """LyCORIS' Tucker (CP) rebuild: core t [r, r, kh, kw], wa [r, out], wb [r, in] -> [out, in, kh, kw]."""
-    return torch.einsum("i j k l, i p, j r -> p r k l", t, wa, wb)
+    return torch.einsum("i j k l, i p, j r -> p r k l", t, wa, wb).contiguous()  # torch.kron needs it contiguous
 
 
 def lora_delta(down, up, scale):

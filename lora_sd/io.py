@@ -253,7 +253,8 @@ def open_tensor_file(path, allow_pickle=False):
         raise FormatError(f"{path}: is empty (0 bytes)")
     with open(path, "rb") as f:
         head = f.read(16)
-    if path.suffix == ".safetensors" and head.startswith(_PICKLE_HEADS):
+    # a safetensors header of 640, 896, 1152 or 1408 bytes starts with b"\x80\x02".. too: its JSON follows
+    if path.suffix == ".safetensors" and head.startswith(_PICKLE_HEADS) and head[8:9] != b"{":
         raise FormatError(f"{path}: named .safetensors but holds a zip archive or pickle (a torch .ckpt/.pt?), not "
                           "safetensors; if it is a torch checkpoint, rename it to .ckpt")
     if path.suffix == ".safetensors" or head[8:9] == b"{":

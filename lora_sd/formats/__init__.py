@@ -14,8 +14,9 @@ import torch
 
 from lora_sd.errors import FormatError
 from lora_sd.formats.base_model import note_base
-from lora_sd.formats.diffusers import (FOLDER_FILES, diffusers_file_contents, diffusers_folder_file, is_diffusers,
-                                      lora_from_diffusers)
+from lora_sd.formats.checks import module_problem
+from lora_sd.formats.diffusers import (FOLDER_FILES, diffusers_file_contents, diffusers_folder_file, diffusers_refusal,
+                                      is_diffusers, lora_from_diffusers)
 from lora_sd.formats.kohya import is_kohya, kohya_file_contents, lora_from_kohya
 from lora_sd.formats.peft import is_peft_folder, read_peft_folder, write_peft_folder
 from lora_sd.io import atomic_path, precision_dtype, read_tensor_file
@@ -39,17 +40,10 @@ def read_lora(path) -> tuple[LoraWeights, str]:
         lora, fmt = _read_file(path)
     if not lora.modules:
         raise FormatError(f"{path}: holds no LoRA modules")
-    for key, m in lora.modules.items():
-        if not (m.down.is_floating_point() and m.up.is_floating_point()):  # int8 weights are no LoRA we know
-            raise FormatError(f"{path}: module {key} holds {m.down.dtype}/{m.up.dtype} tensors; a LoRA's are floating point")
-        if m.rank == 0 or m.down.numel() == 0 or m.up.numel() == 0:
-            raise FormatError(f"{path}: module {key} is empty (down {tuple(m.down.shape)}, up {tuple(m.up.shape)}): "
-                              "a LoRA module has rank >= 1")
-        if not _is_lora_pair(m.down, m.up):
-            raise FormatError(
-                f"{path}: module {key} has down {tuple(m.down.shape)}, up {tuple(m.up.shape)}; a LoRA pair is "
-                "down [rank, in] or [rank, in, k, k] with up [out, rank] or [out, rank, 1, 1]"
-            )
+    for key, m in lora.modules.items():  # every tensor of every kind, dora_scale included
+        problem = module_problem(m)
+        if problem:
+            raise FormatError(f"{path}: module {key} {problem}")
     _refuse_non_finite(lora, path)
     note_base(lora, path)
     return lora, fmt
@@ -86,7 +80,8 @@ def _refuse_non_finite(lora: LoraWeights, path, advice="the LoRA is broken (a di
     """NaN/inf in a LoRA would go silently into merged models and generated images (or crash an SVD)."""
     bad = {}
     for key, m in lora.modules.items():
-        n = int((~torch.isfinite(m.down)).sum()) + int((~torch.isfinite(m.up)).sum()) + (not math.isfinite(m.alpha))
+        tensors = [*m.named_tensors().values(), *([m.dora_scale] if m.dora_scale is not None else [])]
+        n = sum(int((~torch.isfinite(t)).sum()) for t in tensors) + (not math.isfinite(m.alpha))
         if n:
             bad[key] = n
     if bad:
@@ -106,12 +101,6 @@ def _savable(lora: LoraWeights, path, save_precision) -> LoraWeights:
     return cast
 
 
-def _is_lora_pair(down, up) -> bool:
-    if down.dim() not in (2, 4) or up.dim() not in (2, 4) or up.shape[1] != down.shape[0]:
-        return False
-    return up.dim() == 2 or up.shape[2:] == (1, 1)
-
-
 def load_lora(path) -> LoraWeights:
     """Read a kohya file, a diffusers LoRA file or a PEFT adapter folder."""
     return read_lora(path)[0]
@@ -128,6 +117,8 @@ def save_lora(lora: LoraWeights, path, fmt="kohya", save_precision="float", **ko
         raise FormatError(f"{path}: exists and is not a PEFT adapter folder; give a new folder name")
     if fmt != "peft" and path.is_dir():
         raise FormatError(f"{path}: is a folder; a {fmt} LoRA is a file (give a file name)")
+    if fmt == "diffusers" and diffusers_refusal(lora):
+        raise FormatError(f"{path}: a diffusers LoRA file cannot hold this LoRA: {diffusers_refusal(lora)}")
     with atomic_path(path) as tmp:
         if fmt == "peft":
             tmp.mkdir()

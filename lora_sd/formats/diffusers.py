@@ -21,10 +21,13 @@ from pathlib import Path
 from diffusers.utils.state_dict_utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
                                               convert_unet_state_dict_to_peft)
 
+from lora_sd import adapter_math
 from lora_sd.errors import FormatError
 from lora_sd.formats.metadata import kohya_metadata_only
 from lora_sd.formats.peft import LORA_A, LORA_B, lora_modules
-from lora_sd.lora_weights import COMPONENTS, LoraWeights
+from lora_sd.lora_weights import COMPONENTS, LoraWeights, key_for_module
+
+KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 # diffusers.loaders.lora_base LORA_WEIGHT_NAME_SAFE / LORA_WEIGHT_NAME, in the order load_lora_weights tries them
@@ -79,20 +82,56 @@ def lora_from_diffusers(state_dict, metadata=None, source="") -> LoraWeights:
         by_component.setdefault(component, {})[name] = tensor
     lora = LoraWeights(metadata=kohya_metadata_only(metadata))
     for component, state in by_component.items():
+        magnitudes = {k[: -len(MAGNITUDE)]: state.pop(k) for k in list(state) if k.endswith(MAGNITUDE)}
         state = _peft_names(component, state, source)
-        lora.modules.update(lora_modules(component, state, configs.get(component, {}), source))
+        modules = lora_modules(component, state, configs.get(component, {}), source)
+        for name, magnitude in magnitudes.items():
+            key = key_for_module(component, name)
+            if key not in modules:
+                raise FormatError(f"{source}: {component}.{name}{MAGNITUDE} has no LoRA module")
+            m = modules[key]  # PEFT's [out] as the output-axis [out, 1...] kohya files hold
+            m.dora_scale = magnitude.reshape(-1, *[1] * (len(m.weight_shape()) - 1)) if magnitude.dim() == 1 else magnitude
+        lora.modules.update(modules)
     return lora
 
 
+MAGNITUDE = ".lora_magnitude_vector"  # PEFT's DoRA magnitude [out]; diffusers' load_lora_weights loads it (0.42)
+
+
+def diffusers_refusal(lora: LoraWeights) -> str | None:
+    """Why `lora` cannot be a diffusers LoRA file, or None. diffusers' `load_lora_weights` loads plain LoRA and
+    DoRA (PEFT's output-axis magnitudes, one LoraConfig per component); not LoHa/LoKr, input-axis DoRA, or a
+    component where some modules are DoRA and others not."""
+    where = ("write --to kohya (ComfyUI, AUTOMATIC1111, sd-scripts + LyCORIS) or --to peft (PEFT, lora-sd), or load "
+             "the file into a diffusers pipeline with lora-sd's loader (generate.py --network_weights)")
+    for key, m in lora.modules.items():
+        if m.kind != "lora":
+            return f"module {key} is a {KIND_NAMES[m.kind]}; diffusers' load_lora_weights loads LoRA and DoRA only: {where}"
+        if m.dora_scale is not None and adapter_math.dora_axis(m.dora_scale, m.weight_shape()) != "output":
+            return (f"module {key} is a DoRA with per-input-column magnitudes, which diffusers (PEFT) cannot hold: "
+                    f"{where}, or merge it into a model (merge_lora)")
+    for component in lora.components:
+        dora = {m.dora_scale is not None for m in lora.component(component).values()}
+        if len(dora) == 2:
+            return (f"the {component} has DoRA and plain LoRA modules; a diffusers file holds one LoraConfig per "
+                    f"component (use_dora for all or none): {where}")
+    return None
+
+
 def diffusers_file_contents(lora: LoraWeights):
-    """(tensors, metadata) as `save_lora_weights` would write them, alphas in the metadata; tensors as in `lora`."""
+    """(tensors, metadata) as `save_lora_weights` would write them, alphas in the metadata, DoRA magnitudes as
+    PEFT's `lora_magnitude_vector` [out]; tensors as in `lora` (`save_lora` refuses what `diffusers_refusal` names)."""
     state = {}
     for key, m in lora.modules.items():
         state[key + LORA_A] = m.down
         state[key + LORA_B] = m.up
+        if m.dora_scale is not None:
+            state[key + MAGNITUDE] = m.dora_scale.flatten()
     packed = {}
     for component in lora.components:
-        for field, value in lora.peft_config(component).to_dict().items():
+        config = lora.peft_config(component).to_dict()
+        config["use_dora"] = any(m.dora_scale is not None for m in lora.component(component).values())
+        for field, value in config.items():
             if isinstance(value, set):
                 value = sorted(value)
             if field == "peft_type":

@@ -39,11 +39,15 @@ def lora_version(metadata) -> str | None:
     return None
 
 
-def network_metadata(dim, alpha, conv_dim=None, conv_alpha=None) -> dict[str, str]:
-    """sd-scripts' `ss_network_*` keys for a networks.lora LoRA (`ss_network_args` only with conv_dim)."""
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": _num(dim), "ss_network_alpha": _num(alpha)}
+def network_metadata(dim, alpha, conv_dim=None, conv_alpha=None, module="networks.lora", args=None) -> dict[str, str]:
+    """sd-scripts' `ss_network_*` keys: `ss_network_args` (JSON strings, as sd-scripts writes network_args)
+    holds `args` (LyCORIS' algo, ...) and conv_dim/conv_alpha when there are 3x3 convs."""
+    meta = {"ss_network_module": module, "ss_network_dim": _num(dim), "ss_network_alpha": _num(alpha)}
+    args = dict(args or {})
     if conv_dim is not None:
-        meta["ss_network_args"] = json.dumps({"conv_dim": _num(conv_dim), "conv_alpha": _num(conv_alpha)})
+        args.update(conv_dim=_num(conv_dim), conv_alpha=_num(conv_alpha))
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
     return meta
 
 
