@@ -26,6 +26,8 @@ def structure_problem(kind, names) -> str | None:
     if kind == "loha" and ("hada_t1" in names) != ("hada_t2" in names):
         return "has only one of hada_t1/hada_t2 (a Tucker LoHa has both cores)"
     if kind == "lokr":
+        if "lokr_t2" in names and not {"lokr_w2_a", "lokr_w2_b"} <= names:
+            return "has a Tucker core lokr_t2 without its factors lokr_w2_a/lokr_w2_b"
         for i in "12":
             full, a, b = f"lokr_w{i}", f"lokr_w{i}_a", f"lokr_w{i}_b"
             if full in names and (a in names or b in names):
@@ -34,8 +36,6 @@ def structure_problem(kind, names) -> str | None:
                 return f"has {a if a in names else b} without {b if a in names else a}"
             if full not in names and a not in names:
                 return f"has no {full} (or {a}/{b})"
-        if "lokr_t2" in names and "lokr_w2_a" not in names:
-            return "has a Tucker core lokr_t2 without its factors lokr_w2_a/lokr_w2_b"
     return None
 
 

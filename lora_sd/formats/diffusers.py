@@ -82,20 +82,32 @@ def lora_from_diffusers(state_dict, metadata=None, source="") -> LoraWeights:
         by_component.setdefault(component, {})[name] = tensor
     lora = LoraWeights(metadata=kohya_metadata_only(metadata))
     for component, state in by_component.items():
-        magnitudes = {k[: -len(MAGNITUDE)]: state.pop(k) for k in list(state) if k.endswith(MAGNITUDE)}
+        magnitudes = {k.removesuffix(".weight")[: -len(MAGNITUDE)]: state.pop(k) for k in list(state)
+                      if k.removesuffix(".weight").endswith(MAGNITUDE)}
         state = _peft_names(component, state, source)
         modules = lora_modules(component, state, configs.get(component, {}), source)
         for name, magnitude in magnitudes.items():
             key = key_for_module(component, name)
             if key not in modules:
                 raise FormatError(f"{source}: {component}.{name}{MAGNITUDE} has no LoRA module")
-            m = modules[key]  # PEFT's [out] as the output-axis [out, 1...] kohya files hold
-            m.dora_scale = magnitude.reshape(-1, *[1] * (len(m.weight_shape()) - 1)) if magnitude.dim() == 1 else magnitude
+            m = modules[key]  # PEFT's [out] / [1, out, 1, 1] as the output-axis [out, 1...] kohya files hold
+            m.dora_scale = magnitude.flatten().reshape(-1, *[1] * (len(m.weight_shape()) - 1))
         lora.modules.update(modules)
     return lora
 
 
-MAGNITUDE = ".lora_magnitude_vector"  # PEFT's DoRA magnitude [out]; diffusers' load_lora_weights loads it (0.42)
+# PEFT's DoRA magnitude. diffusers 0.42 loads it under this name into the U-Net; into a text encoder (through
+# transformers 5's adapter loading) only with `.weight` after it: without, the magnitudes are silently re-initialised
+MAGNITUDE = ".lora_magnitude_vector"
+_MAGNITUDE_NAMES = {"unet": MAGNITUDE, "text_encoder": MAGNITUDE + ".weight", "text_encoder_2": MAGNITUDE + ".weight"}
+
+
+def peft_magnitude(m):
+    """An output-axis dora_scale as PEFT's lora_magnitude_vector: [out] for a Linear, [1, out, 1, 1] for a Conv2d
+    (peft 0.21's DoRA conv layer keeps it so; a diffusers file of another shape fails to load)."""
+    if len(m.weight_shape()) == 4:
+        return m.dora_scale.reshape(1, -1, 1, 1)
+    return m.dora_scale.flatten()
 
 
 def diffusers_refusal(lora: LoraWeights) -> str | None:
@@ -126,7 +138,7 @@ def diffusers_file_contents(lora: LoraWeights):
         state[key + LORA_A] = m.down
         state[key + LORA_B] = m.up
         if m.dora_scale is not None:
-            state[key + MAGNITUDE] = m.dora_scale.flatten()
+            state[key + _MAGNITUDE_NAMES[key.split(".", 1)[0]]] = peft_magnitude(m)
     packed = {}
     for component in lora.components:
         config = lora.peft_config(component).to_dict()
