@@ -16,6 +16,7 @@ adapted through conv_dim): AUTOMATIC1111's name conversion hard-codes SD's block
 
 import copy
 import dataclasses
+import math
 import re
 
 import pytest
@@ -23,6 +24,7 @@ import safetensors.torch
 import torch
 
 from lora_sd.formats import save_lora
+from lora_sd.lora_weights import LoraModule, LoraWeights, model_module_name
 from lora_sd.models import original_layout_state_dict
 from lora_sd.ops.merge import merge_into_models
 from tests.helpers import random_lora
@@ -76,7 +78,7 @@ def checkpoints(case):
     return base, original_layout_state_dict(case.merged, original_state_dict=base)
 
 
-def assert_same_patch(patched, expected, base, loader):
+def assert_same_patch(patched, expected, base, loader, tolerance=1e-6):
     """The loader changed exactly the weights our merge changed, to the same values."""
     assert set(patched) == set(expected) == set(base)
     ours = {k for k in base if not torch.equal(expected[k], base[k])}
@@ -86,7 +88,7 @@ def assert_same_patch(patched, expected, base, loader):
     assert not theirs - ours, f"{loader} patches weights our merge does not: {sorted(theirs - ours)[:3]}"
     worst = max(ours, key=lambda k: (patched[k] - expected[k]).abs().max())
     diff = (patched[worst] - expected[worst]).abs().max().item()
-    assert diff <= 1e-6, f"{loader}: {worst} differs from our merge by {diff:g}"
+    assert diff <= tolerance, f"{loader}: {worst} differs from our merge by {diff:g}"
 
 
 # --- ComfyUI ------------------------------------------------------------------------------------
@@ -223,27 +225,87 @@ def comfy_key_map(state):
     return key_map
 
 
+# the tensors ComfyUI's adapters look for (weight_adapter/lora.py, loha.py, lokr.py *.load), per kind
+COMFY_PARTS = {"lora": ("lora_up.weight", "lora_down.weight"),
+               "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+               "lokr": ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")}
+
+
 def comfy_load(file, state, strength):
     """(patched state, file keys ComfyUI does not load)."""
     patches, loaded = {}, set()
     for name, target in comfy_key_map(state).items():  # comfy/lora.py load_lora
-        up_key, down_key, alpha_key = f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.alpha"
-        alpha = None
-        if alpha_key in file:
-            alpha = file[alpha_key].item()
-            loaded.add(alpha_key)
-        if up_key in file:
-            patches[target] = (file[up_key], file[down_key], alpha)
-            loaded |= {up_key, down_key}
+        alpha, dora = None, None
+        if f"{name}.alpha" in file:
+            alpha = file[f"{name}.alpha"].item()
+            loaded.add(f"{name}.alpha")
+        if f"{name}.dora_scale" in file:  # read for every key, whichever adapter takes it
+            dora = file[f"{name}.dora_scale"]
+            loaded.add(f"{name}.dora_scale")
+        for kind, parts in COMFY_PARTS.items():  # weight_adapter.adapters, in order: the first that loads wins
+            t = {p: file[f"{name}.{p}"] for p in parts if f"{name}.{p}" in file}
+            if t:
+                patches[target] = (kind, t, alpha, dora)
+                loaded |= {f"{name}.{p}" for p in t}
+                break
     out = dict(state)
-    for key, (up, down, alpha) in patches.items():
+    for key, (kind, t, alpha, dora) in patches.items():
         if key not in out:  # ModelPatcher.add_patches: keys the model lacks are dropped
             continue
-        w = out[key]  # LoRAAdapter.calculate_weight: alpha / rank (1 without alpha), up @ down reshaped
-        scale = alpha / down.shape[0] if alpha is not None else 1.0
-        diff = torch.mm(up.float().flatten(1), down.float().flatten(1)).reshape(w.shape)
-        out[key] = w + (strength * scale * diff).to(w.dtype)
+        w = out[key]
+        diff, scale = comfy_diff(kind, {p: v.float() for p, v in t.items()}, alpha, w.shape)
+        if dora is not None:
+            out[key] = comfy_weight_decompose(dora.float(), w, diff, scale, strength)
+        else:
+            out[key] = w + (strength * scale * diff).to(w.dtype)
     return out, set(file) - loaded
+
+
+def comfy_tucker(t, wa, wb):  # einsum('i j k l, j r, i p -> p r k l', t, wb, wa) in loha.py / lokr.py
+    return torch.einsum("ijkl,jr,ip->prkl", t, wb, wa)
+
+
+def comfy_diff(kind, t, alpha, shape):
+    """(diff reshaped to the weight, scale): calculate_weight of LoRAAdapter (alpha / rank of lora_down, 1 without
+    alpha), LoHaAdapter (alpha / rank of hada_w1_b) and LoKrAdapter (alpha / rank of the decomposed factor, w2's
+    taking precedence; 1 when neither factor is decomposed)."""
+    if kind == "lora":
+        down = t["lora_down.weight"]
+        diff = torch.mm(t["lora_up.weight"].flatten(1), down.flatten(1))
+        return diff.reshape(shape), (alpha / down.shape[0] if alpha is not None else 1.0)
+    if kind == "loha":
+        if "hada_t1" in t:
+            m1 = comfy_tucker(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"])
+            m2 = comfy_tucker(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
+        else:
+            m1, m2 = torch.mm(t["hada_w1_a"], t["hada_w1_b"]), torch.mm(t["hada_w2_a"], t["hada_w2_b"])
+        return (m1 * m2).reshape(shape), (alpha / t["hada_w1_b"].shape[0] if alpha is not None else 1.0)
+    dim = None
+    w1, w2 = t.get("lokr_w1"), t.get("lokr_w2")
+    if w1 is None:
+        dim, w1 = t["lokr_w1_b"].shape[0], torch.mm(t["lokr_w1_a"], t["lokr_w1_b"])
+    if w2 is None:
+        dim = t["lokr_w2_b"].shape[0]
+        w2 = comfy_tucker(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"]) if "lokr_t2" in t else \
+            torch.mm(t["lokr_w2_a"], t["lokr_w2_b"])
+    if w2.dim() == 4:
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    scale = alpha / dim if alpha is not None and dim is not None else 1.0
+    return torch.kron(w1, w2.contiguous()).reshape(shape), scale
+
+
+def comfy_weight_decompose(dora_scale, weight, diff, alpha, strength):
+    """weight_adapter/base.py weight_decompose (as of ComfyUI v0.3.77): the output axis when dora_scale's first
+    size is the weight's, the norm then taken of the ORIGINAL weight; else the input axis, the norm of W + dW;
+    eps added to the norm; a strength s gives W + s (W' - W)."""
+    calc = weight + diff * alpha
+    if dora_scale.shape[0] == calc.shape[0]:
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True).reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    else:
+        norm = calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(calc.shape[1], *[1] * (calc.dim() - 1)).transpose(0, 1)
+    calc = calc * (dora_scale / (norm + torch.finfo(weight.dtype).eps))
+    return weight + strength * (calc - weight)
 
 
 def test_comfyui_uses_every_key_and_patches_as_our_merge(case):
@@ -307,20 +369,55 @@ def a1111_compvis_name(key, is_sd2):
     return key
 
 
-def a1111_updown(w, weight_shape, multiplier):
-    """NetworkModuleLora: factors shaped for the layer (create_module), up @ down (rebuild_conventional),
-    reshaped to the weight when the sizes agree, times alpha / rank (1 without alpha) and the multiplier."""
-    up, down = w["lora_up.weight"].float(), w["lora_down.weight"].float()
-    if len(weight_shape) == 2:  # a Linear (or MultiheadAttention): 2-D factors
-        up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
-    elif down.dim() == 2:  # a Conv2d: a 2-D down becomes a 1x1 conv
-        down = down.reshape(*down.shape, 1, 1)
-    shape = [up.shape[0], down.shape[1], *down.shape[2:]]
-    updown = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(shape)
+def a1111_updown(w, orig, multiplier):
+    """The module network_apply_weights builds from the file's parts (networks.py module_types: the first whose
+    create_module takes them): NetworkModuleLora, NetworkModuleHada or NetworkModuleLokr calc_updown, then
+    network.py finalize_updown: reshaped to the weight when the sizes agree, times calc_scale (alpha / dim, 1
+    without alpha or dim), DoRA's apply_weight_decompose (per input column only), times the multiplier."""
+    w = {k: v.float() for k, v in w.items()}
+    weight_shape = orig.shape
+    if "lora_up.weight" in w:
+        up, down = w["lora_up.weight"], w["lora_down.weight"]
+        if len(weight_shape) == 2:  # a Linear (or MultiheadAttention): 2-D factors
+            up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+        elif down.dim() == 2:  # a Conv2d: a 2-D down becomes a 1x1 conv
+            down = down.reshape(*down.shape, 1, 1)
+        shape = [up.shape[0], down.shape[1], *down.shape[2:]]
+        updown = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(shape)  # rebuild_conventional
+        dim = down.shape[0]
+    elif "hada_w1_a" in w:  # network_hada.py
+        def cp(t, wa, wb):  # lyco_helpers.make_weight_cp
+            return torch.einsum("ijkl,ip->pjkl", torch.einsum("ijkl,jr->irkl", t, wb), wa)
+        if "hada_t1" in w:
+            shape = [w["hada_w1_a"].shape[1], w["hada_w1_b"].shape[1], *w["hada_t1"].shape[2:]]
+            updown = cp(w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"]) * cp(w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"])
+        else:
+            shape = [w["hada_w1_a"].shape[0], w["hada_w1_b"].shape[1]]
+            updown = (w["hada_w1_a"] @ w["hada_w1_b"]).reshape(shape) * (w["hada_w2_a"] @ w["hada_w2_b"]).reshape(shape)
+        dim = w["hada_w1_b"].shape[0]
+    else:  # network_lokr.py
+        w1 = w["lokr_w1"] if "lokr_w1" in w else w["lokr_w1_a"] @ w["lokr_w1_b"]
+        if "lokr_w2" in w:
+            w2 = w["lokr_w2"]
+        elif "lokr_t2" in w:
+            w2 = torch.einsum("ijkl,ip->pjkl", torch.einsum("ijkl,jr->irkl", w["lokr_t2"], w["lokr_w2_b"]), w["lokr_w2_a"])
+        else:
+            w2 = w["lokr_w2_a"] @ w["lokr_w2_b"]
+        dim = w["lokr_w2_b"].shape[0] if "lokr_w2_b" in w else w["lokr_w1_b"].shape[0] if "lokr_w1_b" in w else None
+        shape = list(weight_shape) if len(weight_shape) == 4 else [w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]]
+        updown = torch.kron(w1[:, :, None, None] if w2.dim() == 4 else w1, w2.contiguous()).reshape(shape)
+    if len(shape) == 4:
+        updown = updown.reshape(shape)
     if updown.numel() == torch.Size(weight_shape).numel():
         updown = updown.reshape(weight_shape)
-    scale = w["alpha"].item() / down.shape[0] if "alpha" in w else 1.0
-    return updown * scale * multiplier
+    scale = w["alpha"].item() / dim if "alpha" in w and dim is not None else 1.0
+    updown = updown * scale
+    if "dora_scale" in w:  # apply_weight_decompose
+        merged = updown + orig.float()
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(merged.shape[1], *[1] * (len(weight_shape) - 1)).transpose(0, 1)
+        updown = merged * (w["dora_scale"] / norm) - orig.float()
+    return updown * multiplier
 
 
 def a1111_load(file, ckpt, multiplier):
@@ -346,14 +443,14 @@ def a1111_load(file, ckpt, multiplier):
         if name not in layers or name.removesuffix("_out_proj") in mha:
             continue  # MultiheadAttention parts: below (its forward never calls out_proj's)
         k = layers[name]
-        out[k] = out[k] + a1111_updown(w, out[k].shape, multiplier).to(out[k].dtype)
+        out[k] = out[k] + a1111_updown(w, out[k], multiplier).to(out[k].dtype)
     for name, in_proj in mha.items():  # network_apply_weights on a MultiheadAttention: all four or nothing
         parts = [matched.get(f"{name}_{p}") for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
         if all(parts):
-            qkv = torch.vstack([a1111_updown(p, out[in_proj].shape, multiplier) for p in parts[:3]])
+            qkv = torch.vstack([a1111_updown(p, out[in_proj], multiplier) for p in parts[:3]])
             out[in_proj] = out[in_proj] + qkv
             o = layers[f"{name}_out_proj"]
-            out[o] = out[o] + a1111_updown(parts[3], out[o].shape, multiplier)
+            out[o] = out[o] + a1111_updown(parts[3], out[o], multiplier)
     return out, failed
 
 
@@ -426,6 +523,127 @@ def test_sd_scripts_uses_every_key_and_merges_as_our_merge(case):
     patched, unused = sds_load(case.file, case.base, STRENGTH)
     assert not unused, f"sd-scripts creates no module for {sorted(unused)[:3]}"
     assert_same_patch(patched, model_state(case.merged), model_state(case.base), "sd-scripts")
+
+
+# --- LyCORIS kinds: LoHa, LoKr, DoRA -----------------------------------------------------------------
+
+def divisor(n):
+    """The smallest factor > 1 of n (n itself when prime): LoKr's split of a dimension (LyCORIS factorization)."""
+    return next((d for d in range(2, n) if n % d == 0), n)
+
+
+def kind_module(kind, m, weight, i, gen):
+    """A module of `kind` on the weight `m` adapts, varied by `i` as LyCORIS writes them: LoHa (Tucker on every
+    other 3x3 conv), LoKr (w1 full + w2 decomposed, both full, both decomposed; Tucker on 3x3 convs), DoRA per
+    output row (what we write) or per input column (what older LyCORIS wrote)."""
+    def r(*shape):
+        return torch.randn(shape, generator=gen) * 0.3
+
+    shape = tuple(weight.shape)
+    out, inp, kernel = shape[0], shape[1], shape[2:]
+    flat = inp * math.prod(kernel)
+    if kind == "loha":
+        if kernel not in ((), (1, 1)) and i % 2:
+            t = dict(hada_t1=r(2, 2, *kernel), hada_w1_a=r(2, out), hada_w1_b=r(2, inp),
+                     hada_t2=r(2, 2, *kernel), hada_w2_a=r(2, out), hada_w2_b=r(2, inp))
+        else:
+            t = dict(hada_w1_a=r(out, 2), hada_w1_b=r(2, flat), hada_w2_a=r(out, 2), hada_w2_b=r(2, flat))
+        return LoraModule.of_kind("loha", t, 1.5, shape=shape)
+    if kind == "lokr":
+        a, c = divisor(out), divisor(inp)
+        b, d = out // a, inp // c * math.prod(kernel)
+        variant = i % 3
+        if variant == 0:
+            t = dict(lokr_w1=r(a, c), lokr_w2_a=r(b, 2), lokr_w2_b=r(2, d))
+        elif variant == 1:
+            t = dict(lokr_w1=r(a, c), lokr_w2=r(b, d))  # both full: alpha has no effect
+        elif kernel not in ((), (1, 1)):
+            t = dict(lokr_w1_a=r(a, 2), lokr_w1_b=r(2, c), lokr_t2=r(2, 2, *kernel), lokr_w2_a=r(2, b),
+                     lokr_w2_b=r(2, inp // c))
+        else:
+            t = dict(lokr_w1_a=r(a, 1), lokr_w1_b=r(1, c), lokr_w2_a=r(b, 1), lokr_w2_b=r(1, d))
+        return LoraModule.of_kind("lokr", t, 1.5, shape=shape)
+    noise = 1 + 0.1 * torch.rand(out if kind == "dora" else inp, generator=gen)
+    if kind == "dora":  # PEFT's [out], written [out, 1...]
+        magnitude = weight.flatten(1).norm(dim=1) * noise
+    else:
+        magnitude = (weight.transpose(0, 1).flatten(1).norm(dim=1) * noise).reshape(1, inp, *[1] * len(kernel))
+    return LoraModule(m.down, m.up, m.alpha, dora_scale=magnitude)
+
+
+def make_kind_case(tiny, tmp_path, kind):
+    """A LoRA of `kind` on the modules make_case adapts, written with our writer, and our merge of it
+    (LoraModule.merged on every adapted weight: the formulas of FORMATS.md, DoRA included)."""
+    base = sd_shaped(tiny)
+    lora = random_lora(base, network_dim=4, network_alpha=3, conv_dim=3, conv_alpha=1, scale=0.3)
+    gen = torch.Generator().manual_seed(3)
+    models = {"unet": base.unet, "text_encoder": base.text_encoder}
+
+    def layer(parts, key):
+        component, path = key.split(".", 1)
+        model = parts[component]
+        return dict(model.named_modules())[model_module_name(component, path, model)]
+
+    lora = LoraWeights({k: kind_module(kind, m, layer(models, k).weight.detach(), i, gen)
+                        for i, (k, m) in enumerate(lora.modules.items())})
+    path = save_lora(lora, tmp_path / f"{kind}.safetensors", version=tiny.version)
+    merged = dataclasses.replace(base, unet=copy.deepcopy(base.unet), text_encoder=copy.deepcopy(base.text_encoder))
+    with torch.no_grad():
+        for key, m in lora.modules.items():
+            w = layer({"unet": merged.unet, "text_encoder": merged.text_encoder}, key).weight
+            w.copy_(m.merged(w, STRENGTH))
+    return Case(tiny.version, base, merged, safetensors.torch.load_file(str(path)))
+
+
+KINDS = ["loha", "lokr", "dora_input"]
+
+
+@pytest.fixture(scope="module", params=[(v, k) for v in ("sd1", "sd2") for k in KINDS], ids=lambda p: "-".join(p))
+def kind_case(request, tmp_path_factory):
+    version, kind = request.param
+    return make_kind_case(request.getfixturevalue(f"tiny_{version}"), tmp_path_factory.mktemp(version + kind), kind)
+
+
+def test_comfyui_uses_every_lycoris_key_and_patches_as_our_merge(kind_case):
+    base, merged = checkpoints(kind_case)
+    state = comfy_state(base, kind_case.version)
+    patched, not_loaded = comfy_load(kind_case.file, state, STRENGTH)
+    assert not not_loaded, f"ComfyUI: 'lora key not loaded' for {sorted(not_loaded)[:3]}"
+    assert_same_patch(patched, comfy_state(merged, kind_case.version), state, "ComfyUI", tolerance=1e-5)
+
+
+def test_automatic1111_uses_every_lycoris_key_and_patches_as_our_merge(kind_case):
+    if kind_case.version == "sd2" and any(k.endswith(".dora_scale") and "lora_te_" in k for k in kind_case.file):
+        pytest.skip("A1111 applies SD2 text-encoder q/k/v modules against the fused in_proj_weight: DoRA's "
+                    "normalisation there fails (its DoRA support covers separate weights only)")
+    base, merged = checkpoints(kind_case)
+    patched, failed = a1111_load(kind_case.file, base, STRENGTH)
+    assert not failed, f"AUTOMATIC1111: 'Failed to match keys' for {sorted(failed)[:3]}"
+    assert_same_patch(patched, merged, base, "AUTOMATIC1111", tolerance=1e-5)
+
+
+def change(patched, expected, base):
+    """(largest difference from our merge, largest change our merge makes) over the weights."""
+    return (max((patched[k] - expected[k]).abs().max().item() for k in base),
+            max((expected[k] - base[k]).abs().max().item() for k in base))
+
+
+def test_dora_per_output_row_in_comfyui_and_automatic1111(tiny_sd1, tmp_path):
+    """What the DoRA files we write (dora_scale [out, 1...], LyCORIS' wd_on_output and PEFT's convention) become:
+    ComfyUI loads every key and recognises the axis, but normalises the original weight instead of W + dW, so it
+    is off by the factor ||W + dW|| / ||W|| per row; AUTOMATIC1111 knows only the input axis: it broadcasts
+    [out, 1] against its [1, in] norm without an error, so the weights are wrong."""
+    case = make_kind_case(tiny_sd1, tmp_path, "dora")
+    base, merged = checkpoints(case)
+    state = comfy_state(base, "sd1")
+    patched, not_loaded = comfy_load(case.file, state, STRENGTH)
+    assert not not_loaded
+    off, dora_change = change(patched, comfy_state(merged, "sd1"), state)
+    assert off > 1e-2 * dora_change, (off, dora_change)  # not our (PEFT's, LyCORIS') DoRA
+    patched, failed = a1111_load(case.file, base, STRENGTH)
+    assert not failed
+    off_a1111, _ = change(patched, merged, base)
+    assert off_a1111 > dora_change, (off_a1111, dora_change)
 
 
 # --- the models above can fail -------------------------------------------------------------------
