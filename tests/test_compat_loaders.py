@@ -643,7 +643,7 @@ def test_dora_per_output_row_in_comfyui_and_automatic1111(tiny_sd1, tmp_path):
     patched, failed = a1111_load(case.file, base, STRENGTH)
     assert not failed
     off_a1111, _ = change(patched, merged, base)
-    assert off_a1111 > dora_change, (off_a1111, dora_change)
+    assert off_a1111 > 1e-2 * dora_change, (off_a1111, dora_change)
 
 
 # --- the models above can fail -------------------------------------------------------------------
