@@ -3,13 +3,15 @@
     python recipes/convert_lora.py --to peft  char.safetensors  char_peft/
     python recipes/convert_lora.py --to kohya char_peft/        char-kohya.safetensors
 
-The input format is detected (kohya; diffusers files and folders, the older names
-of diffusers' training scripts included; PEFT folders). Nothing is lost in a round
-trip: ranks, alphas (per module) and kohya metadata travel.
+The input format is detected (kohya, LyCORIS' LoCon/LoHa/LoKr and DoRA included;
+diffusers files and folders, the older names of diffusers' training scripts
+included; PEFT folders). Nothing is lost in a round trip: kinds, ranks, alphas
+(per module), DoRA magnitudes and kohya metadata travel.
 
 --to diffusers writes a file for diffusers' `load_lora_weights` (and these tools):
-ComfyUI, AUTOMATIC1111 and sd-scripts do not load it (other key names, alphas
-only in the metadata). Give those tools kohya files.
+LoRA and DoRA only (LoHa/LoKr are refused: diffusers cannot load them); ComfyUI,
+AUTOMATIC1111 and sd-scripts do not load it (other key names, alphas only in the
+metadata). Give those tools kohya files.
 """
 
 import argparse
@@ -27,8 +29,8 @@ from lora_sd.io import PRECISIONS  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--to", required=True, choices=FORMATS,
-                   help="output format; diffusers output loads in diffusers only, not in ComfyUI, "
-                        "AUTOMATIC1111 or sd-scripts (use kohya for those)")
+                   help="output format; diffusers output (LoRA and DoRA only) loads in diffusers only, not in "
+                        "ComfyUI, AUTOMATIC1111 or sd-scripts (use kohya for those)")
     p.add_argument("input", help="kohya/diffusers .safetensors (.ckpt/.pt) file, diffusers LoRA folder or PEFT folder")
     p.add_argument("output", help="output file (kohya, diffusers) or folder (peft)")
     p.add_argument("--save_precision", default="float", choices=PRECISIONS)
