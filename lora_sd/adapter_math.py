@@ -67,7 +67,7 @@ def lokr_delta(t: dict, scale):
     w1, w2 = lokr_factors(t)
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
-    return torch.kron(w1, w2) * scale
+    return torch.kron(w1, w2.contiguous()) * scale  # torch.kron fails on a non-contiguous w2 (Tucker's einsum)
 
 
 def lokr_rank(t: dict) -> int | None:
