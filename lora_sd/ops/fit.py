@@ -77,6 +77,12 @@ def weight_shape(m: LoraModule, key: str) -> tuple | None:
     return None
 
 
+def tells_kernel(m: LoraModule, shape) -> bool:
+    """Whether `shape` (`weight_shape(m)`) is known rather than read off flattened LoHa/LoKr tensors, which
+    look the same for a Linear and a 1x1 conv."""
+    return m.shape is not None or m.kind == "lora" or (shape is not None and len(shape) == 4)
+
+
 def shapes_agree(a, a_flat, b, b_flat) -> bool:
     """Whether two modules (full shapes or None, and their flat shapes) adapt weights of one shape."""
     if a_flat != b_flat:

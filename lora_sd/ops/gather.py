@@ -14,7 +14,7 @@ from lora_sd.formats import load_lora
 from lora_sd.formats.base_model import BASE_NAMES, lora_base, same_base
 from lora_sd.lora_weights import LoraModule, LoraWeights
 from lora_sd.ops.args import check_pairs
-from lora_sd.ops.fit import delta_shape, describe, flat, kind_name, shapes_agree, weight_shape
+from lora_sd.ops.fit import delta_shape, describe, flat, kind_name, shapes_agree, tells_kernel, weight_shape
 from lora_sd.ops.lowrank import to_lora_shapes
 
 logger = logging.getLogger(__name__)
@@ -85,13 +85,15 @@ def first_module(loras, names, pick):
 class ModuleParts:
     """One module as found in several LoRAs: [(ratio, module, file name)], their shapes checked to agree.
 
-    `shape` is the adapted weight's shape (kernel included) as the first LoRA that tells it has it; None for
-    a LoHa/LoKr 3x3 conv stored flattened ([out, in*k*k]) in every LoRA without a `shape`.
+    `shape` is the adapted weight's shape (kernel included) as the first LoRA that tells it has it (`known`),
+    else as flattened LoHa/LoKr tensors give it; None for a 3x3 conv stored flattened ([out, in*k*k]) in every
+    LoRA without a `shape`.
     """
 
     key: str
     parts: list
     shape: tuple | None
+    known: bool = False
 
     @property
     def all_lora(self) -> bool:
@@ -128,19 +130,21 @@ def gather_modules(loras, ratios, names) -> list[ModuleParts]:
                 shape, flat_shape = weight_shape(m, key), flat(delta_shape(m, key))
             except ModelMismatchError as e:
                 raise ConfigError(f"{name}: {e}") from None
+            known = tells_kernel(m, shape)
             entry = gathered.get(key)
             if entry is None:
-                gathered[key], flats[key] = ModuleParts(key, [(ratio, m, name)], shape), flat_shape
+                gathered[key], flats[key] = ModuleParts(key, [(ratio, m, name)], shape, known), flat_shape
                 continue
             _, first, first_name = entry.parts[0]
-            if not shapes_agree(entry.shape, flats[key], shape, flat_shape):
+            if not shapes_agree(entry.shape if entry.known else None, flats[key], shape if known else None, flat_shape):
                 raise ConfigError(
                     f"module {key}: {first_name} has {kind_name(first)} {describe(first)} but {name} has "
                     f"{kind_name(m)} {describe(m)}: these LoRAs are for different models (SD 1.x and 2.x?) and "
                     "cannot be merged"
                 )
             entry.parts.append((ratio, m, name))
-            entry.shape = entry.shape or shape
+            if not entry.known and known:
+                entry.shape, entry.known = shape, True
     _report_partial(gathered, loras, names)
     return list(gathered.values())
 
