@@ -5,8 +5,10 @@ truncated to `new_rank` (3x3 convs, seen as [out, in*9] matrices, to
 `new_conv_rank`): the optimal rank-R approximation (Eckart-Young). When every
 input of a module is a plain LoRA the sum is never formed: it is the product
 of the concatenated factors, whose truncated SVD `lowrank.factorize_product`
-computes exactly (QR + a small SVD) at a fraction of the cost. A module with a
-LoHa or LoKr input has no such factors: its summed delta is formed and given a
+computes exactly (QR + a small SVD) at a fraction of the cost. LoHa and LoKr
+deltas are products of thin factors too (`adapter_math.delta_factors`: LoHa's
+inner size is r1 * r2), used the same way while their inner sizes add up to
+less than the module's size; otherwise the summed delta is formed and given a
 full SVD (`lowrank.svd_factors`), as sd-scripts does for every module.
 Singular values go into `up` and alpha = rank, so the file's scale is 1, as
 sd-scripts' svd_merge_lora writes. DoRA is refused: its change depends on the
@@ -17,12 +19,13 @@ import logging
 
 import torch
 
+from lora_sd import adapter_math
 from lora_sd.errors import ConfigError
 from lora_sd.formats import save_lora
 from lora_sd.formats.metadata import lora_version, network_metadata, version_metadata
 from lora_sd.io import precision_dtype
 from lora_sd.outputs import LORA_FILE_SUFFIXES, check_output
-from lora_sd.lora_weights import LoraModule, LoraWeights
+from lora_sd.lora_weights import LoraWeights
 from lora_sd.ops.args import check_rank, parse_ratios, resolve_device
 from lora_sd.ops.fit import kind_name
 from lora_sd.ops.gather import ModuleParts, checked_pairs, common_version, first_module, gather_modules, load_loras
@@ -38,7 +41,8 @@ def svd_merge(loras, ratios, new_rank, new_conv_rank=None, device="cpu", precisi
     `precision` is the dtype the inputs are rounded to before merging (the
     linear algebra itself runs in float32 or wider). A module gets at most the
     rank its merged delta can have (plain LoRAs: min(sum of the input ranks,
-    out, in*k*k); with a LoHa/LoKr: its numerical rank): a larger rank would
+    out, in*k*k); with a LoHa/LoKr: the sum of their factors' inner sizes, or
+    the numerical rank of the summed delta): a larger rank would
     only add zero rows. Clamped modules are reported once. DoRA is refused
     (ConfigError naming the file and module), and so is a flattened LoHa/LoKr
     3x3 conv whose kernel nothing gives.
@@ -62,7 +66,7 @@ def svd_merge(loras, ratios, new_rank, new_conv_rank=None, device="cpu", precisi
         if entry.all_lora:
             up, down = _lora_product_svd(entry, wanted, precision, dev, work)
         else:
-            up, down = svd_factors(_summed_delta(entry, precision, dev, work), wanted)
+            up, down = _any_kind_svd(entry, wanted, precision, dev, work)
         rank = up.shape[1]
         if rank < wanted:
             clamped.append((entry.key, rank))
@@ -94,14 +98,20 @@ def _lora_product_svd(entry: ModuleParts, rank, precision, dev, work):
     return factorize_product(torch.cat(ups, dim=1), torch.cat(downs, dim=0), min(rank, max_rank(entry.shape)))
 
 
-def _summed_delta(entry: ModuleParts, precision, dev, work):
-    """sum_i ratio_i * delta_i as an [out, in*k*k] matrix, each module's tensors rounded to `precision` first."""
-    total = None
+def _any_kind_svd(entry: ModuleParts, rank, precision, dev, work):
+    """A module with a LoHa/LoKr: every part as thin factors (`adapter_math.delta_factors`, tensors rounded to
+    `precision`); when their inner sizes add up to less than the module's size, the exact truncated SVD of their
+    product (cheap), else the full SVD of the summed delta (as sd-scripts does every module)."""
+    ups, downs = [], []
     for ratio, m, _ in entry.parts:
         tensors = {n: t.to(precision).to(dev, work) for n, t in m.named_tensors().items()}
-        delta = LoraModule.of_kind(m.kind, tensors, m.alpha).delta(work, entry.shape).flatten(1) * ratio
-        total = delta if total is None else total + delta
-    return total
+        up, down = adapter_math.delta_factors(m.kind, tensors, m.alpha)
+        ups.append(up * ratio)
+        downs.append(down)
+    up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+    if up.shape[1] < max_rank(entry.shape):
+        return factorize_product(up, down, min(rank, max_rank(entry.shape)))
+    return svd_factors(up @ down, rank)
 
 
 def svd_merge_files(models, ratios, save_to, new_rank, new_conv_rank=None, device="cpu", precision="float",
