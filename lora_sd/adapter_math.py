@@ -67,7 +67,7 @@ def lokr_delta(t: dict, scale):
     w1, w2 = lokr_factors(t)
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
-    return torch.kron(w1, w2) * scale
+    return torch.kron(w1, w2.contiguous()) * scale  # torch.kron fails on a non-contiguous w2 (Tucker's einsum)
 
 
 def lokr_rank(t: dict) -> int | None:
@@ -113,6 +113,47 @@ def delta(kind: str, t: dict, alpha, shape=None):
     else:
         raise ValueError(f"unknown adapter kind {kind!r}")
     return d.reshape(shape) if shape is not None else d
+
+
+def _thin(w):
+    """(u, v) with u @ v = w [a, c] and inner size min(a, c)."""
+    a, c = w.shape
+    return (torch.eye(a, dtype=w.dtype, device=w.device), w) if a <= c else (w, torch.eye(c, dtype=w.dtype, device=w.device))
+
+
+def _tucker_factors(t, wa, wb):
+    """(wa.T [out, r], [r, in*k*k]) whose product is tucker(t, wa, wb) flattened."""
+    return wa.T, torch.einsum("i j k l, j q -> i q k l", t, wb).flatten(1)
+
+
+def delta_factors(kind: str, t: dict, alpha):
+    """(up [out, k], down [k, in*k*k]) with up @ down = delta(kind, t, alpha) flattened, k small where the kind
+    allows: LoHa's Hadamard product of two rank-r products is the product of their row- and column-wise
+    Kronecker products (k = r1 * r2), a LoKr's Kronecker product the product of its factors' Kronecker
+    products (the mixed-product rule). SVD merge uses them to stay exact without forming the delta."""
+    scale = kind_scale(kind, t, alpha)
+    if kind == "lora":
+        return t["lora_up.weight"].flatten(1) * scale, t["lora_down.weight"].flatten(1)
+    if kind == "loha":
+        if "hada_t1" in t:
+            (a1, b1), (a2, b2) = (_tucker_factors(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"]),
+                                  _tucker_factors(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"]))
+        else:
+            a1, b1, a2, b2 = t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"]
+        up = (a1[:, :, None] * a2[:, None, :]).flatten(1)  # [out, r1 * r2]
+        down = (b1[:, None, :] * b2[None, :, :]).flatten(0, 1)  # [r1 * r2, n]
+        return up * scale, down
+    if kind != "lokr":
+        raise ValueError(f"unknown adapter kind {kind!r}")
+    u1, v1 = (t["lokr_w1_a"], t["lokr_w1_b"]) if "lokr_w1_a" in t else _thin(t["lokr_w1"])
+    if "lokr_w2" in t:
+        u2, v2 = _thin(t["lokr_w2"].flatten(1))
+    elif "lokr_t2" in t:
+        u2, v2 = _tucker_factors(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+    else:
+        u2, v2 = t["lokr_w2_a"], t["lokr_w2_b"]
+    # torch.kron fails on non-contiguous inputs (transposes, Tucker einsums)
+    return torch.kron(u1.contiguous(), u2.contiguous()) * scale, torch.kron(v1.contiguous(), v2.contiguous())
 
 
 def dora_axis(dora_scale, weight_shape) -> str:

@@ -1,6 +1,7 @@
 """Merge LoRAs into a Stable Diffusion model, or into one LoRA (sd-scripts' networks/merge_lora.py).
 
-Into a model (W' = W + sum ratio_i * up_i @ down_i * alpha_i / rank_i, computed in --precision):
+Into a model (W' = W + sum ratio_i * delta_i, computed in --precision; LoRA/LoCon, LoHa, LoKr and DoRA
+files alike, DoRA as ComfyUI applies a strength: W + ratio * (DoRA(W) - W)):
 
     python recipes/merge_lora.py --sd_model model.safetensors --save_to merged.safetensors \
         --models a.safetensors b.safetensors --ratios 0.8 0.5 [--v2] [--precision float|fp16|bf16] \
@@ -17,6 +18,8 @@ LoRAs into one LoRA (no --sd_model):
         --ratios 0.8 0.5 [--concat true|false] [--save_precision fp16]
 
 --concat true (default): ranks concatenated, exactly sum ratio_i * delta_i for any ranks and alphas.
+Plain LoRAs only: a LoHa/LoKr is refused (svd_merge_lora.py fits a plain LoRA to any mix of kinds),
+a DoRA too (its change depends on the model: merge it into one with --sd_model).
 --concat false: sd-scripts' same-shape weighted sum of ups and downs (not the sum of deltas;
 refused when ranks or alphas differ: use svd_merge_lora.py). LoRAs for different base models
 (SD 1.x, 2.x, SDXL) are refused, and so is a LoRA for another kind of model than --sd_model.

@@ -1,13 +1,16 @@
-"""Merge LoRAs of any ranks into one LoRA of a chosen rank by SVD (sd-scripts' networks/svd_merge_lora.py).
+"""Merge LoRAs of any ranks and kinds into one LoRA of a chosen rank by SVD (sd-scripts' networks/svd_merge_lora.py).
 
     python recipes/svd_merge_lora.py --save_to merged.safetensors --models a.safetensors b.safetensors \
         --ratios 0.8 0.5 --new_rank 16 [--new_conv_rank 8] [--device cpu|cuda] \
         [--precision float|fp16|bf16] [--save_precision ...]
 
 Per module the weighted deltas are summed and truncated to --new_rank (3x3 convs to --new_conv_rank,
-default --new_rank) with an exact SVD of the concatenated factors; alpha = rank (scale 1). A rank
-larger than a module's merged delta can have (the sum of the input ranks, or the module's size) is
-clamped to it, with no zero rows (and reported). A --save_to that is one of --models is refused.
+default --new_rank) with an exact SVD of the concatenated factors; alpha = rank (scale 1). LoHa and
+LoKr files (LyCORIS) merge too, alone or with LoRAs: a module with one has its summed delta formed and
+fully SVD'd, so the result is a plain LoRA (networks.lora) that is the best rank-R fit. DoRA is refused
+(its change depends on the model: merge it into one with merge_lora.py --sd_model). A rank larger than a
+module's merged delta can have (the sum of the input ranks, or the module's size) is clamped to it,
+with no zero rows (and reported). A --save_to that is one of --models is refused.
 """
 
 import argparse

@@ -1,9 +1,11 @@
-"""Shared test helpers: random non-zero LoRAs on the tiny models."""
+"""Shared test helpers: random non-zero LoRAs (and LoHa / LoKr / DoRA modules) on the tiny models."""
+
+import math
 
 import torch
 
-from lora_sd.lora_weights import LoraWeights
-from lora_sd.targets import NetworkSpec, lora_configs
+from lora_sd.lora_weights import LoraModule, LoraWeights, key_for_module
+from lora_sd.targets import NetworkSpec, lora_configs, target_modules
 
 
 def random_lora(tiny, network_dim=4, network_alpha=2, conv_dim=None, conv_alpha=1, seed=0,
@@ -38,6 +40,77 @@ def add_random_adapters(models: dict, configs: dict, seed=0, scale=0.1) -> LoraW
                 if "lora_" in pname:
                     p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return LoraWeights.from_peft_models(**{n: models[n] for n in configs})
+
+
+def kron_split(n: int) -> tuple[int, int]:
+    """(a, n // a) with a the largest divisor of n not above its square root: LoKr's factor sizes."""
+    a = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return a, n // a
+
+
+def random_module(kind, weight_shape, rank=2, alpha=None, gen=None, scale=0.3, lokr="full", tucker=False,
+                  dora=None, set_shape=True) -> LoraModule:
+    """A module of `kind` ("lora", "loha", "lokr") for a weight of `weight_shape`, with random tensors under
+    LyCORIS' names and shapes (what its files hold):
+
+    - lora: lora_down.weight [r, in(, k, k)], lora_up.weight [out, r(, 1, 1)];
+    - loha: hada_w1_a [out, r], hada_w1_b [r, in*k*k] (and w2_*): 3x3 convs flattened; with `tucker` (convs)
+      hada_t1 [r, r, k, k], hada_w1_a [r, out], hada_w1_b [r, in] (and t2, w2_*);
+    - lokr (out = a*b, in = c*d, `kron_split`): `lokr` = "full" (lokr_w1 [a, c], lokr_w2 [b, d(, k, k)]),
+      "w2" (lokr_w1 full, lokr_w2_a [b, r] @ lokr_w2_b [r, d*k*k]) or "both" (w1 decomposed as well);
+      `tucker` (convs, w2 decomposed): lokr_t2 [r, r, k, k], lokr_w2_a [r, b], lokr_w2_b [r, d].
+
+    `dora` = "output" ([out, 1(, 1, 1)]) or "input" ([1, in(, 1, 1)]) adds a positive dora_scale. `set_shape`
+    records the weight's shape (as the file readers do); False leaves a flattened conv's kernel unknown.
+    """
+    gen = gen if gen is not None else torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=gen) * scale
+
+    out, inp, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
+    ksize = math.prod(kernel)
+    tucker = tucker and ksize > 1
+    if kind == "lora":
+        t = {"lora_down.weight": rnd(rank, inp, *kernel), "lora_up.weight": rnd(out, rank, *[1] * len(kernel))}
+    elif kind == "loha" and tucker:
+        t = {"hada_t1": rnd(rank, rank, *kernel), "hada_w1_a": rnd(rank, out), "hada_w1_b": rnd(rank, inp),
+             "hada_t2": rnd(rank, rank, *kernel), "hada_w2_a": rnd(rank, out), "hada_w2_b": rnd(rank, inp)}
+    elif kind == "loha":
+        t = {"hada_w1_a": rnd(out, rank), "hada_w1_b": rnd(rank, inp * ksize),
+             "hada_w2_a": rnd(out, rank), "hada_w2_b": rnd(rank, inp * ksize)}
+    elif kind == "lokr":
+        (a, b), (c, d) = kron_split(out), kron_split(inp)
+        t = {"lokr_w1": rnd(a, c)} if lokr != "both" else {"lokr_w1_a": rnd(a, rank), "lokr_w1_b": rnd(rank, c)}
+        if lokr == "full":
+            t["lokr_w2"] = rnd(b, d, *kernel)
+        elif tucker:
+            t.update(lokr_t2=rnd(rank, rank, *kernel), lokr_w2_a=rnd(rank, b), lokr_w2_b=rnd(rank, d))
+        else:
+            t.update(lokr_w2_a=rnd(b, rank), lokr_w2_b=rnd(rank, d * ksize))
+    else:
+        raise ValueError(kind)
+    dora_scale = None
+    if dora is not None:
+        size = [out, 1] if dora == "output" else [1, inp]
+        dora_scale = torch.rand(size + [1] * len(kernel), generator=gen) + 0.5
+    return LoraModule.of_kind(kind, t, alpha if alpha is not None else rank, dora_scale,
+                              tuple(weight_shape) if set_shape else None)
+
+
+def random_lycoris(tiny, kind, rank=2, alpha=None, conv=True, seed=0, components=("unet", "text_encoder"),
+                   **module_args) -> LoraWeights:
+    """`random_module`s of `kind` on every module sd-scripts adapts in tiny's `components` (3x3 convs too with
+    `conv`), keyed as LoraWeights keys them; `module_args` go to `random_module`."""
+    gen = torch.Generator().manual_seed(seed)
+    lora = LoraWeights()
+    for component in components:
+        model = getattr(tiny, component)
+        named = dict(model.named_modules())
+        for name in target_modules(component, model, conv):
+            shape = tuple(named[name].weight.shape)
+            lora.modules[key_for_module(component, name)] = random_module(kind, shape, rank, alpha, gen, **module_args)
+    return lora
 
 
 def text_ids(tiny, prompt="a photo of a cat"):

@@ -49,7 +49,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an input was read before the output was checked")
 
-    monkeypatch.setattr("lora_sd.ops.merge.load_lora", refuse)
+    monkeypatch.setattr("lora_sd.ops.gather.load_lora", refuse)
     monkeypatch.setattr("lora_sd.models.load_base", refuse)
 
 

@@ -13,6 +13,8 @@ Three ways to a truncated SVD, all returning the same factors:
 - `factorize_product`: exact and cheap when the matrix is given as a product
   of thin factors (a sum of LoRAs): QR of each factor, then the SVD of a
   small core matrix.
+`svd_factors` is the full SVD without the numerically zero directions (SVD
+merge of a summed LoHa/LoKr delta: never zero rows, like `factorize_product`).
 """
 
 import math
@@ -61,6 +63,15 @@ def truncated_svd(matrix: torch.Tensor, rank: int, method: str = "auto", niter: 
         vh = v.T
     else:
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank] * s[:rank], vh[:rank]
+
+
+def svd_factors(matrix: torch.Tensor, rank: int):
+    """(up [out, r], down [r, in]): the best rank-`rank` approximation by a full SVD, r also cut to the
+    matrix's numerical rank (torch.linalg.matrix_rank's tolerance; at least 1), so no zero rows are kept."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    tol = s[0] * max(matrix.shape) * torch.finfo(s.dtype).eps
+    rank = max(1, min(rank, int((s > tol).sum())))
     return u[:, :rank] * s[:rank], vh[:rank]
 
 

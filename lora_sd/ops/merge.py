@@ -1,7 +1,9 @@
 """Merge LoRAs: into a model's weights, or into one LoRA.
 
-Into a model (what sd-scripts does too): W' = W + sum_i ratio_i * up_i @ down_i * alpha_i / rank_i,
-computed in the chosen precision, 3x3 convs included.
+Into a model (what sd-scripts does too): W' = W + sum_i ratio_i * delta_i, computed in the chosen
+precision, 3x3 convs included, for every kind (`LoraModule.merged`: a LoRA's delta is
+up @ down * alpha / rank, LoHa's and LoKr's are LyCORIS' formulas, reshaped to the weight; a DoRA
+module adds ratio * (DoRA(W) - W), ComfyUI's rule for a strength). LoRAs are applied in order.
 
 LoRA + LoRA, two modes:
 - `exact` (the default): ranks concatenated, each up_i scaled by
@@ -13,6 +15,9 @@ LoRA + LoRA, two modes:
   sum_i ratio_i * delta_i (cross terms; one LoRA at ratio r comes out at
   r * |r| * delta), but it keeps the rank. Refused when ranks or alphas differ.
 
+LoRA + LoRA takes plain LoRAs only: a sum of LoHas, LoKrs or DoRAs is no LoRA of any rank
+(`svd_merge` fits one to it).
+
 LoRAs made for different base models (SD 1.x, 2.x, SDXL: by metadata, else by
 module names) are refused; a module in only some LoRAs is merged exactly (the
 others contribute nothing).
@@ -20,75 +25,28 @@ others contribute nothing).
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lora_sd.errors import ConfigError, ModelMismatchError
-from lora_sd.formats import load_lora, save_lora
+from lora_sd.formats import save_lora
 from lora_sd.formats.base_model import BASE_NAMES, lora_base, same_base
 from lora_sd.formats.metadata import lora_version, version_metadata
 from lora_sd.io import precision_dtype
 from lora_sd.outputs import LORA_FILE_SUFFIXES, check_output
-from lora_sd.lora_weights import LoraModule, LoraWeights, fit_to_layer, model_module_name
-from lora_sd.ops.args import check_model_config, check_pairs, parse_ratios
-from lora_sd.ops.lowrank import to_lora_shapes
+from lora_sd.lora_weights import LoraModule, LoraWeights, model_module_name
+from lora_sd.ops.args import check_model_config, parse_ratios
+from lora_sd.ops.fit import fitted_layer, kind_name
+from lora_sd.ops.gather import ModuleParts, checked_pairs, common_version, first_module, gather_modules, load_loras
+
+__all__ = ["check_model_version", "checked_pairs", "load_loras", "merge_into_model_file", "merge_into_models",
+           "merge_lora_files", "merge_loras", "model_parts"]
 
 logger = logging.getLogger(__name__)
 
 MODES = ("exact", "kohya")
 VERSION_NAMES = BASE_NAMES  # for messages about models as well
-
-
-def lora_names(loras, names=None) -> list[str]:
-    """The names messages use for `loras`: the given ones (file paths) or "LoRA #1", "LoRA #2", ..."""
-    if not names:
-        return [f"LoRA #{i + 1}" for i in range(len(loras))]
-    check_pairs(names, loras, "names", "LoRA")
-    return list(names)
-
-
-def checked_pairs(loras, ratios, names, option="ratios"):
-    """(ratios, names) for `loras`, one each (ConfigError naming the counts otherwise)."""
-    check_pairs(ratios, loras, option, "LoRA")
-    return list(ratios), lora_names(loras, names)
-
-
-def load_loras(paths) -> tuple[list[LoraWeights], list[str]]:
-    """(the LoRA files read, their paths as names for messages). Modules that change nothing are reported."""
-    loras = [load_lora(p) for p in paths]
-    for lora, path in zip(loras, paths, strict=True):
-        _report_idle_modules(lora, path)
-    return loras, [str(p) for p in paths]
-
-
-def _report_idle_modules(lora: LoraWeights, name):
-    """A warning for modules whose delta is zero (alpha 0, or all-zero up weights: an untrained or broken LoRA):
-    merged or applied they do nothing, which would otherwise pass without a word."""
-    alpha0 = [k for k, m in lora.modules.items() if m.alpha == 0]
-    zero_up = [k for k, m in lora.modules.items() if m.alpha != 0 and not m.up.any()]
-    for keys, why in ((alpha0, "alpha 0: scale alpha / rank = 0, as in sd-scripts' merge, ComfyUI and "
-                       "AUTOMATIC1111"), (zero_up, "all-zero up weights (untrained?)")):
-        if keys:
-            logger.warning("%s: %d of %d module(s) change nothing (%s), e.g. %s",
-                           name, len(keys), len(lora.modules), why, keys[0])
-
-
-def common_version(loras, names) -> str | None:
-    """The base-model version all LoRAs agree on ('sd1', 'sd2', 'sdxl'; None if none says); ConfigError
-    naming two files if they differ. A LoRA without metadata counts by its module names (`lora_base`)."""
-    seen = {}
-    for lora, name in zip(loras, names, strict=True):
-        version = lora_base(lora)
-        if version is not None:
-            seen.setdefault(version, name)
-    for (v1, n1) in seen.items():
-        for (v2, n2) in seen.items():
-            if not same_base(v1, v2):
-                raise ConfigError(f"{n1} is a LoRA for {BASE_NAMES[v1]} but {n2} is for {BASE_NAMES[v2]}: "
-                                  "LoRAs for different base models cannot be merged")
-    return next((v for v in seen if v != "sd"), None)
 
 
 def model_parts(model) -> dict:
@@ -109,79 +67,6 @@ def check_model_version(lora, name, model_version):
         )
 
 
-@dataclass
-class ModuleParts:
-    """One module as found in several LoRAs: [(ratio, module, file name)], 2-D views checked to agree."""
-
-    key: str
-    parts: list
-
-    @property
-    def shape(self) -> tuple:
-        """The first LoRA's down shape minus the rank: (in,) or (in, k, k)."""
-        return tuple(self.parts[0][1].down.shape[1:])
-
-    def downs(self, dtype=torch.float32):
-        return [m.down.to(dtype).flatten(1) for _, m, _ in self.parts]  # [rank_i, in*k*k]
-
-    def scaled_ups(self, dtype=torch.float32):
-        return [m.up.to(dtype).flatten(1) * (r * m.scale) for r, m, _ in self.parts]  # [out, rank_i]
-
-    def weight_shape(self, out_dim):
-        return (out_dim, *self.shape)
-
-    def as_module(self, up_2d, down_2d, alpha) -> LoraModule:
-        """A LoraModule from 2-D factors, shaped as this module's first LoRA has it."""
-        down, up = to_lora_shapes(up_2d, down_2d, self.weight_shape(up_2d.shape[0]))
-        return LoraModule(down, up, float(alpha))
-
-
-def gather_modules(loras, ratios, names) -> list[ModuleParts]:
-    """Every module key of the LoRAs, in order of first appearance, with the LoRAs that have it.
-
-    Shapes are checked across LoRAs (a 1x1 conv and a Linear of the same size
-    agree, as SD 2 files have either); a mismatch is a ConfigError naming the
-    module and both files. Modules or components found in only some LoRAs
-    are reported.
-    """
-    ratios, names = checked_pairs(loras, ratios, names)
-    gathered: dict[str, ModuleParts] = {}
-    for lora, ratio, name in zip(loras, ratios, names, strict=True):
-        for key, m in lora.modules.items():
-            entry = gathered.get(key)
-            if entry is None:
-                gathered[key] = ModuleParts(key, [(ratio, m, name)])
-                continue
-            _, first, first_name = entry.parts[0]
-            if _flat_shape(m) != _flat_shape(first):
-                raise ConfigError(
-                    f"module {key}: {first_name} has {_describe(first)} but {name} has {_describe(m)}: "
-                    "these LoRAs are for different models (SD 1.x and 2.x?) and cannot be merged"
-                )
-            entry.parts.append((ratio, m, name))
-    _report_partial(gathered, loras, names)
-    return list(gathered.values())
-
-
-def _flat_shape(m: LoraModule):
-    return m.up.shape[0], m.down[0].numel(), tuple(m.down.shape[2:]) if m.is_3x3 else ()
-
-
-def _describe(m: LoraModule):
-    return f"down {tuple(m.down.shape)}, up {tuple(m.up.shape)}"
-
-
-def _report_partial(gathered, loras, names):
-    for component in {c for lora in loras for c in lora.components}:
-        missing = [n for lora, n in zip(loras, names, strict=True) if component not in lora.components]
-        if missing:
-            logger.info("%s has no %s modules: the %s is merged from the other LoRAs only",
-                        ", ".join(missing), component, component)
-    partial = [e.key for e in gathered.values() if len(e.parts) < len(loras)]
-    if partial:
-        logger.info("%d module(s) are in only some of the LoRAs (e.g. %s): merged from those", len(partial), partial[0])
-
-
 # --- LoRA + LoRA --------------------------------------------------------------------
 
 
@@ -193,12 +78,28 @@ def merge_loras(loras, ratios, mode="exact", names=None, precision=torch.float32
     if mode not in MODES:
         raise ConfigError(f"merge mode must be one of {MODES}, got {mode!r}")
     ratios, names = checked_pairs(loras, ratios, names)
+    _refuse_other_kinds(loras, names)
     version = common_version(loras, names)
     merged = LoraWeights(metadata={"ss_network_module": "networks.lora", **version_metadata(version)})
     merge = _merge_exact if mode == "exact" else _merge_kohya
     for entry in gather_modules(loras, ratios, names):
         merged.modules[entry.key] = merge(entry, precision)
     return merged
+
+
+def _refuse_other_kinds(loras, names):
+    """ConfigError naming the first LoHa / LoKr / DoRA module: their sum is no LoRA (nor LoHa, LoKr, DoRA)."""
+    found = first_module(loras, names, lambda m: m.kind != "lora" or m.dora_scale is not None)
+    if found is None:
+        return
+    name, key, m = found
+    if m.dora_scale is not None:
+        where = ("merge it into a model (merge_lora.py --sd_model): its change depends on the model's weight, "
+                 "so no LoRA file can hold it")
+    else:
+        where = "use svd_merge_lora.py, which merges LoRAs of any kinds into a plain LoRA of a chosen rank"
+    raise ConfigError(f"{name}: module {key} is a {kind_name(m)}; merging into one LoRA takes plain LoRAs only: "
+                      f"{where}")
 
 
 def _merge_exact(entry: ModuleParts, precision) -> LoraModule:
@@ -233,16 +134,19 @@ def merge_into_models(loras, ratios, models: dict, precision=torch.float32, name
                       save_dtype=None):
     """Add each LoRA's delta times its ratio to the weights of `models` (`model_parts`: unet, text encoder(s)).
 
-    Every module of every LoRA is checked to exist and fit before any weight
-    changes; the first that does not is a ModelMismatchError naming the file
-    and the module. The sum is computed in `precision` and stored in each
-    weight's own dtype. A sum that is not finite there (or in `save_dtype`, the
-    dtype the caller will save in: fp16 overflows above 65504) is a ConfigError
-    naming the module; the models are then partly merged (the recipes discard
-    them, nothing is written). Returns the number of weights changed.
+    Every kind merges (`LoraModule.merged`; DoRA as ComfyUI applies a strength),
+    flattened LoHa/LoKr convs reshaped to the weight. Every module of every
+    LoRA is checked to exist and fit (its tensors, kernel and DoRA magnitude)
+    before any weight changes; the first that does not is a ModelMismatchError
+    naming the file and the module. The sum is computed in `precision` and
+    stored in each weight's own dtype. A sum that is not finite there (or in
+    `save_dtype`, the dtype the caller will save in: fp16 overflows above
+    65504) is a ConfigError naming the module; the models are then partly
+    merged (the recipes discard them, nothing is written). Returns the number
+    of weights changed.
     """
     ratios, names = checked_pairs(loras, ratios, names)
-    plan = []  # (layer, ratio, LoraModule shaped for the layer) for every module, checked first
+    plan = []  # (layer, ratio, module, file name, key) for every module, checked first
     for lora, ratio, name in zip(loras, ratios, names, strict=True):
         check_model_version(lora, name, model_version)
         for component in lora.components:
@@ -251,16 +155,16 @@ def merge_into_models(loras, ratios, models: dict, precision=torch.float32, name
                 raise ModelMismatchError(f"{name}: has {component} modules but the model has no {component}")
             named = dict(model.named_modules())
             for path, m in lora.component(component).items():
+                key = f"{component}.{path}"
                 try:
-                    layer, fitted = fit_to_layer(named.get(model_module_name(component, path, model)), m,
-                                                 f"{component}.{path}")
+                    layer = fitted_layer(named.get(model_module_name(component, path, model)), m, key)
                 except ModelMismatchError as e:
                     raise ModelMismatchError(f"{name}: {e}") from None
-                plan.append((layer, ratio, fitted, name, f"{component}.{path}"))
+                plan.append((layer, ratio, m, name, key))
     with torch.no_grad():
         for layer, ratio, m, name, key in plan:
             weight = layer.weight
-            merged = (weight.to(precision) + ratio * m.delta(precision)).to(weight.dtype)
+            merged = m.merged(weight, ratio, precision).to(weight.dtype)
             _check_finite_merge(merged, save_dtype, name, key, ratio, precision)
             weight.copy_(merged)
     return len({id(plan_item[0]) for plan_item in plan})

@@ -1,0 +1,111 @@
+"""The weight a module adapts, for every kind, and whether it fits a model's layer or another LoRA's module.
+
+Shapes are found by running the module's own delta on the meta device (shapes, no arithmetic), so
+every kind's tensors are checked to multiply out with the one definition in `adapter_math`, and a
+mismatch is found before any weight changes. LoHa/LoKr files store 3x3 convs flattened
+([out, in*k*k]): the kernel is then known only from the module's `shape` (readers set it), a 4-D
+factor, or another LoRA of the same module.
+"""
+
+import math
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from lora_sd import adapter_math
+from lora_sd.errors import ModelMismatchError
+from lora_sd.lora_weights import LoraModule
+
+KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+# The SD U-Net's 3x3 convs (resnets' conv1/conv2, down/upsamplers' conv; conv_shortcut is 1x1): a flattened
+# LoHa/LoKr module there hides its kernel (the rule the contract gives the file readers for `shape`).
+CONV_3X3_NAMES = ("conv1", "conv2", "conv")
+
+
+def kind_name(m: LoraModule) -> str:
+    """'LoRA', 'LoHa', 'LoKr', with ' (DoRA)' for a module with a magnitude."""
+    return KIND_NAMES.get(m.kind, m.kind) + (" (DoRA)" if m.dora_scale is not None else "")
+
+
+def describe(m: LoraModule) -> str:
+    """The module's tensors and shapes for messages: 'down (4, 8), up (8, 4)' or 'hada_w1_a (8, 2), ...'."""
+    named = {"down": m.down, "up": m.up} if m.kind == "lora" else m.named_tensors()
+    if m.dora_scale is not None:
+        named["dora_scale"] = m.dora_scale
+    return ", ".join(f"{n} {tuple(t.shape)}" for n, t in named.items())
+
+
+def _meta(m: LoraModule) -> LoraModule:
+    dora = m.dora_scale.to("meta") if m.dora_scale is not None else None
+    return LoraModule.of_kind(m.kind, {n: t.to("meta") for n, t in m.named_tensors().items()}, m.alpha, dora, m.shape)
+
+
+def delta_shape(m: LoraModule, key: str) -> tuple:
+    """What the tensors multiply out to ([out, in*k*k], or 4-D when a factor is); ModelMismatchError naming
+    `key` when they do not (a rank that differs between factors, ...)."""
+    meta = _meta(m)
+    try:
+        return tuple(adapter_math.delta(meta.kind, meta.named_tensors(), meta.alpha).shape)
+    except (RuntimeError, ValueError, KeyError):
+        raise ModelMismatchError(f"LoRA module {key} does not fit: its {kind_name(m)} tensors {describe(m)} "
+                                 "do not multiply out") from None
+
+
+def flat(shape) -> tuple:
+    """(out, in*k*k)."""
+    return shape[0], math.prod(shape[1:])
+
+
+def squeezed(shape) -> tuple:
+    """A 1x1 conv's shape as a Linear's (SD2 files hold proj_in/proj_out either way)."""
+    return tuple(shape[:2]) if len(shape) == 4 and tuple(shape[2:]) == (1, 1) else tuple(shape)
+
+
+def weight_shape(m: LoraModule, key: str) -> tuple | None:
+    """The adapted weight's shape with its kernel, or None for a flattened LoHa/LoKr 3x3 conv whose kernel
+    nothing tells (no `shape`, no 4-D factor). ModelMismatchError when the tensors do not fit together."""
+    delta = delta_shape(m, key)
+    if m.shape is not None:
+        if flat(m.shape) != flat(delta):
+            raise ModelMismatchError(f"LoRA module {key}: its {kind_name(m)} tensors ({describe(m)}) make a "
+                                     f"{flat(delta)} delta, not one for its weight shape {tuple(m.shape)}")
+        return tuple(m.shape)
+    if m.kind == "lora":
+        return (delta[0], *m.down.shape[1:])
+    if len(delta) == 4 or not (key.startswith("unet.") and key.rsplit(".", 1)[-1] in CONV_3X3_NAMES):
+        return delta
+    return None
+
+
+def tells_kernel(m: LoraModule, shape) -> bool:
+    """Whether `shape` (`weight_shape(m)`) is known rather than read off flattened LoHa/LoKr tensors, which
+    look the same for a Linear and a 1x1 conv."""
+    return m.shape is not None or m.kind == "lora" or (shape is not None and len(shape) == 4)
+
+
+def shapes_agree(a, a_flat, b, b_flat) -> bool:
+    """Whether two modules (full shapes or None, and their flat shapes) adapt weights of one shape."""
+    if a_flat != b_flat:
+        return False
+    return a is None or b is None or squeezed(a) == squeezed(b)
+
+
+def fitted_layer(layer, m: LoraModule, key: str):
+    """The Linear / Conv2d that `m` adapts (PEFT's wrapper unwrapped); ModelMismatchError naming `key` when
+    the layer is missing or `m` (its delta, kernel or DoRA magnitude) does not fit its weight."""
+    if isinstance(layer, BaseTunerLayer):
+        layer = layer.get_base_layer()
+    if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+        raise ModelMismatchError(f"LoRA module {key} does not exist in the model")
+    want = tuple(layer.weight.shape)
+    shape = weight_shape(m, key)
+    fits = shapes_agree(shape, flat(delta_shape(m, key)), want, flat(want))
+    if fits and m.dora_scale is not None:
+        try:  # the magnitude's axis and size, by the one DoRA formula
+            _meta(m).merged(torch.empty(want, device="meta"))
+        except (RuntimeError, ValueError):
+            fits = False
+    if not fits:
+        raise ModelMismatchError(f"LoRA module {key} does not fit the model: {kind_name(m)} {describe(m)}; "
+                                 f"the layer's weight is {want}")
+    return layer
