@@ -22,6 +22,14 @@ from lora_sd import adapter_math
 from lora_sd.errors import ModelMismatchError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# The SD U-Net's 3x3 convs by their last path component (resnets' conv1/conv2, down/upsamplers' conv, conv_in,
+# conv_out; conv_shortcut is 1x1): LoHa/LoKr files store them flattened ([out, in*9]), hiding the kernel
+UNET_3X3_NAMES = frozenset({"conv1", "conv2", "conv", "conv_in", "conv_out"})
+
+
+def is_unet_3x3(key: str) -> bool:
+    """Whether LoraWeights key `key` names one of the U-Net's 3x3 convs."""
+    return key.startswith("unet.") and key.rsplit(".", 1)[-1] in UNET_3X3_NAMES
 TE_PREFIX = "text_model."
 
 

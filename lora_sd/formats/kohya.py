@@ -25,13 +25,10 @@ from lora_sd.formats.checks import delta_shape, structure_problem
 from lora_sd.formats.base_model import lora_base, note_sdxl
 from lora_sd.formats.metadata import modelspec_metadata, network_metadata, version_metadata, with_hashes
 from lora_sd.formats.names import KOHYA_PREFIXES, key_from_kohya, kohya_name
-from lora_sd.lora_weights import LoraModule, LoraWeights
+from lora_sd.lora_weights import LoraModule, LoraWeights, is_unet_3x3
 
 _PARTS = {*LORA_TENSORS, *LOHA_TENSORS, *LOKR_TENSORS, "alpha", DORA_SCALE}
 _SGM_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
-# U-Net 3x3 convs by their last path component (resnet conv1/conv2, down/upsampler conv, conv_in/conv_out):
-# LoHa/LoKr store them flattened ([out, in*9]), so their shape is set from the name (conv_shortcut is 1x1)
-_CONV3X3 = {"conv1", "conv2", "conv", "conv_in", "conv_out"}
 
 
 def is_kohya(state_dict) -> bool:
@@ -89,7 +86,7 @@ def _module(name, key, p, source) -> LoraModule:
     rank = adapter_math.kind_rank(kind, p)
     alpha = float(alpha.float().item()) if alpha is not None else float(rank or 1)
     shape = None
-    if kind != "lora" and key.startswith("unet.") and key.rsplit(".", 1)[-1] in _CONV3X3:
+    if kind != "lora" and is_unet_3x3(key):
         try:
             flat = delta_shape(kind, p)
         except ValueError as e:

@@ -14,12 +14,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lora_sd import adapter_math
 from lora_sd.errors import ModelMismatchError
-from lora_sd.lora_weights import LoraModule
+from lora_sd.lora_weights import LoraModule, is_unet_3x3
 
 KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
-# The SD U-Net's 3x3 convs (resnets' conv1/conv2, down/upsamplers' conv; conv_shortcut is 1x1): a flattened
-# LoHa/LoKr module there hides its kernel (the rule the contract gives the file readers for `shape`).
-CONV_3X3_NAMES = ("conv1", "conv2", "conv")
 
 
 def kind_name(m: LoraModule) -> str:
@@ -72,7 +69,7 @@ def weight_shape(m: LoraModule, key: str) -> tuple | None:
         return tuple(m.shape)
     if m.kind == "lora":
         return (delta[0], *m.down.shape[1:])
-    if len(delta) == 4 or not (key.startswith("unet.") and key.rsplit(".", 1)[-1] in CONV_3X3_NAMES):
+    if len(delta) == 4 or not is_unet_3x3(key):
         return delta
     return None
 
