@@ -28,7 +28,8 @@ def check_values(cfg: TrainConfig, errors: ConfigErrors, inline_datasets: bool):
     _check_choices(cfg, errors)
     _check_ranges(cfg, errors)
     _check_output_name(cfg, errors)
-    for key, parse in (("network_args", parse_network_args), ("optimizer_args", parse_optimizer_args)):
+    for key, parse in (("network_args", lambda items: _check_network(cfg, parse_network_args(items, cfg.network_module))),
+                       ("optimizer_args", parse_optimizer_args)):
         try:
             parse(getattr(cfg, key))
         except ConfigError as e:
@@ -53,6 +54,17 @@ def check_values(cfg: TrainConfig, errors: ConfigErrors, inline_datasets: bool):
                        "trained cannot have their outputs cached (as in sd-scripts)")
     if cfg.dim_from_weights and not cfg.network_weights:
         errors.add("dim_from_weights", "needs `network_weights`")
+
+
+def _check_network(cfg, args: dict):
+    """Network args that do not fit the rest of the config."""
+    kind = "DoRA" if args.get("dora_wd") else {"loha": "LoHa", "lokr": "LoKr"}.get(args.get("algo"))
+    if kind and cfg.save_model_as == "diffusers":
+        raise ConfigError(f"a {kind} network cannot be saved with `save_model_as = \"diffusers\"` (diffusers' LoRA "
+                          "format holds plain LoRA only): use safetensors (kohya/LyCORIS names) or peft")
+    if args.get("dora_wd") and cfg.network_multiplier != 1:
+        raise ConfigError("dora_wd=true trains at `network_multiplier` 1 only: PEFT's DoRA does not scale its "
+                          "magnitude with a strength as LyCORIS does")
 
 
 def _check_choices(cfg, errors):
