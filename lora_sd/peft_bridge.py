@@ -9,6 +9,7 @@ module's scale; a LoKr with both factors full (scale 1 for LyCORIS/ComfyUI)
 gets alpha = r, and reading one back bakes PEFT's alpha / r into `lokr_w2`.
 """
 
+import copy
 import math
 import warnings
 from collections import Counter
@@ -268,3 +269,40 @@ def _replace_parameters(layer, adapter_name, tensors: dict):
             del getattr(layer, n)[adapter_name]
     for n, t in tensors.items():
         getattr(layer, n)[adapter_name] = torch.nn.Parameter(t.to(ref.device, ref.dtype), requires_grad=ref.requires_grad)
+
+
+def check_peft_reproduces(lora, component: str, config):
+    """FormatError naming the first module whose tensors PEFT, given `config`, would create in other shapes
+    (a PEFT folder must load in PEFT itself, where no tensor can be swapped in). Checked on a stand-in model
+    of meta-device layers of the modules' weight shapes, so no model is needed."""
+    from peft import inject_adapter_in_model
+
+    mods = {model_module_name(component, n): (n, m) for n, m in lora.component(component).items()}
+    root = torch.nn.Module()
+    for mname, (_, m) in mods.items():
+        parent = root
+        *path, last = mname.split(".")
+        for p in path:
+            if not hasattr(parent, p):
+                parent.add_module(p, torch.nn.Module())
+            parent = getattr(parent, p)
+        shape = m.weight_shape()
+        layer = (torch.nn.Linear(shape[1], shape[0], device="meta") if len(shape) == 2
+                 else torch.nn.Conv2d(shape[1], shape[0], shape[2:], device="meta"))
+        parent.add_module(last, layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inject_adapter_in_model(copy.deepcopy(config), root, "check")
+    named = dict(root.named_modules())
+    for mname, (name, m) in mods.items():
+        want = {n: tuple(t.shape) for n, t in peft_tensors(m).items() if n != MAGNITUDE}
+        got = _peft_shapes(named[mname], "check")
+        if got != want:
+            raise FormatError(
+                f"module {component}.{name}: PEFT's {KIND_NAMES[m.kind]} would shape it {_shapes(got)}, the LoRA has "
+                f"{_shapes(want)} (another trainer's factor split); a PEFT folder cannot hold it: write a kohya file "
+                "(lora_sd.load_loras_into_pipeline puts that on a pipeline)")
+
+
+def _shapes(shapes: dict) -> str:
+    return ", ".join(f"{n} {tuple(s)}" for n, s in sorted(shapes.items()))

@@ -16,7 +16,7 @@ from lora_sd.lora_weights import LoraModule, LoraWeights, key_for_module
 from lora_sd.targets import target_modules
 from tests.helpers import fresh_pipeline, model_outputs
 
-KINDS = ["lora", "dora", "loha", "loha_tucker", "lokr_full", "lokr_decomposed", "lokr_odd"]
+KINDS = ["lora", "dora", "loha", "loha_tucker", "lokr_full", "lokr_decomposed", "lokr_tucker", "lokr_odd"]
 
 
 # --- builders: LyCORIS-shaped random modules on the tiny models' targets ----------------------
@@ -51,7 +51,7 @@ def loha_module(gen, w, rank=2, alpha=1.5, tucker=False):
     return LoraModule.of_kind("loha", t, alpha, shape=tuple(w.shape))
 
 
-def lokr_module(gen, w, rank=None, alpha=2.0, factor=-1, decompose_both=False, rule=True):
+def lokr_module(gen, w, rank=None, alpha=2.0, factor=-1, decompose_both=False, rule=True, tucker=False):
     """LyCORIS' LoKr: w1 [a, c], w2 [b, d(, k, k)]; with `rule` a factor is decomposed at `rank` where LyCORIS
     (and PEFT) would (w1 only with decompose_both), else w2 always is. rank None: both full (alpha 1.0, unused)."""
     out, inp = w.shape[:2]
@@ -67,6 +67,8 @@ def lokr_module(gen, w, rank=None, alpha=2.0, factor=-1, decompose_both=False, r
     if rank is None:
         t["lokr_w2"] = _rand(gen, b, d, *kernel)
         alpha = 1.0
+    elif tucker and kernel not in ((), (1, 1)):
+        t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"] = _rand(gen, rank, rank, *kernel), _rand(gen, rank, b), _rand(gen, rank, d)
     else:
         t["lokr_w2_a"], t["lokr_w2_b"] = _rand(gen, b, rank), _rand(gen, rank, d * (w[0, 0].numel()))
     return LoraModule.of_kind("lokr", t, alpha, shape=tuple(w.shape))
@@ -94,6 +96,8 @@ def build(kind, unet, text_encoder=None, seed=0) -> LoraWeights:
                 m = lokr_module(gen, w)
             elif kind == "lokr_decomposed":
                 m = lokr_module(gen, w, rank=1, decompose_both=True)
+            elif kind == "lokr_tucker":
+                m = lokr_module(gen, w, rank=1, tucker=True)
             else:  # lokr_odd: per module, factor splits and decompositions no one PEFT config gives
                 m = lokr_module(gen, w, rank=2 if i % 3 == 0 else None, factor=[-1, 4, 2][i % 3], rule=False)
             lora.modules[key_for_module(component, name)] = m
@@ -109,7 +113,7 @@ def cp(t, wa, wb):
 
 def formula_delta(m: LoraModule, shape):
     """delta W from the definitions: LoRA up @ down * alpha / r; LoHa (w1a @ w1b) * (w2a @ w2b) * alpha / r
-    (Tucker: CP rebuilds); LoKr kron(w1, w2) * alpha / rank of the decomposed factor (1 when none)."""
+    (Tucker: CP rebuilds); LoKr kron(w1, w2) * alpha / rank of a decomposed factor (w2's first; 1 when none)."""
     t = m.tensors
     if m.kind == "lora":
         d = m.up.flatten(1) @ m.down.flatten(1) * (m.alpha / m.down.shape[0])
@@ -121,8 +125,12 @@ def formula_delta(m: LoraModule, shape):
         d = w1 * w2 * (m.alpha / t["hada_w1_b"].shape[0])
     else:
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
-        w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
-        scale = m.alpha / t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else 1.0
+        if "lokr_t2" in t:
+            w2 = cp(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+        else:
+            w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+        decomposed = t.get("lokr_w2_b", t.get("lokr_w1_b"))  # ComfyUI: w2's rank, else w1's
+        scale = m.alpha / decomposed.shape[0] if decomposed is not None else 1.0
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
         d = torch.kron(w1, w2) * scale
