@@ -22,7 +22,8 @@ REFUSALS = {
     "unknown_algo": ([*LYCORIS, "algo=lycoris"], "`network_args` algo must be one of lora, locon, loha, lokr"),
     "factor_loha": ([*LYCORIS, "algo=loha", "factor=4"], "factor does not apply to algo=loha"),
     "decompose_both_loha": ([*LYCORIS, "algo=loha", "decompose_both=true"], "decompose_both does not apply"),
-    "tucker_lora": ([*LYCORIS, "algo=lora", "conv_dim=2", "use_tucker=true"], "use_tucker does not apply to algo=lora"),
+    "tucker_lora": ([*LYCORIS, "algo=lora", "conv_dim=2", "use_tucker=true"],
+                    "use_tucker does not apply to algo=lora"),
     "tucker_without_convs": ([*LYCORIS, "algo=loha", "use_tucker=true"], "use_tucker applies to 3x3 convs only"),
     "dora_lokr": ([*LYCORIS, "algo=lokr", "dora_wd=true"], "dora_wd does not apply to algo=lokr"),
     "factor_not_a_number": ([*LYCORIS, "algo=lokr", "factor=two"], "factor must be an integer, got 'two'"),
@@ -30,12 +31,14 @@ REFUSALS = {
     "not_a_bool": ([*LYCORIS, "algo=lokr", "decompose_both=maybe"], "decompose_both must be true or false"),
     "conv_alpha_nan": ([*LYCORIS, "algo=loha", "conv_dim=2", "conv_alpha=nan"], "conv_alpha must be a finite"),
     "algo_on_networks_lora": (["--network_args", "algo=loha"], 'set `network_module = "lycoris.kohya"`'),
-    "other_preset": ([*LYCORIS, "algo=loha", "preset=attn-only"], "preset 'attn-only' is not supported; supported: full"),
+    "other_preset": ([*LYCORIS, "algo=loha", "preset=attn-only"],
+                     "preset 'attn-only' is not supported; supported: full"),
     "dropout": ([*LYCORIS, "algo=loha", "dropout=0.1"], "dropout is not supported"),
     "rank_dropout_lora": ([*LYCORIS, "algo=locon", "rank_dropout=0.1"], "rank_dropout does not apply to algo=locon"),
     "input_axis_dora": ([*LYCORIS, "dora_wd=true", "wd_on_output=false"], "wd_on_output=false"),
     "loha_as_diffusers": ([*LYCORIS, "algo=loha", "--save_model_as", "diffusers"], "a LoHa network cannot be saved"),
     "dora_strength": ([*LYCORIS, "dora_wd=true", "--network_multiplier", "0.5"], "`network_multiplier` 1 only"),
+    "dora_fp8": ([*LYCORIS, "dora_wd=true", "--fp8_base", "--mixed_precision", "bf16"], "does not train on `fp8_base`"),
     "unknown_arg": ([*LYCORIS, "algo=loha", "rank=4"], "got 'rank=4'; supported: algo, preset, conv_dim"),
 }
 
@@ -69,10 +72,12 @@ KINDS = {  # name -> (spec, the PEFT parameter names a 3x3 conv gets)
     "loha": (NetworkSpec(4, 2, 2, 1, algo="loha"), {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}),
     "loha_tucker": (NetworkSpec(4, 2, 2, 1, algo="loha", use_tucker=True),
                     {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}),
-    "lokr": (NetworkSpec(4, 2, 1, 1, algo="lokr"), {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}),  # tiny convs: rank 1 to split w2
+    # the tiny convs' w2 [4, 4] splits at rank 1 only (below half its side)
+    "lokr": (NetworkSpec(4, 2, 1, 1, algo="lokr"), {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}),
     "lokr_both": (NetworkSpec(1, 1, 1, 1, algo="lokr", decompose_both=True, factor=4),
                   {"lokr_w1_a", "lokr_w1_b", "lokr_w2"}),  # factor 4 splits 8 channels 4 x 2: w1 [4, 4] split
-    "lokr_tucker": (NetworkSpec(1, 1, 1, 1, algo="lokr", use_tucker=True), {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}),
+    "lokr_tucker": (NetworkSpec(1, 1, 1, 1, algo="lokr", use_tucker=True),
+                    {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}),
     "dora": (NetworkSpec(4, 2, 2, 1, dora=True), {"lora_A", "lora_B", "lora_magnitude_vector"}),
 }
 

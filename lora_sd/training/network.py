@@ -207,7 +207,8 @@ def _check_kind(lora, spec, path):
     for key, m in lora.modules.items():
         kind = "dora" if m.dora_scale is not None else m.kind
         if kind != want:
-            args = {"lora": "networks.lora, or algo=lora", "dora": "algo=lora with dora_wd=true"}.get(kind, f"algo={kind}")
+            args = {"lora": "networks.lora, or algo=lora",
+                    "dora": "algo=lora with dora_wd=true"}.get(kind, f"algo={kind}")
             raise ConfigError(f"`network_weights` {path}: {key} is a {KIND_NAMES[kind]} module, but this network is "
                               f"{KIND_NAMES[want]}; train it as {args} (network_module = \"lycoris.kohya\" for "
                               "LyCORIS kinds), or start fresh without network_weights")
@@ -252,8 +253,8 @@ def lora_strength(models, multiplier: float):
     """Every LoRA layer of `models` at `multiplier` times its strength inside the block, restored after.
 
     sd-scripts' `network.set_multiplier`, through PEFT's per-layer `set_scale` (scale = multiplier *
-    alpha / rank; `set_scale(1.0)` restores alpha / rank exactly), on LoRA, LoHa and LoKr layers alike. Wrap the forward AND the backward:
-    gradient checkpointing recomputes the forward during backward.
+    alpha / rank; `set_scale(1.0)` restores alpha / rank exactly), on LoRA, LoHa and LoKr layers alike. Wrap
+    the forward AND the backward: gradient checkpointing recomputes the forward during backward.
     """
     if multiplier == 1.0:
         yield
@@ -274,6 +275,17 @@ def lora_strength(models, multiplier: float):
         for layer in layers:
             for adapter in layer.active_adapters:
                 layer.set_scale(adapter, 1.0)
+
+
+@contextmanager
+def dropout_rng(seed: int, device):
+    """The global RNG seeded with `seed` inside the block and restored after: PEFT's LoHa/LoKr rank and module
+    dropouts draw from it, so a step draws the same masks whether the run was resumed or not (the state's RNG
+    is the one after the last save, not the one a straight run has at that step)."""
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def enable_gradient_checkpointing(model, cfg):
