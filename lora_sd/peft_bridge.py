@@ -189,10 +189,17 @@ def peft_state_dict(lora, component: str, model=None) -> dict[str, torch.Tensor]
 def apply_to(lora, adapter_name="default", **models):
     """Inject `lora` (any kind) into models (unet=..., text_encoder=...) as the PEFT adapter `adapter_name`.
 
-    Every module of every component is checked (fits its layer, PEFT can hold
-    it) before any model changes. Each module's PEFT output is the module's
-    delta (adapter_math) with its scale, or DoRA's weight for a DoRA module.
+    Every module of every component is checked (`plan`) before any model
+    changes. Each module's PEFT output is the module's delta (adapter_math) with
+    its scale, or DoRA's weight for a DoRA module.
     """
+    for component, (fitted, config) in plan(lora, **models).items():
+        _inject(models[component], component, fitted, config, adapter_name)
+
+
+def plan(lora, **models) -> dict:
+    """{component: (modules fitted to their layers, PEFT config)}: every check apply_to makes, changing nothing.
+    ModelMismatchError / FormatError naming the module that does not fit or that PEFT cannot hold."""
     plans = {}
     for component in lora.components:
         model = models.get(component)
@@ -208,8 +215,7 @@ def apply_to(lora, adapter_name="default", **models):
                     f"module {key} already holds a LoHa/LoKr adapter, which PEFT cannot wrap in a LoRA layer: "
                     "put LoRA and DoRA adapters on a model before LoHa and LoKr ones")
         plans[component] = (fitted, peft_config(fitted, component, model))
-    for component, (fitted, config) in plans.items():
-        _inject(models[component], component, fitted, config, adapter_name)
+    return plans
 
 
 def _inject(model, component, fitted, config, adapter_name):
