@@ -167,3 +167,16 @@ def test_the_example_config_loads_as_a_loha_network():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "loha_char.toml")
     assert network_spec(cfg) == NetworkSpec(8, 4.0, 4, 1.0, algo="loha")
+
+
+def test_a_dora_network_refuses_another_strength(tiny_sd1):
+    """PEFT's DoRA does not scale its magnitude with a strength (LyCORIS does): a dataset's network_multiplier
+    with DoRA stops at the first step instead of training something else."""
+    from lora_sd.errors import ConfigError
+
+    _, unet, te = adapted(tiny_sd1, KINDS["dora"][0])
+    with lora_strength([unet, te], 1.0):
+        pass
+    with pytest.raises(ConfigError, match="DoRA network trains at strength 1 only"):
+        with lora_strength([unet, te], 0.5):
+            pass

@@ -74,7 +74,8 @@ def test_saved_file_reproduces_the_trained_model(request, tmp_path, version, cas
     check_run_file(result, path, fresh(version), kind, dora, extra)
     _, meta = kohya_file(path)
     given = {a.split("=")[0]: a.split("=")[1] for a in extra[extra.index("--network_args") + 1:]}
-    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert meta["ss_network_module"] == "lycoris.kohya"  # and the network options, as sd-scripts writes them
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == tuple(extra[i + 1] for i in (0, 2))
     assert json.loads(meta["ss_network_args"]) == {**given, **({"wd_on_output": "True"} if dora else {})}
     if case == "loha_tucker":  # the dropouts reach PEFT's layers (and are off in eval above)
         layer = dict(result.unet.named_modules())["down_blocks.0.attentions.0.proj_in"]
@@ -176,7 +177,8 @@ def random_start(tiny, spec, seed=0):
 
 
 STARTS = {  # name -> (spec of the file, the network options that fit it, options that do not, the refusal)
-    "loha": ({"algo": "loha", "conv_dim": 2}, ["--network_dim", "4", *LYCORIS, "algo=loha", "conv_dim=2"],
+    "loha": ({"algo": "loha", "conv_dim": 2},
+             ["--network_dim", "4", *LYCORIS, "algo=loha", "conv_dim=2", "rank_dropout=0.2"],
              ["--network_dim", "4", *LYCORIS, "algo=loha", "conv_dim=1"], "has rank 2, but `conv_dim` is 1"),
     "lokr": ({"algo": "lokr", "network_dim": 1, "factor": 4, "decompose_both": True},
              ["--network_dim", "1", *LYCORIS, "algo=lokr", "factor=4", "decompose_both=true"],
@@ -199,7 +201,11 @@ def test_network_weights_of_each_kind_continues_from_the_file(assets, tmp_path, 
     save_lora(start, start_path, "kohya")
     for options in (fits, ["--dim_from_weights", *fits]):
         out = tmp_path / f"out{len(options)}"
-        train_recipe.main(args(assets, out, "--network_weights", str(start_path), "--learning_rate", "0", *options))
+        result = train_recipe.main(args(assets, out, "--network_weights", str(start_path), "--learning_rate", "0",
+                                        *options))
+        if kind == "loha":  # the training options reach the layers made from the file
+            layer = dict(result.unet.named_modules())["down_blocks.0.attentions.0.proj_in"]
+            assert layer.rank_dropout["default"] == 0.2
         got, want = load_lora(out / "lora.safetensors"), load_lora(start_path)
         assert got.modules.keys() == want.modules.keys()
         for k, m in want.modules.items():
@@ -207,3 +213,19 @@ def test_network_weights_of_each_kind_continues_from_the_file(assets, tmp_path, 
             assert m.dora_scale is None or torch.equal(m.dora_scale, got.modules[k].dora_scale)
     code = run_main(train_recipe.main, args(assets, tmp_path / "bad", "--network_weights", str(start_path), *misfits))
     assert code == 2 and not (tmp_path / "bad").exists() and refusal in capsys.readouterr().err
+
+
+def test_loha_trains_on_fp8_base_with_checkpointing_and_samples(assets, tmp_path):  # noqa: F811
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch has no float8")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sks shape --w 64 --h 64 --s 2\n")
+    out = tmp_path / "out"
+    result = train_recipe.main(args(assets, out, *RUNS["loha_tucker"][0], "--fp8_base", "--mixed_precision", "bf16",
+                                    "--gradient_checkpointing", "--sample_prompts", str(prompts),
+                                    "--sample_every_n_steps", "2"))
+    layer = dict(result.unet.named_modules())["down_blocks.0.resnets.0.conv1"]
+    assert layer.base_layer.weight.dtype == torch.float8_e4m3fn and layer.hada_t1["default"].dtype == torch.float32
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in result.losses) and len(result.losses) == 2
+    assert [p.name for p in (out / "sample").iterdir()] == ["lora_000002_00.png"]
+    assert {m.kind for m in load_lora(out / "lora.safetensors").modules.values()} == {"loha"}
