@@ -83,6 +83,26 @@ def test_saved_file_reproduces_the_trained_model(request, tmp_path, version, cas
         assert "hada_t1" in next(m for m in load_lora(path).modules.values() if m.is_3x3).tensors
 
 
+@pytest.mark.parametrize("case", list(RUNS))
+def test_network_from_trained_models_reproduces_them(assets, tmp_path, tiny_sd1, monkeypatch, case):  # noqa: F811
+    """The LoraWeights a save is given (from_peft_models), applied to a fresh model (apply_to), gives the trained
+    outputs: the training side of every kind, whatever file format writes it."""
+    from lora_sd.training import checkpoint
+
+    saved = []
+    monkeypatch.setattr(checkpoint, "write_lora", lambda lora, path, *a, **k: saved.append(lora) or path)
+    extra, kind, dora = RUNS[case]
+    result = train_recipe.main(args(assets, tmp_path / "out", *extra))
+    lora = saved[-1]
+    assert {(m.kind, m.dora_scale is not None) for m in lora.modules.values()} == {(kind, dora)}
+    unet, te = copy.deepcopy(tiny_sd1.unet), copy.deepcopy(tiny_sd1.text_encoder)
+    lora.apply_to(unet=unet, text_encoder=te)
+    result.unet.eval(), result.text_encoder.eval()
+    want, got = model_outputs(tiny_sd1, result.unet, result.text_encoder), model_outputs(tiny_sd1, unet, te)
+    assert all((w - g).abs().max() <= 1e-5 for w, g in zip(want, got))
+    assert not torch.equal(want[1], model_outputs(tiny_sd1)[1])
+
+
 def test_peft_folder_of_a_lokr_run_reproduces_the_trained_model(assets, tmp_path, tiny_sd1):  # noqa: F811
     extra, kind, dora = RUNS["lokr_full"]
     result = train_recipe.main(args(assets, tmp_path / "out", *extra, "--save_model_as", "peft"))
