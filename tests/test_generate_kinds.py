@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lora_sd
-from lora_sd.errors import FormatError
+from lora_sd.errors import FormatError, ModelMismatchError
 from lora_sd.formats.peft import write_peft_folder
 from lora_sd.generate import add_networks
 from lora_sd.lora_weights import LoraWeights
@@ -75,17 +75,25 @@ def test_merged_dora_is_comfyui_strength_rule(tiny_sd1):
     assert (got - ref).abs().max() <= 1e-5
 
 
-def test_nothing_changes_when_one_file_cannot_be_an_adapter(tiny_sd1):
-    """The second file is DoRA per input column (PEFT cannot hold it): refused naming it, before the first is
-    applied; merging it works."""
-    good = build("loha", tiny_sd1.unet, seed=9)
-    bad = build("lora", tiny_sd1.unet, seed=10)
-    key, m = next(iter(bad.modules.items()))
-    m.dora_scale = m.down.new_ones(1, m.down.shape[1])
+def test_nothing_changes_when_one_file_does_not_fit(tiny_sd1):
+    """The second file (a LoHa, applied after the LoRA) has a module that does not fit: refused naming the file
+    and the module, before the first file is applied."""
+    good, bad = build("lora", tiny_sd1.unet, seed=9), build("loha", tiny_sd1.unet, seed=10)
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    t = bad.modules[key].tensors
+    t["hada_w1_b"], t["hada_w2_b"] = t["hada_w1_b"][:, :4], t["hada_w2_b"][:, :4]
     pipe = fresh_pipeline(tiny_sd1)
-    with pytest.raises(FormatError, match=rf"^bad\.safetensors: module {key}.*per input column.*--network_merge"):
+    with pytest.raises(ModelMismatchError, match=rf"^bad\.safetensors: LoHa module {key} does not fit the model"):
         add_networks(pipe, [good, bad], [1, 1], names=["good.safetensors", "bad.safetensors"])
     assert not getattr(pipe.unet, "peft_config", None)
+
+
+def test_what_peft_cannot_hold_is_refused_pointing_to_merging(tiny_sd1):
+    bad = build("lora", tiny_sd1.unet, seed=11)
+    key, m = next(iter(bad.modules.items()))
+    m.dora_scale = m.down.new_ones(1, m.down.shape[1])  # DoRA per input column
+    with pytest.raises(FormatError, match=rf"^bad\.safetensors: module {key}.*per input column.*--network_merge"):
+        add_networks(fresh_pipeline(tiny_sd1), [bad], [1], names=["bad.safetensors"])
 
 
 def _folders(tiny, tmp_path, kinds):

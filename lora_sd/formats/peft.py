@@ -27,7 +27,7 @@ CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 PEFT_KINDS = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}
-CONV_3X3_NAMES = ("conv1", "conv2", "conv")  # SD U-Net 3x3 convs (resnets, samplers); conv_shortcut is 1x1
+CONV_3X3_NAMES = ("conv1", "conv2", "conv", "conv_in", "conv_out")  # SD U-Net 3x3 convs; conv_shortcut is 1x1
 
 
 def lora_modules(component, state, config, source) -> dict[str, LoraModule]:
