@@ -75,12 +75,12 @@ def lokr_module(gen, w, rank=None, alpha=2.0, factor=-1, decompose_both=False, r
     return LoraModule.of_kind("lokr", t, alpha, shape=tuple(w.shape))
 
 
-def build(kind, unet, text_encoder=None, seed=0) -> LoraWeights:
+def build(kind, unet, text_encoder=None, seed=0, text_encoder_2=None) -> LoraWeights:
     """A LoraWeights of `kind` on every sd-scripts target of the U-Net (3x3 convs included) and, when given,
-    the text encoder."""
+    the text encoder(s)."""
     gen = torch.Generator().manual_seed(seed)
     lora = LoraWeights()
-    parts = {"unet": unet, "text_encoder": text_encoder}
+    parts = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     for component, model in parts.items():
         if model is None:
             continue
@@ -175,19 +175,39 @@ def assert_same_weights(a: LoraWeights, b: LoraWeights):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_apply_to_gives_the_formulas_model(tiny_sd1, kind):
-    """Applied as a PEFT adapter, each kind changes the U-Net (and text encoder) exactly as its formula merged
-    into the weights does."""
-    lora = build(kind, tiny_sd1.unet, tiny_sd1.text_encoder)
-    unet, te = copy.deepcopy(tiny_sd1.unet), copy.deepcopy(tiny_sd1.text_encoder)
+def test_apply_to_gives_the_formulas_model(tiny, kind):
+    """Applied as a PEFT adapter, each kind changes the U-Net (and text encoder) of SD 1.x and 2.x exactly as
+    its formula merged into the weights does."""
+    lora = build(kind, tiny.unet, tiny.text_encoder)
+    unet, te = copy.deepcopy(tiny.unet), copy.deepcopy(tiny.text_encoder)
     lora.apply_to(unet=unet, text_encoder=te)
-    got = model_outputs(tiny_sd1, unet, te)
-    ref = model_outputs(tiny_sd1, merged_copy(tiny_sd1.unet, "unet", [(lora, 1.0)]),
-                        merged_copy(tiny_sd1.text_encoder, "text_encoder", [(lora, 1.0)]))
-    base = model_outputs(tiny_sd1)
-    for g, r, b in zip(got, ref, base, strict=True):
+    got = model_outputs(tiny, unet, te)
+    ref = model_outputs(tiny, merged_copy(tiny.unet, "unet", [(lora, 1.0)]),
+                        merged_copy(tiny.text_encoder, "text_encoder", [(lora, 1.0)]))
+    for g, r, b in zip(got, ref, model_outputs(tiny), strict=True):
         assert (r - b).abs().max() > 1e-2  # the adapter does change the outputs
         assert (g - r).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["dora", "loha_tucker", "lokr_odd"])
+def test_apply_to_on_sdxl_gives_the_formulas_model(kind):
+    """SDXL: both text encoders (text_encoder_2 keeps `text_model.` in its module names) and the U-Net."""
+    from lora_sd.tiny import build_tiny_sd
+    from tests.test_sdxl_formats import outputs
+
+    xl = build_tiny_sd("sdxl")
+    parts = {"unet": xl.unet, "text_encoder": xl.text_encoder, "text_encoder_2": xl.text_encoder_2}
+    lora = build(kind, xl.unet, xl.text_encoder, text_encoder_2=xl.text_encoder_2)
+    adapted = {n: copy.deepcopy(m) for n, m in parts.items()}
+    lora.apply_to(**adapted)
+    merged = {n: merged_copy(m, n, [(lora, 1.0)]) for n, m in parts.items()}
+
+    def run(p):
+        return outputs(p["unet"], p["text_encoder"], p["text_encoder_2"], xl.tokenizer, xl.tokenizer_2)
+
+    for g, r, b in zip(run(adapted), run(merged), run(parts), strict=True):
+        assert (r - b).abs().max() > 1e-2 and (g - r).abs().max() <= 1e-5
+    assert_same_weights(LoraWeights.from_peft_models(**adapted), lora)
 
 
 @pytest.mark.parametrize("kind", KINDS)
