@@ -1,6 +1,7 @@
-"""Generate images with a diffusers pipeline and any number of LoRAs at their own multipliers.
+"""Generate images with a diffusers pipeline and any number of LoRAs (any kind) at their own multipliers.
 
-LoRAs are injected as named PEFT adapters (`lora0`, `lora1`, ...) and
+LoRAs are injected as named PEFT adapters (`lora0`, `lora1`, ...; LoHa and
+LoKr through PEFT's LoHa/LoKr layers, DoRA through LoraConfig(use_dora)) and
 weighted with the pipeline's `set_adapters`, or, with `merge=True`, added
 into the model weights (`ops.merge_into_models`, sd-scripts' --network_merge).
 Each image is a PNG whose text chunk holds the prompt and settings: one key
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lora_sd.config.choices import SAMPLERS  # sd-scripts' --sampler names, also for training samples
-from lora_sd.errors import ConfigError, ModelMismatchError
+from lora_sd.errors import ConfigError, FormatError, ModelMismatchError
 from lora_sd.io import atomic_path, precision_dtype
 
 logger = logging.getLogger(__name__)
@@ -83,25 +84,72 @@ def read_prompt_file(path, option="--from_file") -> list[str]:
 
 
 def add_networks(pipe, loras, multipliers, merge=False, names=None, model_version=None):
-    """Put LoRAs on a pipeline: adapters weighted by `multipliers`, or merged into the weights."""
+    """Put LoRAs of any kind (LoRA, LoCon, LoHa, LoKr, DoRA) on a pipeline: PEFT adapters weighted by
+    `multipliers` (returns their adapter names, in the files' order), or merged into the weights (returns []).
+
+    Adapters of different kinds may share a layer: PEFT nests a LoHa/LoKr layer
+    around a LoRA one, each adding its own delta at its own weight. Files go on
+    in the order `application_order` gives (the weights stay each file's own):
+    DoRA files first, so that each DoRA acts on the base weight and the other
+    files' deltas add to it, with adapters as merged (merging uses the same
+    order); then LoRA files, which PEFT cannot wrap around LoHa/LoKr layers;
+    then LoHa and LoKr. Every module of every file is checked before the
+    pipeline changes. A DoRA adapter at weight w is PEFT's DoRA of W + w*dW;
+    merged, it is ComfyUI's W + w*(DoRA(W) - W): the two agree at w = 1.
+    """
+    from lora_sd import peft_bridge
     from lora_sd.ops.merge import check_model_version, checked_pairs, merge_into_models, model_parts
 
     multipliers, names = checked_pairs(loras, multipliers, names, "multipliers")
     if not loras:
         return []
+    order = application_order(loras)
     if merge:
-        merge_into_models(loras, multipliers, model_parts(pipe), names=names, model_version=model_version)
+        merge_into_models([loras[i] for i in order], [multipliers[i] for i in order], model_parts(pipe),
+                          names=[names[i] for i in order], model_version=model_version)
         return []
-    adapters = []
-    for i, (lora, name) in enumerate(zip(loras, names, strict=True)):
+    parts = model_parts(pipe)
+    for lora, name in zip(loras, names, strict=True):
         check_model_version(lora, name, model_version)
-        try:
-            lora.apply_to(**model_parts(pipe), adapter_name=f"lora{i}")
-        except ModelMismatchError as e:
-            raise ModelMismatchError(f"{name}: {e}") from None
-        adapters.append(f"lora{i}")
-    pipe.set_adapters(adapters, adapter_weights=list(multipliers))
+        _named_error(name, peft_bridge.plan, lora, **parts)
+    adapters = _free_adapter_names(pipe, len(loras))
+    for i in order:
+        _named_error(names[i], loras[i].apply_to, adapters[i], **parts)
+        logger.info("%s: %d module(s) as adapter %s at weight %g", names[i], len(loras[i].modules), adapters[i],
+                    multipliers[i])
+    # PEFT runs a layer's adapters in the order they are activated: DoRA's first (see above)
+    pipe.set_adapters([adapters[i] for i in order], adapter_weights=[multipliers[i] for i in order])
     return adapters
+
+
+def application_order(loras) -> list[int]:
+    """Indices of `loras`: DoRA files, then plain LoRA/LoCon, then LoHa/LoKr (stable within each)."""
+    def rank(lora):
+        mods = lora.modules.values()
+        return 0 if any(m.dora_scale is not None for m in mods) else 1 if all(m.kind == "lora" for m in mods) else 2
+
+    return sorted(range(len(loras)), key=lambda i: rank(loras[i]))
+
+
+def _named_error(name, call, *args, **kwargs):
+    """`call(...)`, its ModelMismatchError / FormatError prefixed with the file's name."""
+    try:
+        return call(*args, **kwargs)
+    except (ModelMismatchError, FormatError) as e:
+        raise type(e)(f"{name}: {e}") from None
+
+
+def _free_adapter_names(pipe, n) -> list[str]:
+    """`lora0`, `lora1`, ... skipping names the pipeline's models already hold (networks added earlier)."""
+    taken = {a for model in _peft_models(pipe) for a in model.peft_config}
+    free = (f"lora{i}" for i in range(len(taken) + n + 1) if f"lora{i}" not in taken)
+    return [next(free) for _ in range(n)]
+
+
+def _peft_models(pipe):
+    from lora_sd.ops.merge import model_parts
+
+    return [m for m in model_parts(pipe).values() if getattr(m, "peft_config", None)]
 
 
 def png_info(settings: GenerationSettings, prompt, seed, networks):

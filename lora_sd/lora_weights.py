@@ -10,13 +10,11 @@ CLIPTextModel's module names (CLIPTextModelWithProjection, SDXL's
 one place that maps between the two, for both text encoders.
 """
 
-import warnings
-from collections import Counter
+import math
 from dataclasses import dataclass, field
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lora_sd import adapter_math
 from lora_sd.errors import ModelMismatchError
@@ -30,6 +28,7 @@ UNET_3X3_NAMES = frozenset({"conv1", "conv2", "conv", "conv_in", "conv_out"})
 def is_unet_3x3(key: str) -> bool:
     """Whether LoraWeights key `key` names one of the U-Net's 3x3 convs."""
     return key.startswith("unet.") and key.rsplit(".", 1)[-1] in UNET_3X3_NAMES
+KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 TE_PREFIX = "text_model."
 
 
@@ -66,6 +65,11 @@ class LoraModule:
         if self.kind == "lora":
             return {"lora_down.weight": self.down, "lora_up.weight": self.up}
         return dict(self.tensors)
+
+    @property
+    def label(self) -> str:
+        """'LoRA', 'LoHa', 'LoKr', with ' (DoRA)' for a module with a magnitude: the kind in messages."""
+        return KIND_NAMES[self.kind] + (" (DoRA)" if self.dora_scale is not None else "")
 
     @property
     def rank(self) -> int | None:
@@ -137,78 +141,35 @@ class LoraWeights:
             mods[k] = LoraModule.of_kind(m.kind, tensors, m.alpha, dora, m.shape)
         return LoraWeights(mods, dict(self.metadata))
 
-    # --- PEFT models ------------------------------------------------------------
+    # --- PEFT models (lora_sd.peft_bridge) ---------------------------------------
 
     @classmethod
     def from_peft_models(cls, adapter_name="default", **models) -> "LoraWeights":
-        """Read the adapter `adapter_name` from PEFT-adapted models, e.g. unet=..., text_encoder=..."""
-        lora = cls()
-        for component, model in models.items():
-            if model is None:
-                continue
-            state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-            for name, layer in model.named_modules():
-                if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
-                    continue
-                down = state[f"{name}.lora_A.weight"].detach().clone()
-                up = state[f"{name}.lora_B.weight"].detach().clone()
-                key = key_for_module(component, name)
-                lora.modules[key] = LoraModule(down, up, float(layer.lora_alpha[adapter_name]))
-        return lora
+        """Read the adapter `adapter_name` (any kind) from PEFT-adapted models, e.g. unet=..., text_encoder=..."""
+        from lora_sd import peft_bridge
 
-    def peft_config(self, component: str, model=None) -> LoraConfig:
-        """A LoraConfig that recreates this LoRA's modules, ranks and alphas."""
-        mods = {model_module_name(component, n, model): m for n, m in self.component(component).items()}
-        if not mods:
-            raise ModelMismatchError(f"the LoRA has no modules for the {component}")
-        rank = Counter(m.rank for m in mods.values()).most_common(1)[0][0]
-        alpha = Counter(m.alpha for m in mods.values()).most_common(1)[0][0]
-        return LoraConfig(
-            r=rank,
-            lora_alpha=alpha,
-            target_modules=sorted(mods),
-            rank_pattern={n: m.rank for n, m in mods.items() if m.rank != rank},
-            alpha_pattern={n: m.alpha for n, m in mods.items() if m.alpha != alpha},
-        )
+        return peft_bridge.from_peft_models(adapter_name, **models)
+
+    def peft_config(self, component: str, model=None):
+        """The PEFT config (LoraConfig, LoHaConfig, LoKrConfig) that recreates this component's modules."""
+        from lora_sd import peft_bridge
+
+        return peft_bridge.peft_config(self, component, model)
 
     def peft_state_dict(self, component: str, model=None) -> dict[str, torch.Tensor]:
-        """{`<module>.lora_A.weight`: down, `...lora_B.weight`: up} in the model's own names.
+        """This component's tensors under PEFT's names (`<module>.lora_A.weight`, `<module>.hada_w1_a`, ...)."""
+        from lora_sd import peft_bridge
 
-        With a model, each module is checked to exist and to fit, and 2-D/4-D
-        proj_in/proj_out weights are reshaped to the model's layer (SD2 files
-        have either, depending on what sd-scripts trained from).
-        """
-        state = {}
-        named = dict(model.named_modules()) if model is not None else None
-        for name, m in self.component(component).items():
-            mname = model_module_name(component, name, model)
-            if named is not None:
-                _, m = fit_to_layer(named.get(mname), m, f"{component}.{name}")
-            state[f"{mname}.lora_A.weight"] = m.down
-            state[f"{mname}.lora_B.weight"] = m.up
-        return state
+        return peft_bridge.peft_state_dict(self, component, model)
 
     def apply_to(self, adapter_name="default", **models):
-        """Inject this LoRA into models (unet=..., text_encoder=...) as a PEFT adapter.
+        """Inject this LoRA (any kind) into models (unet=..., text_encoder=...) as the PEFT adapter `adapter_name`.
 
         Every module of every component is checked to fit before any model changes.
         """
-        states = {}
-        for component in self.components:
-            if models.get(component) is None:
-                raise ModelMismatchError(f"the LoRA has {component} modules but no {component} was given")
-            states[component] = self.peft_state_dict(component, models[component])
-        for component, state in states.items():
-            model = models[component]
-            with warnings.catch_warnings():  # PEFT warns on every adapter after a model's first
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                model.add_adapter(self.peft_config(component, model), adapter_name=adapter_name)
-            result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
-            unexpected = getattr(result, "unexpected_keys", None)
-            if unexpected:
-                raise ModelMismatchError(f"{component}: could not load {unexpected[0]}")
-            if hasattr(model, "set_adapter"):
-                model.set_adapter(adapter_name)
+        from lora_sd import peft_bridge
+
+        peft_bridge.apply_to(self, adapter_name, **models)
 
 
 def key_for_module(component: str, module_name: str) -> str:
@@ -226,19 +187,34 @@ def model_module_name(component: str, path: str, model=None) -> str:
     return path
 
 
-def fit_to_layer(layer, m: LoraModule, key: str):
+def fit_to_layer(layer, m, key: str):
     """(base layer, `m` shaped for it): ModelMismatchError naming `key` when it is missing or does not fit.
 
-    `layer` is a Linear or Conv2d, PEFT-wrapped or not. 2-D and 1x1-conv 4-D
-    factors are reshaped to the layer (SD2 proj_in/proj_out files have either,
-    depending on what sd-scripts trained from).
+    `layer` is a Linear or Conv2d, PEFT-wrapped or not. LoRA factors that are
+    2-D and 1x1-conv 4-D are reshaped to the layer (SD2 proj_in/proj_out files
+    have either, depending on what sd-scripts trained from); LoHa/LoKr deltas
+    must have the weight's element count per output row; DoRA magnitudes must
+    fit one of the weight's axes. The module returned has `shape` = the weight's.
     """
-    if isinstance(layer, LoraLayer):
+    if isinstance(layer, BaseTunerLayer):
         layer = layer.get_base_layer()
     if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-        raise ModelMismatchError(f"LoRA module {key} does not exist in the model")
-    down, up = m.down, m.up
+        raise ModelMismatchError(f"{KIND_NAMES[m.kind]} module {key} does not exist in the model")
     weight_shape = tuple(layer.weight.shape)  # [out, in] or [out, in, k, k]
+    tensors = _fit_lora(m, weight_shape, key) if m.kind == "lora" else _check_delta(m, weight_shape, key)
+    dora = m.dora_scale
+    if dora is not None:
+        try:
+            axis = adapter_math.dora_axis(dora, weight_shape)
+        except ValueError as e:
+            raise ModelMismatchError(f"DoRA module {key} does not fit the model: {e}") from None
+        unit = [1] * (len(weight_shape) - 1)
+        dora = dora.reshape(weight_shape[0], *unit) if axis == "output" else dora.reshape(1, weight_shape[1], *unit[1:])
+    return layer, LoraModule.of_kind(m.kind, tensors, m.alpha, dora, weight_shape)
+
+
+def _fit_lora(m, weight_shape, key) -> dict:
+    down, up = m.down, m.up
     if len(weight_shape) == 2:
         down = down.flatten(1) if down.dim() == 4 and down.shape[2:] == (1, 1) else down
         up = up.flatten(1) if up.dim() == 4 and up.shape[2:] == (1, 1) else up
@@ -253,4 +229,21 @@ def fit_to_layer(layer, m: LoraModule, key: str):
             f"LoRA module {key} does not fit the model: down {tuple(m.down.shape)}, up {tuple(m.up.shape)}; "
             f"the layer needs down {want_down}, up {want_up}"
         )
-    return layer, LoraModule(down, up, m.alpha)
+    return {"lora_down.weight": down, "lora_up.weight": up}
+
+
+def _check_delta(m, weight_shape, key) -> dict:
+    """LoHa/LoKr: the delta (computed on the meta device: shapes only) must reshape to the weight."""
+    try:
+        shape = tuple(adapter_math.delta(m.kind, {n: t.to("meta") for n, t in m.tensors.items()}, m.alpha).shape)
+    except (RuntimeError, KeyError) as e:  # factors that do not multiply, or a missing one
+        raise ModelMismatchError(f"{KIND_NAMES[m.kind]} module {key}: its tensors do not make a weight ({e})") from None
+    fits = shape[0] == weight_shape[0] and math.prod(shape[1:]) == math.prod(weight_shape[1:])
+    if len(shape) == 4 and len(weight_shape) == 4:
+        fits = fits and shape == weight_shape  # a Tucker or 4-D factor fixes the kernel
+    if not fits:
+        raise ModelMismatchError(
+            f"{KIND_NAMES[m.kind]} module {key} does not fit the model: its delta is {shape}, the layer's weight "
+            f"is {weight_shape}"
+        )
+    return dict(m.tensors)

@@ -1,4 +1,4 @@
-"""sd-scripts' networks.lora target rules, as PEFT LoraConfigs.
+"""sd-scripts' networks.lora target rules, as PEFT configs (LoRA, DoRA, LoHa, LoKr).
 
 sd-scripts walks `named_modules()` and, inside modules of the classes below,
 adapts every Linear and Conv2d: Linear and 1x1 convs at network_dim /
@@ -9,12 +9,17 @@ explicitly and give convs their own rank through rank/alpha patterns.
 SDXL: the same rules on both text encoders (CLIPAttention/CLIPMLP of each;
 text encoder 2's `text_projection` is outside them, so not adapted, as in
 sd-scripts) and on the U-Net.
+
+LyCORIS' algorithms (`network_module = "lycoris.kohya"`) use the same targets:
+LoHa and LoKr are PEFT's LoHaConfig / LoKrConfig, DoRA is LoraConfig(use_dora=True).
+Each starts with a zero delta, as LyCORIS' modules do.
 """
 
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig
+from peft.tuners.lokr.layer import factorization
 
 UNET_TARGET_CLASSES = ("Transformer2DModel",)
 UNET_CONV_TARGET_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -33,6 +38,13 @@ class NetworkSpec:
     network_alpha: float = 1.0
     conv_dim: int | None = None
     conv_alpha: float = 1.0
+    algo: str = "lora"  # the adapter kind: lora (locon), loha, lokr
+    dora: bool = False  # LyCORIS' dora_wd (lora only)
+    factor: int = -1  # LoKr's decompose_factor: -1 splits each dimension as squarely as possible
+    decompose_both: bool = False  # LoKr: the smaller factor low-rank too
+    use_tucker: bool = False  # LoHa/LoKr 3x3 convs: Tucker cores (PEFT's use_effective_conv2d)
+    rank_dropout: float = 0.0  # LoHa/LoKr
+    module_dropout: float = 0.0  # LoHa/LoKr
 
     def __post_init__(self):
         if not self.network_alpha:
@@ -75,29 +87,53 @@ def target_modules(component: str, model, with_conv=False):
     return find_targets(model, TEXT_ENCODER_TARGET_CLASSES, with_conv=False)
 
 
-def unet_lora_config(unet, spec: NetworkSpec) -> LoraConfig:
-    """PEFT config adapting exactly the U-Net modules sd-scripts adapts."""
-    targets = target_modules("unet", unet, with_conv=bool(spec.conv_dim))
+def adapter_config(targets: dict, spec: NetworkSpec, model):
+    """The PEFT config of `spec`'s kind on `targets` ({module name: is_3x3}); 3x3 convs at conv_dim/conv_alpha
+    through rank/alpha patterns."""
     convs = [n for n, is_conv in targets.items() if is_conv]
-    return LoraConfig(
-        r=spec.network_dim,
-        lora_alpha=spec.network_alpha,
-        target_modules=list(targets),
-        rank_pattern={n: spec.conv_dim for n in convs},
-        alpha_pattern={n: spec.conv_alpha for n in convs},
-        init_lora_weights=True,
-    )
+    common = dict(r=spec.network_dim, target_modules=list(targets), rank_pattern={n: spec.conv_dim for n in convs})
+    alphas = {n: spec.conv_alpha for n in convs}
+    if spec.algo == "lora":
+        return LoraConfig(lora_alpha=spec.network_alpha, alpha_pattern=alphas, init_lora_weights=True,
+                          use_dora=spec.dora, **common)
+    lycoris = dict(rank_dropout=spec.rank_dropout, module_dropout=spec.module_dropout,
+                   use_effective_conv2d=spec.use_tucker, **common)
+    if spec.algo == "loha":  # PEFT's init: hada_w2_b zero (LyCORIS zeroes hada_w2_a): the delta starts at zero
+        return LoHaConfig(alpha=spec.network_alpha, alpha_pattern=alphas, **lycoris)
+    for name in targets:  # LyCORIS ignores alpha where no factor is decomposed (scale 1); PEFT divides by r
+        rank = common["rank_pattern"].get(name, spec.network_dim)
+        if lokr_factors_full(model.get_submodule(name).weight.shape, rank, spec.factor, spec.decompose_both):
+            alphas[name] = float(rank)
+    return LoKrConfig(alpha=spec.network_alpha, alpha_pattern=alphas, decompose_factor=spec.factor,
+                      decompose_both=spec.decompose_both, init_weights="lycoris", **lycoris)
 
 
-def text_encoder_lora_config(text_encoder, spec: NetworkSpec) -> LoraConfig:
+def lokr_layout(weight_shape, rank, factor=-1, decompose_both=False):
+    """((w1 shape, w1 decomposed), (w2 out, w2 in, w2 decomposed)) of a LoKr on a weight: PEFT's (and LyCORIS')
+    rule, copied because PEFT decides it inside the layer: each dimension split by `factorization`, w2 low-rank
+    when rank < half its larger side, w1 only with decompose_both."""
+    (a, b), (c, d) = factorization(weight_shape[0], factor), factorization(weight_shape[1], factor)
+    return ((a, c), decompose_both and rank < max(a, c) / 2), (b, d, rank < max(b, d) / 2)
+
+
+def lokr_factors_full(weight_shape, rank, factor=-1, decompose_both=False) -> bool:
+    (_, w1_low), (_, _, w2_low) = lokr_layout(weight_shape, rank, factor, decompose_both)
+    return not w1_low and not w2_low
+
+
+def unet_lora_config(unet, spec: NetworkSpec):
+    """PEFT config adapting exactly the U-Net modules sd-scripts adapts."""
+    return adapter_config(target_modules("unet", unet, with_conv=bool(spec.conv_dim)), spec, unet)
+
+
+def text_encoder_lora_config(text_encoder, spec: NetworkSpec):
     """PEFT config adapting the CLIP attention projections and MLP fc1/fc2."""
-    targets = target_modules("text_encoder", text_encoder)
-    return LoraConfig(r=spec.network_dim, lora_alpha=spec.network_alpha, target_modules=list(targets))
+    return adapter_config(target_modules("text_encoder", text_encoder), spec, text_encoder)
 
 
 def lora_configs(unet, text_encoder, spec: NetworkSpec, train_unet=True, train_text_encoder=True,
                  text_encoder_2=None):
-    """{"unet": LoraConfig, "text_encoder": LoraConfig, "text_encoder_2": LoraConfig (SDXL)} for the parts
+    """{"unet": config, "text_encoder": config, "text_encoder_2": config (SDXL)} for the parts
     being trained (`train_text_encoder`: both text encoders, as sd-scripts' SDXL network)."""
     configs = {}
     if train_unet:

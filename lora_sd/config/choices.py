@@ -43,7 +43,7 @@ CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "save_model_as": ("safetensors", "ckpt", "pt", "diffusers", "peft"),
     "save_precision": (None, "float", "fp16", "bf16"),
-    "network_module": ("networks.lora", "lora"),
+    "network_module": ("networks.lora", "lora", "lycoris.kohya"),
     "max_token_length": (None, 75, 150, 225),
     "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
     "sample_sampler": tuple(SAMPLERS),

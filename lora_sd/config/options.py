@@ -60,10 +60,13 @@ class TrainConfig:
                                            "free them from the device (needs network_train_unet_only)")
     cache_text_encoder_outputs_to_disk: bool = opt(False, "cache the text-encoder outputs on disk too")
     # --- network
-    network_module: str = opt("networks.lora", "networks.lora (or lora): the kohya LoRA network")
+    network_module: str = opt("networks.lora", "networks.lora (or lora): the kohya LoRA network; lycoris.kohya: "
+                              "LoCon, LoHa, LoKr, DoRA through network_args algo=...")
     network_dim: int = opt(4, "LoRA rank")
     network_alpha: float = opt(1.0, "scale is alpha / rank (0: alpha = rank, as sd-scripts; not negative)")
-    network_args: list[str] = opt([], "key=value: conv_dim (rank of 3x3 conv LoRA), conv_alpha")
+    network_args: list[str] = opt([], "key=value: conv_dim (rank of 3x3 conv LoRA), conv_alpha; lycoris.kohya adds "
+                                "algo=lora|locon|loha|lokr, factor, decompose_both, use_tucker, dora_wd, preset, "
+                                "rank_dropout, module_dropout")
     network_weights: str | None = opt(None, "a LoRA file/folder to continue training from")
     network_multiplier: float = opt(1.0, "strength of the LoRA while training (a dataset's own multiplies it)")
     dim_from_weights: bool = opt(False, "take ranks and alphas from network_weights")

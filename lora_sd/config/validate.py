@@ -28,7 +28,10 @@ def check_values(cfg: TrainConfig, errors: ConfigErrors, inline_datasets: bool):
     _check_choices(cfg, errors)
     _check_ranges(cfg, errors)
     _check_output_name(cfg, errors)
-    for key, parse in (("network_args", parse_network_args), ("optimizer_args", parse_optimizer_args)):
+    def network(items):
+        _check_network(cfg, parse_network_args(items, cfg.network_module))
+
+    for key, parse in (("network_args", network), ("optimizer_args", parse_optimizer_args)):
         try:
             parse(getattr(cfg, key))
         except ConfigError as e:
@@ -53,6 +56,20 @@ def check_values(cfg: TrainConfig, errors: ConfigErrors, inline_datasets: bool):
                        "trained cannot have their outputs cached (as in sd-scripts)")
     if cfg.dim_from_weights and not cfg.network_weights:
         errors.add("dim_from_weights", "needs `network_weights`")
+
+
+def _check_network(cfg, args: dict):
+    """Network args that do not fit the rest of the config."""
+    kind = "DoRA" if args.get("dora_wd") else {"loha": "LoHa", "lokr": "LoKr"}.get(args.get("algo"))
+    if kind and cfg.save_model_as == "diffusers":
+        raise ConfigError(f"a {kind} network cannot be saved with `save_model_as = \"diffusers\"` (diffusers' LoRA "
+                          "format holds plain LoRA only): use safetensors (kohya/LyCORIS names) or peft")
+    if args.get("dora_wd") and cfg.fp8_base:
+        raise ConfigError("dora_wd=true does not train on `fp8_base`: PEFT's DoRA takes the norm of the base weights, "
+                          "which it cannot do in float8; remove fp8_base (bf16 mixed precision still halves memory)")
+    if args.get("dora_wd") and cfg.network_multiplier != 1:
+        raise ConfigError("dora_wd=true trains at `network_multiplier` 1 only: PEFT's DoRA does not scale its "
+                          "magnitude with a strength as LyCORIS does")
 
 
 def _check_choices(cfg, errors):

@@ -25,9 +25,8 @@ from lora_sd import adapter_math
 from lora_sd.errors import FormatError
 from lora_sd.formats.metadata import kohya_metadata_only
 from lora_sd.formats.peft import LORA_A, LORA_B, lora_modules
-from lora_sd.lora_weights import COMPONENTS, LoraWeights, key_for_module
+from lora_sd.lora_weights import COMPONENTS, KIND_NAMES, LoraWeights, key_for_module
 
-KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 # diffusers.loaders.lora_base LORA_WEIGHT_NAME_SAFE / LORA_WEIGHT_NAME, in the order load_lora_weights tries them

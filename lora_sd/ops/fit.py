@@ -9,20 +9,10 @@ factor, or another LoRA of the same module.
 
 import math
 
-import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lora_sd import adapter_math
 from lora_sd.errors import ModelMismatchError
-from lora_sd.lora_weights import LoraModule, is_unet_3x3
-
-KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
-
-
-def kind_name(m: LoraModule) -> str:
-    """'LoRA', 'LoHa', 'LoKr', with ' (DoRA)' for a module with a magnitude."""
-    return KIND_NAMES.get(m.kind, m.kind) + (" (DoRA)" if m.dora_scale is not None else "")
-
+from lora_sd.lora_weights import LoraModule, fit_to_layer, is_unet_3x3
 
 def describe(m: LoraModule) -> str:
     """The module's tensors and shapes for messages: 'down (4, 8), up (8, 4)' or 'hada_w1_a (8, 2), ...'."""
@@ -44,7 +34,7 @@ def delta_shape(m: LoraModule, key: str) -> tuple:
     try:
         return tuple(adapter_math.delta(meta.kind, meta.named_tensors(), meta.alpha).shape)
     except (RuntimeError, ValueError, KeyError):
-        raise ModelMismatchError(f"LoRA module {key} does not fit: its {kind_name(m)} tensors {describe(m)} "
+        raise ModelMismatchError(f"LoRA module {key} does not fit: its {m.label} tensors {describe(m)} "
                                  "do not multiply out") from None
 
 
@@ -64,7 +54,7 @@ def weight_shape(m: LoraModule, key: str) -> tuple | None:
     delta = delta_shape(m, key)
     if m.shape is not None:
         if flat(m.shape) != flat(delta):
-            raise ModelMismatchError(f"LoRA module {key}: its {kind_name(m)} tensors ({describe(m)}) make a "
+            raise ModelMismatchError(f"LoRA module {key}: its {m.label} tensors ({describe(m)}) make a "
                                      f"{flat(delta)} delta, not one for its weight shape {tuple(m.shape)}")
         return tuple(m.shape)
     if m.kind == "lora":
@@ -90,19 +80,4 @@ def shapes_agree(a, a_flat, b, b_flat) -> bool:
 def fitted_layer(layer, m: LoraModule, key: str):
     """The Linear / Conv2d that `m` adapts (PEFT's wrapper unwrapped); ModelMismatchError naming `key` when
     the layer is missing or `m` (its delta, kernel or DoRA magnitude) does not fit its weight."""
-    if isinstance(layer, BaseTunerLayer):
-        layer = layer.get_base_layer()
-    if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-        raise ModelMismatchError(f"LoRA module {key} does not exist in the model")
-    want = tuple(layer.weight.shape)
-    shape = weight_shape(m, key)
-    fits = shapes_agree(shape, flat(delta_shape(m, key)), want, flat(want))
-    if fits and m.dora_scale is not None:
-        try:  # the magnitude's axis and size, by the one DoRA formula
-            _meta(m).merged(torch.empty(want, device="meta"))
-        except (RuntimeError, ValueError):
-            fits = False
-    if not fits:
-        raise ModelMismatchError(f"LoRA module {key} does not fit the model: {kind_name(m)} {describe(m)}; "
-                                 f"the layer's weight is {want}")
-    return layer
+    return fit_to_layer(layer, m, key)[0]

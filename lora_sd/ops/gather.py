@@ -14,7 +14,7 @@ from lora_sd.formats import load_lora
 from lora_sd.formats.base_model import BASE_NAMES, lora_base, same_base
 from lora_sd.lora_weights import LoraModule, LoraWeights
 from lora_sd.ops.args import check_pairs
-from lora_sd.ops.fit import delta_shape, describe, flat, kind_name, shapes_agree, tells_kernel, weight_shape
+from lora_sd.ops.fit import delta_shape, describe, flat, shapes_agree, tells_kernel, weight_shape
 from lora_sd.ops.lowrank import to_lora_shapes
 
 logger = logging.getLogger(__name__)
@@ -138,8 +138,8 @@ def gather_modules(loras, ratios, names) -> list[ModuleParts]:
             _, first, first_name = entry.parts[0]
             if not shapes_agree(entry.shape if entry.known else None, flats[key], shape if known else None, flat_shape):
                 raise ConfigError(
-                    f"module {key}: {first_name} has {kind_name(first)} {describe(first)} but {name} has "
-                    f"{kind_name(m)} {describe(m)}: these LoRAs are for different models (SD 1.x and 2.x?) and "
+                    f"module {key}: {first_name} has {first.label} {describe(first)} but {name} has "
+                    f"{m.label} {describe(m)}: these LoRAs are for different models (SD 1.x and 2.x?) and "
                     "cannot be merged"
                 )
             entry.parts.append((ratio, m, name))

@@ -37,7 +37,7 @@ from lora_sd.io import precision_dtype
 from lora_sd.outputs import LORA_FILE_SUFFIXES, check_output
 from lora_sd.lora_weights import LoraModule, LoraWeights, model_module_name
 from lora_sd.ops.args import check_model_config, parse_ratios
-from lora_sd.ops.fit import fitted_layer, kind_name
+from lora_sd.ops.fit import fitted_layer
 from lora_sd.ops.gather import ModuleParts, checked_pairs, common_version, first_module, gather_modules, load_loras
 
 __all__ = ["check_model_version", "checked_pairs", "load_loras", "merge_into_model_file", "merge_into_models",
@@ -98,7 +98,7 @@ def _refuse_other_kinds(loras, names):
                  "so no LoRA file can hold it")
     else:
         where = "use svd_merge_lora.py, which merges LoRAs of any kinds into a plain LoRA of a chosen rank"
-    raise ConfigError(f"{name}: module {key} is a {kind_name(m)}; merging into one LoRA takes plain LoRAs only: "
+    raise ConfigError(f"{name}: module {key} is a {m.label}; merging into one LoRA takes plain LoRAs only: "
                       f"{where}")
 
 

@@ -27,7 +27,6 @@ from lora_sd.io import precision_dtype
 from lora_sd.outputs import LORA_FILE_SUFFIXES, check_output
 from lora_sd.lora_weights import LoraWeights
 from lora_sd.ops.args import check_rank, parse_ratios, resolve_device
-from lora_sd.ops.fit import kind_name
 from lora_sd.ops.gather import ModuleParts, checked_pairs, common_version, first_module, gather_modules, load_loras
 from lora_sd.ops.lowrank import factorize_product, max_rank, svd_factors
 
@@ -58,7 +57,7 @@ def svd_merge(loras, ratios, new_rank, new_conv_rank=None, device="cpu", precisi
     clamped, written = [], {False: 0, True: 0}  # written: the largest rank written, per is-3x3
     for entry in gather_modules(loras, ratios, names):
         if entry.shape is None:
-            raise ConfigError(f"module {entry.key}: a 3x3 conv whose {kind_name(entry.parts[0][1])} tensors are "
+            raise ConfigError(f"module {entry.key}: a 3x3 conv whose {entry.parts[0][1].label} tensors are "
                               "flattened ([out, in*k*k]) and no input gives its kernel size: the merged LoRA cannot "
                               "be shaped for it; set the module's `shape` (the file readers do)")
         is_conv = len(entry.shape) == 4 and entry.shape[2:] != (1, 1)
@@ -87,7 +86,7 @@ def _refuse_dora(loras, names):
     found = first_module(loras, names, lambda m: m.dora_scale is not None)
     if found is not None:
         name, key, m = found
-        raise ConfigError(f"{name}: module {key} is a {kind_name(m)}: its change depends on the base model's "
+        raise ConfigError(f"{name}: module {key} is a {m.label}: its change depends on the base model's "
                           "weight, so no plain LoRA holds it; merge it into a model instead (merge_lora.py --sd_model)")
 
 

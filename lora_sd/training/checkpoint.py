@@ -28,6 +28,7 @@ from lora_sd.errors import ConfigError, FormatError
 from lora_sd.formats import save_lora
 from lora_sd.io import atomic_path, failures_name, open_tensor_file, refuse_overwriting_inputs, replace
 from lora_sd.lora_weights import LoraWeights
+from lora_sd.training.network import is_adapter_param
 from lora_sd.state_tree import load_tree, save_tree, tree_from_json, tree_to_json
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class TrainingState:
     The folder (all names fixed; anything else in it is refused on resume):
       state.json              JSON: format, version, num_processes, optimizer class, progress counters,
                               accelerate's micro-batch counter, the LR schedule's and the GradScaler's state_dict
-      lora.safetensors        the LoRA tensors, `<unet|text_encoder>.<PEFT parameter name>`
+      lora.safetensors        the adapter tensors, `<unet|text_encoder>.<PEFT parameter name>` (any kind)
       optimizer.safetensors   the optimizer's state_dict (io.save_tree: tensors + its structure as JSON metadata)
       rng-<rank>.safetensors  one per process (io.save_tree): python `random`, numpy and torch CPU (+ CUDA)
                               generator states
@@ -171,7 +172,7 @@ class TrainingState:
 
 def _lora_params(state: TrainingState) -> dict:
     return {f"{name}.{k}": v for name, m in state.models.items()
-            for k, v in state.accelerator.unwrap_model(m).state_dict(keep_vars=True).items() if "lora_" in k}
+            for k, v in state.accelerator.unwrap_model(m).state_dict(keep_vars=True).items() if is_adapter_param(k)}
 
 
 def _optimizer_class(state: TrainingState) -> str:

@@ -41,7 +41,8 @@ from lora_sd.training import checkpoint, optim, text_cache
 from lora_sd.training.interrupt import StopRequest, stop_on_ctrl_c
 from lora_sd.training.metadata import at_save, training_metadata
 from lora_sd.training.noise import compute_loss
-from lora_sd.training.network import check_attention, check_fp8, lora_strength, text_encoders, trained_parts
+from lora_sd.training.network import (check_attention, check_fp8, dropout_rng, lora_strength, text_encoders,
+                                      trained_parts)
 from lora_sd.training.sampling import read_prompts, sample_images
 from lora_sd.training.setup import load_model, make_accelerator, seed_everything
 from lora_sd.training.text import conditioning
@@ -257,7 +258,8 @@ class LoraTraining:
         """One micro-batch: loss, backward and, once accumulation is complete, the optimizer step."""
         cfg, acc, progress = self.cfg, self.accelerator, self.progress
         generator = step_generator(cfg.seed, acc.process_index, progress.global_step, progress.batches_in_epoch)
-        with acc.accumulate(*self.models.values()), lora_strength(self.models.values(), self._strength(batch)):
+        with acc.accumulate(*self.models.values()), lora_strength(self.models.values(), self._strength(batch)), \
+                dropout_rng(generator.initial_seed() + 1, acc.device):  # another stream than the noise
             with acc.autocast():
                 loss = compute_loss(batch, unet=self.unet, text_conditioning=self.text_conditioning,
                                     vae=self.model.vae, scheduler=self.model.scheduler, cfg=cfg,

@@ -12,6 +12,8 @@ import time
 import uuid
 from pathlib import Path
 
+from lora_sd.config.kv_args import LYCORIS, parse_network_args
+
 
 def training_metadata(cfg, data, *, total_batch_size: int, max_train_steps: int,
                       num_epochs: int, optimizer_name: str, started_at: float) -> dict:
@@ -70,12 +72,28 @@ def training_metadata(cfg, data, *, total_batch_size: int, max_train_steps: int,
         "ss_new_sd_model_hash": "None",
         "ss_vae_name": "None",
     }
-    if cfg.network_args:  # as given, like sd-scripts: {"conv_dim": "4", "conv_alpha": "1"}
-        meta["ss_network_args"] = json.dumps(dict(a.split("=", 1) for a in cfg.network_args))
+    meta.update(network_metadata(cfg))
     if cfg.training_comment:
         meta["modelspec.description"] = cfg.training_comment
     meta["modelspec.resolution"] = "{}x{}".format(*first.resolution)
     return {k: str(v) for k, v in meta.items()}  # None -> "None", as sd-scripts writes it
+
+
+def network_metadata(cfg) -> dict:
+    """`ss_network_args` as given, like sd-scripts ({"conv_dim": "4", "conv_alpha": "1"}); a LyCORIS network
+    also names its module and its rank/alpha, as sd-scripts does for every network (the kohya writer fills
+    them in from the tensors otherwise), and a DoRA says which axis its magnitude is on (ours: per output
+    row)."""
+    args = {k.strip(): v.strip() for k, _, v in (a.partition("=") for a in cfg.network_args)}
+    meta = {}
+    if cfg.network_module == LYCORIS:
+        alpha = cfg.network_alpha or cfg.network_dim  # alpha 0: alpha = rank, as the modules have it
+        meta.update(ss_network_module=LYCORIS, ss_network_dim=cfg.network_dim, ss_network_alpha=f"{alpha:g}")
+        if parse_network_args(cfg.network_args, LYCORIS).get("dora_wd"):
+            args.setdefault("wd_on_output", "True")
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
+    return meta
 
 
 def _dirs(data, reg: bool) -> dict:
