@@ -80,6 +80,15 @@ class LoraModule:
     def scale(self) -> float:
         return adapter_math.kind_scale(self.kind, self.named_tensors(), self.alpha)
 
+    def delta_shape(self) -> tuple:
+        """What the tensors multiply out to ([out, in*k*k] for a flattened conv, 4-D when a factor is), computed
+        on the meta device (shapes only); ValueError when they do not multiply out (ranks that differ, ...)."""
+        meta = {n: t.to("meta") for n, t in self.named_tensors().items()}
+        try:
+            return tuple(adapter_math.delta(self.kind, meta, self.alpha).shape)
+        except (RuntimeError, KeyError) as e:  # factors that do not multiply, or a missing one
+            raise ValueError(f"its {self.label} tensors do not multiply out ({e})") from None
+
     def weight_shape(self) -> tuple:
         """The adapted weight's shape: `shape` when set, else what the tensors tell ([out, in*k*k] for a
         flattened LoHa/LoKr conv)."""
@@ -87,7 +96,7 @@ class LoraModule:
             return tuple(self.shape)
         if self.kind == "lora":
             return (self.up.shape[0], *self.down.shape[1:])
-        return tuple(adapter_math.delta(self.kind, self.named_tensors(), self.alpha).shape)
+        return self.delta_shape()
 
     @property
     def is_3x3(self) -> bool:
@@ -235,9 +244,9 @@ def _fit_lora(m, weight_shape, key) -> dict:
 def _check_delta(m, weight_shape, key) -> dict:
     """LoHa/LoKr: the delta (computed on the meta device: shapes only) must reshape to the weight."""
     try:
-        shape = tuple(adapter_math.delta(m.kind, {n: t.to("meta") for n, t in m.tensors.items()}, m.alpha).shape)
-    except (RuntimeError, KeyError) as e:  # factors that do not multiply, or a missing one
-        raise ModelMismatchError(f"{KIND_NAMES[m.kind]} module {key}: its tensors do not make a weight ({e})") from None
+        shape = m.delta_shape()
+    except ValueError as e:
+        raise ModelMismatchError(f"{KIND_NAMES[m.kind]} module {key}: {e}") from None
     fits = shape[0] == weight_shape[0] and math.prod(shape[1:]) == math.prod(weight_shape[1:])
     if len(shape) == 4 and len(weight_shape) == 4:
         fits = fits and shape == weight_shape  # a Tucker or 4-D factor fixes the kernel

@@ -10,7 +10,6 @@ factor, or another LoRA of the same module.
 import math
 
 
-from lora_sd import adapter_math
 from lora_sd.errors import ModelMismatchError
 from lora_sd.lora_weights import LoraModule, fit_to_layer, is_unet_3x3
 
@@ -22,18 +21,12 @@ def describe(m: LoraModule) -> str:
     return ", ".join(f"{n} {tuple(t.shape)}" for n, t in named.items())
 
 
-def _meta(m: LoraModule) -> LoraModule:
-    dora = m.dora_scale.to("meta") if m.dora_scale is not None else None
-    return LoraModule.of_kind(m.kind, {n: t.to("meta") for n, t in m.named_tensors().items()}, m.alpha, dora, m.shape)
-
-
 def delta_shape(m: LoraModule, key: str) -> tuple:
     """What the tensors multiply out to ([out, in*k*k], or 4-D when a factor is); ModelMismatchError naming
     `key` when they do not (a rank that differs between factors, ...)."""
-    meta = _meta(m)
     try:
-        return tuple(adapter_math.delta(meta.kind, meta.named_tensors(), meta.alpha).shape)
-    except (RuntimeError, ValueError, KeyError):
+        return m.delta_shape()
+    except ValueError:
         raise ModelMismatchError(f"LoRA module {key} does not fit: its {m.label} tensors {describe(m)} "
                                  "do not multiply out") from None
 
