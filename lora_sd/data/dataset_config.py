@@ -49,6 +49,8 @@ class SubsetConfig:
     color_aug: bool = False
     random_crop: bool = False
     cache_info: bool = False  # accepted for sd-scripts configs; headers are read anyway
+    conditioning_data_dir: str | None = None  # loss masks named as the images (sd-scripts' ControlNet subsets)
+    alpha_mask: bool = False  # the images' alpha channel is the loss mask
 
     @property
     def name(self) -> str:
@@ -78,12 +80,10 @@ _REFUSED = {
     "face_crop_aug_range": None,
     "token_warmup_min": 1,
     "token_warmup_step": 0,
-    "alpha_mask": False,
-    "conditioning_data_dir": None,
 }
 _KNOWN = _SUBSET_KEYS | _DATASET_KEYS | set(_REFUSED)
 # Only meaningful per subset: sd-scripts does not let them be inherited.
-_SUBSET_ONLY = {"image_dir", "metadata_file", "is_reg"}
+_SUBSET_ONLY = {"image_dir", "metadata_file", "is_reg", "conditioning_data_dir"}
 
 
 def _field_types(cls):
@@ -245,6 +245,7 @@ def load_dataset_config(source, *, path_for_errors=None, defaults: dict | None =
                            SubsetConfig)
             sub.image_dir = _relative_to(sub.image_dir, base)
             sub.metadata_file = _relative_to(sub.metadata_file, base)
+            sub.conditioning_data_dir = _relative_to(sub.conditioning_data_dir, base)
             if sub.caption_extension and not sub.caption_extension.startswith("."):
                 sub.caption_extension = "." + sub.caption_extension
             ds.subsets.append(sub)
