@@ -180,7 +180,8 @@ class LoraTraining:
         to_disk = cfg.cache_text_encoder_outputs_to_disk
         self.text_conditioning = conditioning(list(self.encoders.values()), tokenizers, cfg.max_token_length,
                                               cfg.clip_skip, cached=not cfg.train_text_encoder,
-                                              cache_dir=text_cache.default_text_cache_dir() if to_disk else None)
+                                              cache_dir=text_cache.default_text_cache_dir() if to_disk else None,
+                                              weighted=cfg.weighted_captions)
         self.text_encoders_offloaded = False
         if not (cfg.cache_text_encoder_outputs or to_disk):
             return
