@@ -128,3 +128,25 @@ def test_bad_objective_options_exit_2_and_write_nothing(assets, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("error: ") and named in err and "Traceback" not in err and err.count("\n") == 1
     assert _no_outputs(out)
+
+
+KINDS = {"lora": [], "loha": ["--network_module", "lycoris.kohya", "--network_args", "algo=loha"],
+         "lokr": ["--network_module", "lycoris.kohya", "--network_args", "algo=lokr", "factor=4"],
+         "dora": ["--network_module", "lycoris.kohya", "--network_args", "algo=locon", "dora_wd=true"]}
+EVERY_OPTION = ["--loss_type", "smooth_l1", "--huber_schedule", "exponential", "--huber_c", "0.2",
+                "--multires_noise_iterations", "3", "--noise_offset", "0.05", "--noise_offset_random_strength",
+                "--ip_noise_gamma", "0.1", "--ip_noise_gamma_random_strength", "--debiased_estimation_loss",
+                "--weighted_captions"]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_objective_option_trains_every_adapter_kind(assets, tmp_path, kind):
+    from tests.test_train import args, kohya_file, train_recipe
+
+    out = tmp_path / "out"
+    result = train_recipe.main(args(assets, out, *KINDS[kind], *EVERY_OPTION))
+    assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)
+    meta = kohya_file(out / "lora.safetensors")[1]
+    assert (meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_debiased_estimation"]) == \
+        ("smooth_l1", "exponential", "True")
+    assert meta["ss_multires_noise_iterations"] == "3" and meta["ss_ip_noise_gamma_random_strength"] == "True"
