@@ -113,7 +113,7 @@ def test_metadata_names_the_objective():
     (["--huber_scale", "0"], "`huber_scale` must be > 0"),
     (["--loss_type", "l3"], "`loss_type` must be one of l2, l1, huber, smooth_l1; got 'l3'"),
     (["--huber_schedule", "cosine"], "`huber_schedule` must be one of constant, exponential, snr"),
-    (["--multires_noise_iterations", "0"], "`multires_noise_iterations` must be >= 1"),
+    (["--multires_noise_iterations", "-1"], "`multires_noise_iterations` must be >= 0 (0: off"),
     (["--multires_noise_discount", "1.5"], "`multires_noise_discount` must be in [0, 1]"),
     (["--ip_noise_gamma", "-0.1"], "`ip_noise_gamma` must be >= 0"),
     (["--noise_offset_random_strength"], "`noise_offset_random_strength` draws a strength in [0, `noise_offset`]"),

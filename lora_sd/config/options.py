@@ -123,7 +123,7 @@ class TrainConfig:
     huber_scale: float = opt(1.0, "Huber threshold scale of the constant and exponential schedules (> 0)")
     noise_offset_random_strength: bool = opt(False, "each step's noise offset is uniform in [0, noise_offset]")
     multires_noise_iterations: int | None = opt(None, "multi-resolution (pyramid) noise with this many levels "
-                                                "(6-10 usual; >= 1)")
+                                                "(6-10 usual; 0: off)")
     multires_noise_discount: float = opt(0.3, "weight ratio of each coarser multires noise level (0..1)")
     ip_noise_gamma: float | None = opt(None, "input perturbation: the U-Net input gets gamma x extra noise, the "
                                        "target not (~0.1; >= 0)")

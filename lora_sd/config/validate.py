@@ -115,8 +115,8 @@ def _check_objective(cfg, errors):
     for key in ("huber_c", "huber_scale"):
         if getattr(cfg, key) <= 0:
             errors.add(key, f"must be > 0, got {getattr(cfg, key)}")
-    if cfg.multires_noise_iterations is not None and cfg.multires_noise_iterations < 1:
-        errors.add("multires_noise_iterations", f"must be >= 1 when given (6-10 is usual), got "
+    if cfg.multires_noise_iterations is not None and cfg.multires_noise_iterations < 0:  # 0: off, as sd-scripts
+        errors.add("multires_noise_iterations", f"must be >= 0 (0: off; 6-10 is usual), got "
                    f"{cfg.multires_noise_iterations}")
     if not 0 <= cfg.multires_noise_discount <= 1:
         errors.add("multires_noise_discount", f"must be in [0, 1], got {cfg.multires_noise_discount}")
