@@ -5,6 +5,10 @@ in sd-scripts' config_util. Unlike sd-scripts, unknown keys and impossible
 values are errors that name the key and the file; all of them are reported
 together in one line.
 
+Loss masks (lora_sd.data.masks): a subset's `conditioning_data_dir` (a folder
+of masks named as the images, used with `masked_loss`) or `alpha_mask`
+(the images' alpha channel; inherited like the other subset keys).
+
 Also the DreamBooth folder convention without a TOML: `train_data_dir/10_sks dog/`
 (10 repeats, class tokens "sks dog"), `reg_data_dir/1_dog/`.
 """
