@@ -47,4 +47,6 @@ CHOICES = {
     "max_token_length": (None, 75, 150, 225),
     "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
     "sample_sampler": tuple(SAMPLERS),
+    "loss_type": ("l2", "l1", "huber", "smooth_l1"),  # lora_sd.training.loss
+    "huber_schedule": ("constant", "exponential", "snr"),
 }

@@ -116,6 +116,23 @@ class TrainConfig:
     sample_every_n_steps: int | None = opt(None, "sample images from sample_prompts every N steps")
     sample_every_n_epochs: int | None = opt(None, "sample images from sample_prompts every N epochs")
     sample_sampler: str = opt("ddim", "ddim, euler, euler_a, dpmsolver++, pndm, lms, ... (as generate's --sampler)")
+    # --- issue 12: objective ---
+    loss_type: str = opt("l2", "l2, l1, huber or smooth_l1 (sd-scripts' conditional_loss; huber: 2c(sqrt(d^2+c^2)-c))")
+    huber_schedule: str = opt("snr", "threshold c over the timesteps of huber/smooth_l1: constant, exponential or snr")
+    huber_c: float = opt(0.1, "Huber threshold (constant: c; exponential: c at t=T; snr: c at infinite noise; > 0)")
+    huber_scale: float = opt(1.0, "Huber threshold scale of the constant and exponential schedules (> 0)")
+    noise_offset_random_strength: bool = opt(False, "each step's noise offset is uniform in [0, noise_offset]")
+    multires_noise_iterations: int | None = opt(None, "multi-resolution (pyramid) noise with this many levels "
+                                                "(6-10 usual; 0: off)")
+    multires_noise_discount: float = opt(0.3, "weight ratio of each coarser multires noise level (0..1)")
+    ip_noise_gamma: float | None = opt(None, "input perturbation: the U-Net input gets gamma x extra noise, the "
+                                       "target not (~0.1; >= 0)")
+    ip_noise_gamma_random_strength: bool = opt(False, "each step's ip_noise_gamma is uniform in [0, ip_noise_gamma]")
+    debiased_estimation_loss: bool = opt(False, "weigh each loss by 1/sqrt(SNR) (1/(SNR+1) with v-prediction)")
+    masked_loss: bool = opt(False, "loss only where the masks of `conditioning_data_dir` subsets are white")
+    alpha_mask: bool = opt(False, "the images' alpha channel masks the loss (the datasets' default)")
+    weighted_captions: bool = opt(False, "(word:1.2) / (word) / [word] in captions scale those tokens' text-encoder "
+                                  "output; no commas inside the brackets with shuffle_caption or tag dropout")
     # --- resolved by load_config, not options
     datasets: list = field(default_factory=list, metadata={"internal": True})
     source: str = field(default="", metadata={"internal": True})
@@ -145,7 +162,6 @@ SD_SCRIPTS_ACCEPTED = {
     "scale_weight_norms": (float | None, (None,)), "huggingface_repo_id": (str | None, (None,)),
     "tokenizer_cache_dir": (str | None, (None,)), "vae": (str | None, (None,)),
     "console_log_level": (str | None, (None,)), "sample_at_first": (bool, (False,)),
-    "zero_terminal_snr": (bool, (False,)), "multires_noise_iterations": (int | None, (None,)),
-    "ip_noise_gamma": (float | None, (None,)), "face_crop_aug_range": (str | None, (None,)),
+    "zero_terminal_snr": (bool, (False,)), "face_crop_aug_range": (str | None, (None,)),
     "wandb_api_key": (str | None, (None,)), "max_bucket_reso_steps": (int | None, (None,)),
 }

@@ -28,6 +28,8 @@ def check_values(cfg: TrainConfig, errors: ConfigErrors, inline_datasets: bool):
     _check_choices(cfg, errors)
     _check_ranges(cfg, errors)
     _check_output_name(cfg, errors)
+    _check_objective(cfg, errors)
+
     def network(items):
         _check_network(cfg, parse_network_args(items, cfg.network_module))
 
@@ -106,6 +108,24 @@ def _check_ranges(cfg, errors):
     if not 0 <= cfg.min_timestep < cfg.max_timestep <= 1000:
         errors.add("min_timestep", f"and `max_timestep` must satisfy 0 <= min < max <= 1000, got "
                    f"{cfg.min_timestep}, {cfg.max_timestep}")
+
+
+def _check_objective(cfg, errors):
+    """Loss and noise options (issue 12): ranges, and the random strengths that need their option."""
+    for key in ("huber_c", "huber_scale"):
+        if getattr(cfg, key) <= 0:
+            errors.add(key, f"must be > 0, got {getattr(cfg, key)}")
+    if cfg.multires_noise_iterations is not None and cfg.multires_noise_iterations < 0:  # 0: off, as sd-scripts
+        errors.add("multires_noise_iterations", f"must be >= 0 (0: off; 6-10 is usual), got "
+                   f"{cfg.multires_noise_iterations}")
+    if not 0 <= cfg.multires_noise_discount <= 1:
+        errors.add("multires_noise_discount", f"must be in [0, 1], got {cfg.multires_noise_discount}")
+    if cfg.ip_noise_gamma is not None and cfg.ip_noise_gamma < 0:
+        errors.add("ip_noise_gamma", f"must be >= 0 when given (~0.1 is usual), got {cfg.ip_noise_gamma}")
+    for flag, base in (("noise_offset_random_strength", "noise_offset"), ("ip_noise_gamma_random_strength",
+                                                                          "ip_noise_gamma")):
+        if getattr(cfg, flag) and not getattr(cfg, base):
+            errors.add(flag, f"draws a strength in [0, `{base}`]: set `{base}` too (or remove {flag})")
 
 
 def _check_output_name(cfg, errors):

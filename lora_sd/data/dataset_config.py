@@ -5,6 +5,10 @@ in sd-scripts' config_util. Unlike sd-scripts, unknown keys and impossible
 values are errors that name the key and the file; all of them are reported
 together in one line.
 
+Loss masks (lora_sd.data.masks): a subset's `conditioning_data_dir` (a folder
+of masks named as the images, used with `masked_loss`) or `alpha_mask`
+(the images' alpha channel; inherited like the other subset keys).
+
 Also the DreamBooth folder convention without a TOML: `train_data_dir/10_sks dog/`
 (10 repeats, class tokens "sks dog"), `reg_data_dir/1_dog/`.
 """
@@ -49,6 +53,8 @@ class SubsetConfig:
     color_aug: bool = False
     random_crop: bool = False
     cache_info: bool = False  # accepted for sd-scripts configs; headers are read anyway
+    conditioning_data_dir: str | None = None  # loss masks named as the images (sd-scripts' ControlNet subsets)
+    alpha_mask: bool = False  # the images' alpha channel is the loss mask
 
     @property
     def name(self) -> str:
@@ -78,12 +84,10 @@ _REFUSED = {
     "face_crop_aug_range": None,
     "token_warmup_min": 1,
     "token_warmup_step": 0,
-    "alpha_mask": False,
-    "conditioning_data_dir": None,
 }
 _KNOWN = _SUBSET_KEYS | _DATASET_KEYS | set(_REFUSED)
 # Only meaningful per subset: sd-scripts does not let them be inherited.
-_SUBSET_ONLY = {"image_dir", "metadata_file", "is_reg"}
+_SUBSET_ONLY = {"image_dir", "metadata_file", "is_reg", "conditioning_data_dir"}
 
 
 def _field_types(cls):
@@ -245,6 +249,7 @@ def load_dataset_config(source, *, path_for_errors=None, defaults: dict | None =
                            SubsetConfig)
             sub.image_dir = _relative_to(sub.image_dir, base)
             sub.metadata_file = _relative_to(sub.metadata_file, base)
+            sub.conditioning_data_dir = _relative_to(sub.conditioning_data_dir, base)
             if sub.caption_extension and not sub.caption_extension.startswith("."):
                 sub.caption_extension = "." + sub.caption_extension
             ds.subsets.append(sub)

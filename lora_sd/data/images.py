@@ -11,7 +11,8 @@
   names the file when values above 1 are seen.
 - Transparency (`LA`, `PA`, `RGBA`, `P`/`L`/`RGB`/`I;16` with a transparent colour) is composited
   on white: the colour under a transparent pixel is undefined (often black, sometimes erased
-  content). sd-scripts instead drops alpha and keeps that colour.
+  content). sd-scripts instead drops alpha and keeps that colour. `open_rgb_alpha` also gives the
+  alpha channel itself (a subset's `alpha_mask`: the loss mask).
 - The EXIF orientation (also XMP's, as Pillow reads it) is applied, so phone photos are upright;
   `image_size` gives the upright size from the header alone, which the index buckets with.
   sd-scripts does not apply it.
@@ -113,10 +114,29 @@ def to_rgb(im: Image.Image, path="<image>") -> Image.Image:
         raise DataError(f"{path}: cannot convert an image of mode {im.mode} to RGB ({e})") from None
 
 
+def alpha_of(im: Image.Image) -> Image.Image:
+    """A loaded image's alpha channel (`L`, 255 = opaque), after `_to_8bit` for 16-bit/float modes; all 255 for
+    an image without transparency (sd-scripts' alpha_mask reads such an image as fully opaque)."""
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        return im.convert("RGBA").getchannel("A")
+    return Image.new("L", im.size, 255)
+
+
 def open_rgb(path) -> Image.Image:
     """The image decoded as upright 8-bit RGB; DataError naming the file when it cannot be read."""
+    return open_rgb_alpha(path, alpha=False)[0]
+
+
+def open_rgb_alpha(path, alpha: bool = True) -> tuple[Image.Image, Image.Image | None]:
+    """(upright RGB as open_rgb gives it, the alpha channel read before the compositing on white, upright too;
+    None unless `alpha`)."""
     with open_image(path) as im:
         turn = _UPRIGHT.get(orientation(im))  # before load(): the same header view as image_size
         im.load()
+        if im.mode in _HIGH_DEPTH_MODES or im.mode == "F":
+            im = _to_8bit(im, path)
         rgb = to_rgb(im, path)
-    return rgb.transpose(turn) if turn is not None else rgb
+        mask = alpha_of(im) if alpha else None
+    if turn is not None:
+        rgb, mask = rgb.transpose(turn), mask.transpose(turn) if mask is not None else None
+    return rgb, mask

@@ -10,6 +10,8 @@ data-loader workers share. An entry's key hashes the image's bytes, its bucket
 and resized size, the flip setting and the VAE id, so a changed image, bucket
 or VAE simply misses and is re-encoded; stale entries are never read. Each
 caching pass appends one shard (written atomically), so nothing is rewritten.
+An image with a loss mask (lora_sd.data.masks) has its mask stored beside its
+latents, area-resized to their size, and its key names the mask's source.
 
 Without `cache_latents_to_disk` the same entries live in memory for the run.
 """
@@ -22,10 +24,12 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from lora_sd.data.images import DECODING
-from lora_sd.data.transforms import load_pixels
+from lora_sd.data.masks import mask_key_parts
+from lora_sd.data.transforms import load_sample
 from lora_sd.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -35,6 +39,7 @@ _FEATURES = datasets.Features({
     "shape": datasets.List(datasets.Value("int32")),  # [4, H/8, W/8]
     "latents": datasets.List(datasets.Value("float32")),
     "latents_flipped": datasets.List(datasets.Value("float32")),  # empty without flip_aug
+    "mask": datasets.List(datasets.Value("float32")),  # [1, H/8, W/8] loss mask; empty without one (data.masks)
 })
 
 
@@ -91,7 +96,8 @@ def file_digest(path) -> str:
 
 
 def latent_key(row: dict, flip: bool, vae_id: str, content: bool = True) -> str:
-    """What an entry depends on: image bytes, bucket, resized size, flip, VAE, the image decoding.
+    """What an entry depends on: image bytes, bucket, resized size, flip, VAE, the image decoding, and the loss
+    mask's source when the row has one (lora_sd.data.masks).
 
     `content=False`, for the in-memory cache (filled and read within one run), names the image by its
     path instead of hashing its bytes, so that images are not read once more just for the key.
@@ -99,6 +105,7 @@ def latent_key(row: dict, flip: bool, vae_id: str, content: bool = True) -> str:
     image = file_digest(row["image_path"]) if content else row["image_path"]
     parts = [image, row["bucket_w"], row["bucket_h"], row["resized_w"], row["resized_h"], int(flip), vae_id,
              DECODING]  # how pixels are decoded: latents of images decoded another way are not reused
+    parts += mask_key_parts(row, file_digest if content else str)
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
 
 
@@ -108,7 +115,7 @@ class LatentCache:
     def __init__(self, root: Path | None, vae_id: str):
         if not vae_id:  # every key names the VAE, or another VAE's latents would be read back
             raise ValueError("a latent cache needs the VAE's fingerprint (vae_id, see VaeEncoder)")
-        self.memory: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.memory: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
         self.root = None if root is None else Path(root) / hashlib.sha256(vae_id.encode()).hexdigest()[:16]
         self.shards: list[datasets.Dataset] = []
         self.where: dict[str, tuple[int, int]] = {}  # key -> (shard, row)
@@ -126,12 +133,25 @@ class LatentCache:
 
     def get(self, key: str, flipped: bool = False) -> torch.Tensor:
         if key in self.memory:
-            latents, latents_flipped = self.memory[key]
+            latents, latents_flipped, _ = self.memory[key]
             return latents_flipped if flipped else latents
         shard, i = self.where[key]
         entry = self.shards[shard][i]
         flat = entry["latents_flipped"] if flipped else entry["latents"]
         return torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(tuple(entry["shape"])))
+
+    def get_mask(self, key: str, flipped: bool = False) -> torch.Tensor | None:
+        """The entry's loss mask [1, h, w] at the latents' size (mirrored for the flipped image), or None."""
+        if key in self.memory:
+            mask = self.memory[key][2]
+        else:
+            shard, i = self.where[key]
+            entry = self.shards[shard][i]
+            flat = entry.get("mask")
+            shape = (1, *entry["shape"][1:])
+            has = flat is not None and len(flat) > 0  # shards written before masks have no mask column
+            mask = torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(shape)) if has else None
+        return mask.flip(-1) if mask is not None and flipped else mask
 
     def fill(self, items: list[tuple[str, dict, bool]], encode_fn, batch_size: int = 4):
         """Encode the (key, index row, flip_aug) items not cached yet; returns how many were encoded."""
@@ -145,18 +165,19 @@ class LatentCache:
             by_bucket.setdefault((row["bucket_w"], row["bucket_h"], flip), []).append((key, row))
         batches = [(flip, group[i:i + batch_size]) for (_, _, flip), group in by_bucket.items()
                    for i in range(0, len(group), batch_size)]
-        new = {"key": [], "shape": [], "latents": [], "latents_flipped": []}
+        new = {"key": [], "shape": [], "latents": [], "latents_flipped": [], "mask": []}
         for flip, batch in tqdm(batches, desc="caching latents", smoothing=1):
             encoded = self._encode(batch, flip, encode_fn)
-            for (key, _), (latents, latents_flipped) in zip(batch, encoded):
+            for (key, _), (latents, latents_flipped, mask) in zip(batch, encoded):
                 if self.root is None:
-                    self.memory[key] = (latents, latents_flipped)
+                    self.memory[key] = (latents, latents_flipped, mask)
                     continue
                 new["key"].append(key)
                 new["shape"].append(list(latents.shape))
                 new["latents"].append(latents.flatten().numpy())
                 new["latents_flipped"].append(
                     latents_flipped.flatten().numpy() if latents_flipped is not None else np.zeros(0, np.float32))
+                new["mask"].append(mask.flatten().numpy() if mask is not None else np.zeros(0, np.float32))
         if self.root is not None:
             self._write_shard(new)
         return len(todo)
@@ -167,12 +188,17 @@ class LatentCache:
             with torch.no_grad():
                 return encode_fn(pixels).detach().float().cpu()
 
-        # each image is decoded once: load_pixels flips after cropping, so the flipped crop is this one mirrored
-        pixels = torch.stack([load_pixels(row["image_path"], (row["bucket_w"], row["bucket_h"]),
-                                          (row["resized_w"], row["resized_h"]))[0] for _, row in batch])
+        # each image is decoded once: load_sample flips after cropping, so the flipped crop is this one mirrored
+        samples = [load_sample(row["image_path"], (row["bucket_w"], row["bucket_h"]), (row["resized_w"],
+                               row["resized_h"]), mask_path=row.get("mask_path"), alpha_mask=row.get("alpha_mask"))
+                   for _, row in batch]
+        pixels = torch.stack([pixels for pixels, _, _ in samples])
         latents = run(pixels)
         flipped = run(pixels.flip(-1)) if flip else [None] * len(batch)
-        return list(zip(latents, flipped))
+        # the mask as the loss uses it: area-resized to the latents (mirroring commutes with it)
+        masks = [None if mask is None else F.interpolate(mask[None], size=latents.shape[-2:], mode="area")[0]
+                 for _, _, mask in samples]
+        return list(zip(latents, flipped, masks))
 
     def _write_shard(self, columns: dict):
         shard = datasets.Dataset.from_dict(columns, features=_FEATURES)

@@ -5,7 +5,9 @@ A batch is a dict:
   "captions" list[str] after shuffle/dropout ("" when dropped);
   "loss_weights" [B]: 1.0, or prior_loss_weight for regularization images;
   "network_multipliers" [B]; "image_paths"; "flipped";
-  "original_sizes_hw", "crop_top_lefts", "target_sizes_hw" [B, 2] (SDXL conditioning).
+  "original_sizes_hw", "crop_top_lefts", "target_sizes_hw" [B, 2] (SDXL conditioning);
+  "masks" [B, 1, H, W] (or [B, 1, h, w] at the latents' size when cached), 0..1, when a subset has loss masks
+  (lora_sd.data.masks; ones for the images of other subsets).
 """
 
 import logging
@@ -20,8 +22,9 @@ from lora_sd.data.buckets import crop_box
 from lora_sd.data.captions import process_caption, tag_counts
 from lora_sd.data.index import build_index
 from lora_sd.data.latents import LatentCache, default_cache_dir, latent_key
+from lora_sd.data.masks import attach_masks, has_mask
 from lora_sd.data.sampler import BucketBatchSampler
-from lora_sd.data.transforms import load_pixels
+from lora_sd.data.transforms import load_sample
 from lora_sd.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ class TrainImages(Dataset):
         self.prior_loss_weight = prior_loss_weight
         self.cache = cache
         self.keys = keys
+        self.masked = any(has_mask(r) for r in rows)  # then every sample has a mask (ones where none)
 
     def __len__(self):
         return len(self.rows)
@@ -55,11 +59,15 @@ class TrainImages(Dataset):
                   "original_size_hw": (row["height"], row["width"]), "target_size_hw": (bucket[1], bucket[0])}
         if self.keys[index] is not None:
             sample["latents"] = self.cache.get(self.keys[index], flipped)
+            mask = self.cache.get_mask(self.keys[index], flipped)
             box = crop_box(resized, bucket)  # cached latents are always center crops
         else:
-            sample["pixel_values"], box = load_pixels(
-                row["image_path"], bucket, resized, flip=flipped,
-                crop_rng=rng if sub.random_crop else None, color_rng=rng if sub.color_aug else None)
+            sample["pixel_values"], box, mask = load_sample(
+                row["image_path"], bucket, resized, mask_path=row["mask_path"], alpha_mask=row["alpha_mask"],
+                flip=flipped, crop_rng=rng if sub.random_crop else None, color_rng=rng if sub.color_aug else None)
+        if self.masked:
+            size = (sample["latents"] if "latents" in sample else sample["pixel_values"]).shape[-2:]
+            sample["mask"] = mask if mask is not None else torch.ones(1, *size)
         left = resized[0] - box[2] if flipped else box[0]  # the crop as seen in the flipped image
         sample["crop_top_left"] = (box[1], left)
         # sd-scripts counts epochs from 1 (caption_dropout_every_n_epochs=2 drops in epochs 2, 4, ...)
@@ -77,9 +85,9 @@ def collate(samples: list[dict]) -> dict:
     for key, batch_key in (("original_size_hw", "original_sizes_hw"), ("crop_top_left", "crop_top_lefts"),
                            ("target_size_hw", "target_sizes_hw")):
         batch[batch_key] = torch.tensor([s[key] for s in samples], dtype=torch.long)
-    for key in ("latents", "pixel_values"):
+    for key, batch_key in (("latents", "latents"), ("pixel_values", "pixel_values"), ("mask", "masks")):
         if key in samples[0]:
-            batch[key] = torch.stack([s[key] for s in samples])
+            batch[batch_key] = torch.stack([s[key] for s in samples])
     return batch
 
 
@@ -201,7 +209,7 @@ def build_train_data(datasets, *, seed: int, prior_loss_weight: float = 1.0,
     (`accelerator.main_process_first()`) so the others find the disk cache filled.
     """
     index = build_index(datasets, skip_bad_images=skip_bad_images)
-    rows = index.to_list()
+    rows = attach_masks(index.to_list(), datasets)
     cache, keys = _latent_cache(rows, datasets, cache_latents=cache_latents,
                                 cache_latents_to_disk=cache_latents_to_disk, encode_fn=encode_fn,
                                 vae_id=vae_id, cache_dir=cache_dir, vae_batch_size=vae_batch_size)

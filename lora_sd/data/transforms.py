@@ -1,4 +1,4 @@
-"""From an image file to the tensor a batch holds: resize, crop, flip, color aug.
+"""From an image file to the tensors a batch holds: resize, crop, flip, color aug (and the loss mask alike).
 
 Follows sd-scripts' trim_and_resize_if_required: scale to the bucket's
 covering size, then crop the bucket out (centered, or at random with
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from lora_sd.data.buckets import crop_box
-from lora_sd.data.images import open_rgb
+from lora_sd.data.images import open_rgb, open_rgb_alpha
 from lora_sd.data.resize import resize_image
 
 
@@ -43,11 +43,27 @@ def load_pixels(path, bucket, resized, *, crop_rng: random.Random | None = None,
 
     `crop_rng` set means random crop; `color_rng` set means color aug.
     """
-    image = resize_image(open_rgb(path), resized)
+    pixels, box, _ = load_sample(path, bucket, resized, crop_rng=crop_rng, flip=flip, color_rng=color_rng)
+    return pixels, box
+
+
+def load_sample(path, bucket, resized, *, mask_path=None, alpha_mask: bool = False,
+                crop_rng: random.Random | None = None, flip: bool = False, color_rng: random.Random | None = None):
+    """load_pixels' (pixels, crop box) and the loss mask [1, bucket_h, bucket_w] in [0, 1] (None without one):
+    the red channel of `mask_path`, or the image's alpha with `alpha_mask`, resized, cropped and flipped exactly
+    as the image (sd-scripts' conditioning images are always center-cropped; here they follow random_crop too)."""
+    image, alpha = open_rgb_alpha(path, alpha=alpha_mask and not mask_path)
+    mask = open_rgb(mask_path).getchannel("R") if mask_path else alpha
+    image = resize_image(image, resized)
     box = crop_box(resized, bucket, crop_rng)
     image = image.crop(box)
     if color_rng is not None:
         image = color_aug(image, color_rng)
+    if mask is not None:
+        mask = resize_image(mask, resized).crop(box)
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image), box
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mask is not None else None
+    if mask is not None:
+        mask = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]  # [1, H, W]
+    return to_tensor(image), box, mask

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from lora_sd.data.masks import check_mask_options
 from lora_sd.errors import ConfigError, TrainingError, TrainingInterrupted
 from lora_sd.io import atomic_path, check_writable_folder
 from lora_sd.training import checkpoint, optim, text_cache
@@ -105,6 +106,7 @@ class LoraTraining:
         check_attention(cfg)
         check_fp8(cfg)
         text_cache.check_cacheable(cfg)
+        check_mask_options(cfg)
         check_writable_folder(cfg.output_dir, f"`output_dir` {cfg.output_dir}")
         if cfg.logging_dir:  # TensorBoard's writer fails later with an AttributeError traceback
             check_writable_folder(cfg.logging_dir, f"`logging_dir` {cfg.logging_dir}")
@@ -178,7 +180,8 @@ class LoraTraining:
         to_disk = cfg.cache_text_encoder_outputs_to_disk
         self.text_conditioning = conditioning(list(self.encoders.values()), tokenizers, cfg.max_token_length,
                                               cfg.clip_skip, cached=not cfg.train_text_encoder,
-                                              cache_dir=text_cache.default_text_cache_dir() if to_disk else None)
+                                              cache_dir=text_cache.default_text_cache_dir() if to_disk else None,
+                                              weighted=cfg.weighted_captions)
         self.text_encoders_offloaded = False
         if not (cfg.cache_text_encoder_outputs or to_disk):
             return

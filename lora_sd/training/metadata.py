@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 from lora_sd.config.kv_args import LYCORIS, parse_network_args
+from lora_sd.training.loss import objective_metadata
 
 
 def training_metadata(cfg, data, *, total_batch_size: int, max_train_steps: int,
@@ -73,6 +74,7 @@ def training_metadata(cfg, data, *, total_batch_size: int, max_train_steps: int,
         "ss_vae_name": "None",
     }
     meta.update(network_metadata(cfg))
+    meta.update(objective_metadata(cfg))
     if cfg.training_comment:
         meta["modelspec.description"] = cfg.training_comment
     meta["modelspec.resolution"] = "{}x{}".format(*first.resolution)

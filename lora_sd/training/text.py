@@ -11,6 +11,9 @@ chunk. SDXL ignores clip_skip, as sd-scripts does.
 each encoded as `<BOS> 75 tokens <EOS/PAD>`, and joins the hidden states back
 into `<BOS> 150|225 tokens <EOS>` (152 / 227 positions); both SDXL tokenizers
 are chunked alike.
+
+`weighted_captions`: (word:1.2) syntax, each token's output scaled by its
+weight (lora_sd.training.caption_weights).
 """
 
 import torch
@@ -24,6 +27,12 @@ def tokenize(tokenizer, captions: list[str], max_token_length: int | None = None
         return ids.input_ids[:, None]
     total = max_token_length + 2
     ids = tokenizer(captions, padding="max_length", truncation=True, max_length=total, return_tensors="pt").input_ids
+    return chunk_ids(tokenizer, ids)
+
+
+def chunk_ids(tokenizer, ids: torch.Tensor) -> torch.Tensor:
+    """[B, 152 or 227] ids `<BOS> ... <EOS> <PAD>...` -> [B, chunks, 77], each chunk `<BOS> 75 ids <EOS/PAD>`."""
+    chunk, total = tokenizer.model_max_length, ids.shape[1]
     pad_is_eos = tokenizer.pad_token_id == tokenizer.eos_token_id
     out = []
     for row in ids:
@@ -83,19 +92,32 @@ class TextEncoders:
 
     `encoders`/`tokenizers`: one of each (SD 1.x/2.x) or two (SDXL)."""
 
-    def __init__(self, encoders, tokenizers, max_token_length=None, clip_skip=None):
+    def __init__(self, encoders, tokenizers, max_token_length=None, clip_skip=None, weighted=False):
         self.encoders, self.tokenizers = list(encoders), list(tokenizers)
-        self.max_token_length, self.clip_skip = max_token_length, clip_skip
+        self.max_token_length, self.clip_skip, self.weighted = max_token_length, clip_skip, weighted
 
     @property
     def sdxl(self) -> bool:
         return len(self.encoders) == 2
 
     def __call__(self, captions: list[str]):
-        ids = [tokenize(t, captions, self.max_token_length) for t in self.tokenizers]
-        if self.sdxl:
-            return encode_sdxl(*self.encoders, *ids)
-        return encode(self.encoders[0], ids[0], self.clip_skip), None
+        if not self.weighted:
+            ids = [tokenize(t, captions, self.max_token_length) for t in self.tokenizers]
+            if self.sdxl:
+                return encode_sdxl(*self.encoders, *ids)
+            return encode(self.encoders[0], ids[0], self.clip_skip), None
+        from lora_sd.training.caption_weights import weighted_tokens
+
+        ids, weights = zip(*(weighted_tokens(t, captions, self.max_token_length, chunk_ids) for t in self.tokenizers))
+        # [B, chunks, 77] weights -> [B, L, 1] at the hidden states' positions (joined as the states are)
+        joined = [_join_chunks(w.reshape(-1, w.shape[-1], 1), *w.shape[:2]) for w in weights]
+        if not self.sdxl:
+            context = encode(self.encoders[0], ids[0], self.clip_skip)
+            return context * joined[0].to(context), None
+        context, pooled = encode_sdxl(*self.encoders, *ids)
+        width = getattr(self.encoders[0], "module", self.encoders[0]).config.hidden_size  # te1's part of the features
+        scale = torch.cat([joined[0].expand(-1, -1, width), joined[1].expand(-1, -1, context.shape[-1] - width)], -1)
+        return context * scale.to(context), pooled
 
     def cache_id(self) -> str:
         """What a cached output depends on besides its caption: the weights, the vocabularies, the options."""
@@ -109,13 +131,17 @@ class TextEncoders:
             h.update(json.dumps(sorted(t.get_vocab().items())).encode())
             h.update(f"{t.pad_token_id}|{t.model_max_length}".encode())
         h.update(f"{self.max_token_length}|{None if self.sdxl else self.clip_skip}".encode())
+        if self.weighted:  # other outputs for the same caption (unweighted ids keep their former cache)
+            h.update(b"|weighted-captions")
         return h.hexdigest()
 
 
-def conditioning(encoders, tokenizers, max_token_length=None, clip_skip=None, cached=False, cache_dir=None):
+def conditioning(encoders, tokenizers, max_token_length=None, clip_skip=None, cached=False, cache_dir=None,
+                 weighted=False):
     """captions -> (context, pooled|None): encoded at each call, or once per caption when `cached` (text encoders
-    that are not trained), kept in memory and, with `cache_dir`, on disk (lora_sd.training.text_cache)."""
-    fn = TextEncoders(encoders, tokenizers, max_token_length, clip_skip)
+    that are not trained), kept in memory and, with `cache_dir`, on disk (lora_sd.training.text_cache).
+    `weighted`: weighted captions (the weights are a function of the caption, so cached outputs stay right)."""
+    fn = TextEncoders(encoders, tokenizers, max_token_length, clip_skip, weighted)
     if not cached:
         return fn
     from lora_sd.training.text_cache import CachedTextEncoder
