@@ -9,6 +9,7 @@ import torch
 from lora_sd.blocks import block_index
 from lora_sd.cli import run_main
 from lora_sd.training import optim
+from tests.test_sdxl_train import xl_assets  # noqa: F401 (the session fixture)
 from tests.test_train import args, assets, train_recipe  # noqa: F401 (the session fixture)
 
 LR = 1e-3
@@ -148,3 +149,27 @@ def test_lr_weight_shapes_are_sd_scripts():
     assert b.dims[14] == 0 and b.dims[15] == 4
     xl = Blocks({"up_lr_weight": "zeros+1"}, True, 4, 1.0, None, 1.0)
     assert len(xl.lr_weight) == 23 and xl.lr_weight == [1.0] * 23
+
+
+def test_sdxl_blocks_give_the_ranks_and_learning_rates(xl_assets, tmp_path, monkeypatch):  # noqa: F811
+    from lora_sd.targets import target_modules
+    from lora_sd.tiny import build_tiny_sd
+
+    seen = []
+    real = optim.build_optimizer
+    monkeypatch.setattr(optim, "build_optimizer", lambda name, groups, *a: seen.append(groups) or
+                        real(name, groups, *a))
+    dims = [(b % 4) + 1 for b in range(23)]
+    dims[6] = 0  # input_blocks.5 (down_blocks.1.attentions.1): no modules
+    mid = [0.5, 2.0, 1.0]
+    result = train_recipe.main(args(xl_assets, tmp_path / "out", "--network_args",
+                                    "block_dims=" + ",".join(map(str, dims)), "mid_lr_weight=" + ",".join(map(str, mid)),
+                                    "--network_train_unet_only", steps=1))
+    tiny = build_tiny_sd("sdxl").unet
+    mods = _unet_modules(_file(tmp_path / "out" / "lora.safetensors"))
+    expected = {n: dims[block_index(n, tiny)] for n in target_modules("unet", tiny) if dims[block_index(n, tiny)]}
+    assert {k: m.rank for k, m in mods.items()} == expected
+    assert {block_index(k, tiny) for k in mods} == {5, 11, 13, 14, 15}  # attentions only (no conv_dim); 6 is off
+    names = {id(p): n for n, p in result.unet.named_parameters()}
+    lrs = {block_index(names[id(p)].split(".lora_")[0], tiny): g["lr"] for g in seen[0] for p in g["params"]}
+    assert (lrs[5], lrs[11], lrs[13]) == pytest.approx((LR, LR * 2.0, LR))  # middle_block.1 at mid weight 2
