@@ -41,9 +41,9 @@ from lora_sd.training import checkpoint, optim, text_cache
 from lora_sd.training.interrupt import StopRequest, stop_on_ctrl_c
 from lora_sd.training.metadata import at_save, training_metadata
 from lora_sd.training.noise import compute_loss
-from lora_sd.training.regularize import apply_max_norm
 from lora_sd.training.network import (check_attention, check_fp8, dropout_rng, lora_strength, text_encoders,
                                       trained_parts)
+from lora_sd.training.regularize import apply_max_norm
 from lora_sd.training.sampling import read_prompts, sample_images
 from lora_sd.training.setup import load_model, make_accelerator, seed_everything
 from lora_sd.training.text import conditioning
