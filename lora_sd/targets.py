@@ -21,6 +21,9 @@ import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig
 from peft.tuners.lokr.layer import factorization
 
+from lora_sd.blocks import Blocks, block_index, is_sdxl_unet
+from lora_sd.errors import ConfigError
+
 UNET_TARGET_CLASSES = ("Transformer2DModel",)
 UNET_CONV_TARGET_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_ENCODER_TARGET_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
@@ -43,8 +46,10 @@ class NetworkSpec:
     factor: int = -1  # LoKr's decompose_factor: -1 splits each dimension as squarely as possible
     decompose_both: bool = False  # LoKr: the smaller factor low-rank too
     use_tucker: bool = False  # LoHa/LoKr 3x3 convs: Tucker cores (PEFT's use_effective_conv2d)
-    rank_dropout: float = 0.0  # LoHa/LoKr
-    module_dropout: float = 0.0  # LoHa/LoKr
+    rank_dropout: float = 0.0  # LoHa/LoKr: PEFT's; LoRA/DoRA: lora_sd.training.regularize
+    module_dropout: float = 0.0
+    dropout: float = 0.0  # network_dropout: PEFT's lora_dropout (LoRA/DoRA)
+    blocks: tuple = ()  # the block-wise network_args as (key, value) pairs (lora_sd.blocks), with the raw alphas
 
     def __post_init__(self):
         if not self.network_alpha:
@@ -87,20 +92,23 @@ def target_modules(component: str, model, with_conv=False):
     return find_targets(model, TEXT_ENCODER_TARGET_CLASSES, with_conv=False)
 
 
-def adapter_config(targets: dict, spec: NetworkSpec, model):
+def adapter_config(targets: dict, spec: NetworkSpec, model, ranks: dict | None = None):
     """The PEFT config of `spec`'s kind on `targets` ({module name: is_3x3}); 3x3 convs at conv_dim/conv_alpha
-    through rank/alpha patterns."""
-    convs = [n for n, is_conv in targets.items() if is_conv]
-    common = dict(r=spec.network_dim, target_modules=list(targets), rank_pattern={n: spec.conv_dim for n in convs})
-    alphas = {n: spec.conv_alpha for n in convs}
+    through rank/alpha patterns, or each module at its own `ranks` {name: (rank, alpha)} (block_dims)."""
+    if ranks is None:
+        ranks = {n: (spec.conv_dim, spec.conv_alpha) if is_conv else (spec.network_dim, spec.network_alpha)
+                 for n, is_conv in targets.items()}
+    common = dict(r=spec.network_dim, target_modules=list(ranks),
+                  rank_pattern={n: r for n, (r, _) in ranks.items() if r != spec.network_dim or targets[n]})
+    alphas = {n: a for n, (_, a) in ranks.items() if a != spec.network_alpha or targets[n]}
     if spec.algo == "lora":
         return LoraConfig(lora_alpha=spec.network_alpha, alpha_pattern=alphas, init_lora_weights=True,
-                          use_dora=spec.dora, **common)
+                          use_dora=spec.dora, lora_dropout=spec.dropout, **common)
     lycoris = dict(rank_dropout=spec.rank_dropout, module_dropout=spec.module_dropout,
                    use_effective_conv2d=spec.use_tucker, **common)
     if spec.algo == "loha":  # PEFT's init: hada_w2_b zero (LyCORIS zeroes hada_w2_a): the delta starts at zero
         return LoHaConfig(alpha=spec.network_alpha, alpha_pattern=alphas, **lycoris)
-    for name in targets:  # LyCORIS ignores alpha where no factor is decomposed (scale 1); PEFT divides by r
+    for name in ranks:  # LyCORIS ignores alpha where no factor is decomposed (scale 1); PEFT divides by r
         rank = common["rank_pattern"].get(name, spec.network_dim)
         if lokr_factors_full(model.get_submodule(name).weight.shape, rank, spec.factor, spec.decompose_both):
             alphas[name] = float(rank)
@@ -122,8 +130,24 @@ def lokr_factors_full(weight_shape, rank, factor=-1, decompose_both=False) -> bo
 
 
 def unet_lora_config(unet, spec: NetworkSpec):
-    """PEFT config adapting exactly the U-Net modules sd-scripts adapts."""
-    return adapter_config(target_modules("unet", unet, with_conv=bool(spec.conv_dim)), spec, unet)
+    """PEFT config adapting exactly the U-Net modules sd-scripts adapts (block-wise: lora_sd.blocks)."""
+    blocks = unet_blocks(unet, spec)
+    if not blocks.active:
+        return adapter_config(target_modules("unet", unet, with_conv=bool(spec.conv_dim)), spec, unet)
+    targets = target_modules("unet", unet, with_conv=blocks.with_conv)
+    ranks = {n: blocks.rank_alpha(block_index(n, unet), is_conv) for n, is_conv in targets.items()}
+    ranks = {n: ra for n, ra in ranks.items() if ra[0]}  # rank 0 (or lr weight 0): no module, as sd-scripts
+    if not ranks:
+        raise ConfigError("`network_args`: every U-Net block has a dim or lr weight of 0: nothing to train in the "
+                          "U-Net (use network_train_text_encoder_only for that)")
+    return adapter_config(targets, spec, unet, ranks)
+
+
+def unet_blocks(unet, spec: NetworkSpec) -> Blocks:
+    """The block-wise args of `spec` on this U-Net's family."""
+    args = dict(spec.blocks)
+    return Blocks(args, is_sdxl_unet(unet), spec.network_dim, args.get("network_alpha", spec.network_alpha),
+                  spec.conv_dim, args.get("conv_alpha", spec.conv_alpha))
 
 
 def text_encoder_lora_config(text_encoder, spec: NetworkSpec):

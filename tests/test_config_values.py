@@ -177,12 +177,12 @@ def test_sd_scripts_options_only_where_they_change_nothing(tmp_path, base):
     """store_true flags of sd-scripts parse on our command line; a value that would change the run is refused."""
     path = tmp_path / "train.toml"
     path.write_text(base)
-    cfg = load_config(path, _cli(["--no_half_vae", "--mem_eff_attn", "false", "--network_dropout", "0"]))
+    cfg = load_config(path, _cli(["--no_half_vae", "--mem_eff_attn", "false"]))
     assert cfg.pretrained_model_name_or_path == "m"
     with pytest.raises(ConfigError, match="`mem_eff_attn` is an sd-scripts option lora-sd does not implement"):
         load_config(path, _cli(["--mem_eff_attn"]))
-    with pytest.raises(ConfigError, match="`network_dropout` is an sd-scripts option"):
-        _load(tmp_path, base + "network_dropout = 0.1\n")
+    with pytest.raises(ConfigError, match="`save_n_epoch_ratio` is an sd-scripts option"):
+        _load(tmp_path, base + "save_n_epoch_ratio = 2\n")
     with pytest.raises(ConfigError, match='`log_with` = "tensorboard" needs `logging_dir`'):
         _load(tmp_path, base + 'log_with = "tensorboard"\n')
     assert _load(tmp_path, base + f'log_with = "tensorboard"\nlogging_dir = "{tmp_path}"\n').logging_dir

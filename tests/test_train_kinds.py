@@ -34,7 +34,7 @@ REFUSALS = {
     "other_preset": ([*LYCORIS, "algo=loha", "preset=attn-only"],
                      "preset 'attn-only' is not supported; supported: full"),
     "dropout": ([*LYCORIS, "algo=loha", "dropout=0.1"], "dropout is not supported"),
-    "rank_dropout_lora": ([*LYCORIS, "algo=locon", "rank_dropout=0.1"], "rank_dropout does not apply to algo=locon"),
+    "rank_dropout_one": ([*LYCORIS, "algo=locon", "rank_dropout=1"], "rank_dropout must be below 1"),
     "input_axis_dora": ([*LYCORIS, "dora_wd=true", "wd_on_output=false"], "wd_on_output=false"),
     "loha_as_diffusers": ([*LYCORIS, "algo=loha", "--save_model_as", "diffusers"], "a LoHa network cannot be saved"),
     "dora_strength": ([*LYCORIS, "dora_wd=true", "--network_multiplier", "0.5"], "`network_multiplier` 1 only"),

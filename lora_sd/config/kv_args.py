@@ -10,7 +10,19 @@ import math
 
 from lora_sd.errors import ConfigError
 
-NETWORK_ARGS = ("conv_dim", "conv_alpha")
+# networks.lora's network_args -> type: "ints"/"floats" are comma lists (block_dims=2,4,...), "lr_weights" a comma list
+# or one of sd-scripts' shapes (cosine, sine, linear, reverse_linear, zeros; "+0.5" adds a base)
+NETWORK_ARGS = {
+    "conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float,
+    "loraplus_lr_ratio": float, "loraplus_unet_lr_ratio": float, "loraplus_text_encoder_lr_ratio": float,
+    "down_lr_weight": "lr_weights", "mid_lr_weight": "floats", "up_lr_weight": "lr_weights",
+    "block_lr_zero_threshold": float, "block_dims": "ints", "block_alphas": "floats", "conv_block_dims": "ints",
+    "conv_block_alphas": "floats",
+}
+LR_WEIGHT_SHAPES = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+# list lengths: (SD 1.x/2.x, SDXL), as sd-scripts' networks.lora
+LIST_LENGTHS = {"down_lr_weight": (12, 9), "up_lr_weight": (12, 9), "mid_lr_weight": (1, 3), "block_dims": (25, 23),
+                "block_alphas": (25, 23), "conv_block_dims": (25, 23), "conv_block_alphas": (25, 23)}
 LYCORIS = "lycoris.kohya"
 ALGOS = ("lora", "locon", "loha", "lokr")  # lora and locon are the same network (LoCon: with conv_dim)
 PRESETS = ("full",)  # the networks.lora target set (lora_sd.targets); LyCORIS' other presets are not built
@@ -19,7 +31,8 @@ LYCORIS_ARGS = {
     "algo": (str, None), "preset": (str, None), "conv_dim": (int, None), "conv_alpha": (float, None),
     "factor": (int, ("lokr",)), "decompose_both": (bool, ("lokr",)), "use_tucker": (bool, ("loha", "lokr")),
     "dora_wd": (bool, ("lora", "locon")), "wd_on_output": (bool, ("lora", "locon")),
-    "dropout": (float, None), "rank_dropout": (float, ("loha", "lokr")), "module_dropout": (float, ("loha", "lokr")),
+    "dropout": (float, None),
+    **{key: (typ, None) for key, typ in NETWORK_ARGS.items() if key not in ("conv_dim", "conv_alpha")},
 }
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -31,21 +44,50 @@ def parse_network_args(items: list[str], network_module: str = "networks.lora") 
     "algo" ("lora" by default, as LyCORIS), and each option is checked against the algorithm.
     """
     lycoris = network_module == LYCORIS
-    allowed = LYCORIS_ARGS if lycoris else dict.fromkeys(NETWORK_ARGS)
+    allowed = LYCORIS_ARGS if lycoris else NETWORK_ARGS
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if sep and not lycoris and key in LYCORIS_ARGS and key not in NETWORK_ARGS:
             raise ConfigError(f"{key} is a LyCORIS option: set `network_module = \"{LYCORIS}\"` for "
-                              f"algo=lora|locon|loha|lokr (networks.lora takes conv_dim, conv_alpha)")
+                              f"algo=lora|locon|loha|lokr (networks.lora takes {', '.join(NETWORK_ARGS)})")
         if not sep or key not in allowed:
-            supported = ", ".join(f"{k}=N" for k in NETWORK_ARGS) if not lycoris else ", ".join(LYCORIS_ARGS)
-            raise ConfigError(f"got {item!r}; supported: {supported}")
-        out[key] = _value(key, value, LYCORIS_ARGS[key][0] if lycoris else (int if key == "conv_dim" else float))
+            raise ConfigError(f"got {item!r}; supported: {', '.join(allowed)}")
+        typ = LYCORIS_ARGS[key][0] if lycoris else NETWORK_ARGS[key]
+        out[key] = _list(key, value, typ) if isinstance(typ, str) else _value(key, value, typ)
+    for key in ("rank_dropout", "module_dropout"):
+        if out.get(key, 0) >= 1:
+            raise ConfigError(f"{key} must be below 1 (a probability), got {out[key]}")
+    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        if out.get(key, 1) <= 0:
+            raise ConfigError(f"{key} must be > 0 (the up matrices' learning rate over the down ones'), got {out[key]}")
     if lycoris:
         _check_lycoris(out)
     return out
+
+
+def _list(key, value, typ):
+    """A comma list of numbers (sd-scripts reads an empty lr weight as 0), or an lr-weight shape name ("cosine+0.5")
+    kept as a string for lora_sd.blocks, which knows the block count."""
+    if typ == "lr_weights" and "," not in value:
+        name, _, base = value.partition("+")
+        if name.strip() not in LR_WEIGHT_SHAPES:
+            raise ConfigError(f"{key} must be comma-separated numbers or one of {', '.join(LR_WEIGHT_SHAPES)} "
+                              f"(+ a base, e.g. cosine+0.5); got {value!r}")
+        if base:
+            _value(key, base, float)
+        return value.strip()
+    items = [v.strip() for v in value.split(",")]
+    if typ == "floats" or typ == "lr_weights":
+        numbers = tuple(_value(key, v, float) if v else 0.0 for v in items)
+    else:
+        numbers = tuple(_value(key, v, int) for v in items)
+    lengths = LIST_LENGTHS[key]
+    if len(numbers) not in lengths:
+        raise ConfigError(f"{key} must have {lengths[0]} values (SD 1.x/2.x) or {lengths[1]} (SDXL), one per block; "
+                          f"got {len(numbers)}")
+    return numbers
 
 
 def _value(key, value, typ):
@@ -84,11 +126,8 @@ def _check_lycoris(args: dict):
         raise ConfigError("wd_on_output=false (DoRA's magnitude per input column) is not supported: PEFT's DoRA "
                           "keeps it per output row (wd_on_output=true)")
     if args.get("dropout"):
-        raise ConfigError("dropout is not supported with lycoris.kohya (PEFT's layers have no such dropout); use "
-                          "rank_dropout / module_dropout with algo=loha or lokr, or remove it")
-    for key in ("rank_dropout", "module_dropout"):
-        if args.get(key, 0) >= 1:
-            raise ConfigError(f"{key} must be below 1, got {args[key]}")
+        raise ConfigError("dropout is not supported with lycoris.kohya; use `network_dropout` (algo=lora/locon), "
+                          "rank_dropout / module_dropout, or remove it")
     if args.get("use_tucker") and not args.get("conv_dim"):
         raise ConfigError("use_tucker applies to 3x3 convs only: set conv_dim (and conv_alpha) too")
 

@@ -64,9 +64,10 @@ class TrainConfig:
                               "LoCon, LoHa, LoKr, DoRA through network_args algo=...")
     network_dim: int = opt(4, "LoRA rank")
     network_alpha: float = opt(1.0, "scale is alpha / rank (0: alpha = rank, as sd-scripts; not negative)")
-    network_args: list[str] = opt([], "key=value: conv_dim (rank of 3x3 conv LoRA), conv_alpha; lycoris.kohya adds "
-                                "algo=lora|locon|loha|lokr, factor, decompose_both, use_tucker, dora_wd, preset, "
-                                "rank_dropout, module_dropout")
+    network_args: list[str] = opt([], "key=value: conv_dim (rank of 3x3 conv LoRA), conv_alpha, rank_dropout, "
+                                "module_dropout, loraplus_*lr_ratio, down/mid/up_lr_weight, block_lr_zero_threshold, "
+                                "block_dims, block_alphas, conv_block_dims, conv_block_alphas; lycoris.kohya adds "
+                                "algo=lora|locon|loha|lokr, factor, decompose_both, use_tucker, dora_wd, preset")
     network_weights: str | None = opt(None, "a LoRA file/folder to continue training from")
     network_multiplier: float = opt(1.0, "strength of the LoRA while training (a dataset's own multiplies it)")
     dim_from_weights: bool = opt(False, "take ranks and alphas from network_weights")
@@ -133,6 +134,16 @@ class TrainConfig:
     alpha_mask: bool = opt(False, "the images' alpha channel masks the loss (the datasets' default)")
     weighted_captions: bool = opt(False, "(word:1.2) / (word) / [word] in captions scale those tokens' text-encoder "
                                   "output; no commas inside the brackets with shuffle_caption or tag dropout")
+    # --- issue 12: optim ---
+    loraplus_lr_ratio: float | None = opt(None, "LoRA+: the up matrices (lora_B) learn at this times the learning "
+                                          "rate (16 in the paper, 4 a common start; LoRA/DoRA only)")
+    loraplus_unet_lr_ratio: float | None = opt(None, "LoRA+ ratio of the U-Net (default loraplus_lr_ratio)")
+    loraplus_text_encoder_lr_ratio: float | None = opt(None, "LoRA+ ratio of the text encoder(s) (default "
+                                                       "loraplus_lr_ratio)")
+    network_dropout: float | None = opt(None, "dropout probability [0, 1) on the LoRA's input while training "
+                                        "(PEFT's lora_dropout; LoRA/DoRA only)")
+    scale_weight_norms: float | None = opt(None, "max-norm regularisation: after each step, scale down every module "
+                                           "whose delta's Frobenius norm is above this (1.0 is usual; not DoRA)")
     # --- resolved by load_config, not options
     datasets: list = field(default_factory=list, metadata={"internal": True})
     source: str = field(default="", metadata={"internal": True})
@@ -158,8 +169,7 @@ SD_SCRIPTS_ACCEPTED = {
     "log_with": (str | None, (None, "tensorboard")),  # tensorboard needs logging_dir (checked), as sd-scripts
     "save_last_n_epochs": (int | None, (None,)), "save_last_n_steps": (int | None, (None,)),
     "save_n_epoch_ratio": (int | None, (None,)), "use_8bit_adam": (bool, (False,)),
-    "use_lion_optimizer": (bool, (False,)), "network_dropout": (float | None, (None, 0.0)),
-    "scale_weight_norms": (float | None, (None,)), "huggingface_repo_id": (str | None, (None,)),
+    "use_lion_optimizer": (bool, (False,)), "huggingface_repo_id": (str | None, (None,)),
     "tokenizer_cache_dir": (str | None, (None,)), "vae": (str | None, (None,)),
     "console_log_level": (str | None, (None,)), "sample_at_first": (bool, (False,)),
     "zero_terminal_snr": (bool, (False,)), "face_crop_aug_range": (str | None, (None,)),

@@ -39,6 +39,7 @@ def check_values(cfg: TrainConfig, errors: ConfigErrors, inline_datasets: bool):
         except ConfigError as e:
             errors.add(key, str(e).removeprefix(f"`{key}`: "))
     _check_demo_paths(cfg, errors)
+    _check_optim(cfg, errors)
     if cfg.network_train_unet_only and cfg.network_train_text_encoder_only:
         errors.add("network_train_unet_only", "and `network_train_text_encoder_only` are both set: nothing "
                    "would be trained (set one, or neither to train both)")
@@ -72,6 +73,42 @@ def _check_network(cfg, args: dict):
     if args.get("dora_wd") and cfg.network_multiplier != 1:
         raise ConfigError("dora_wd=true trains at `network_multiplier` 1 only: PEFT's DoRA does not scale its "
                           "magnitude with a strength as LyCORIS does")
+
+
+LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+
+
+def _check_optim(cfg, errors):
+    """Issue 12's optimisation options: ranges, and the adapter kinds they do not apply to."""
+    if cfg.network_dropout is not None and not 0 <= cfg.network_dropout < 1:
+        errors.add("network_dropout", f"must be in [0, 1) (a probability), got {cfg.network_dropout}")
+    if cfg.scale_weight_norms is not None and cfg.scale_weight_norms <= 0:
+        errors.add("scale_weight_norms", f"must be > 0 (the largest norm a module's delta may have; 1.0 is usual), "
+                   f"got {cfg.scale_weight_norms}")
+    for key in LORAPLUS:
+        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
+            errors.add(key, f"must be > 0 (the up matrices' learning rate over the down ones'), got {getattr(cfg, key)}")
+    try:
+        args = parse_network_args(cfg.network_args, cfg.network_module)
+    except ConfigError:
+        return  # reported with the network_args
+    kind = "DoRA" if args.get("dora_wd") else {"loha": "LoHa", "lokr": "LoKr"}.get(args.get("algo"))
+    for key in LORAPLUS:
+        if key in args and getattr(cfg, key) is not None and args[key] != getattr(cfg, key):
+            errors.add(key, f"is {getattr(cfg, key)}, but `network_args` says {key}={args[key]}: give it once")
+    if kind in ("LoHa", "LoKr") and any(getattr(cfg, k) or args.get(k) for k in LORAPLUS):
+        key = next(k for k in LORAPLUS if getattr(cfg, k) or args.get(k))
+        errors.add(key, f"(LoRA+) scales the learning rate of LoRA's up matrices; a {kind} has none (LyCORIS does not "
+                   "apply it either): use algo=lora/locon, or remove it")
+    if kind in ("LoHa", "LoKr") and cfg.network_dropout:
+        errors.add("network_dropout", f"applies to LoRA/DoRA layers (PEFT's lora_dropout); a {kind} has none: use "
+                   "rank_dropout / module_dropout in `network_args`, or remove it")
+    if kind == "DoRA" and cfg.scale_weight_norms:
+        errors.add("scale_weight_norms", "does not apply to DoRA: its delta is set by the magnitude vector too, so "
+                   "scaling the up/down matrices bounds no norm; remove it, or train algo=lora")
+    if cfg.network_weights and not cfg.dim_from_weights and (args.get("block_dims") or args.get("conv_block_dims")):
+        errors.add("network_args", "block_dims / conv_block_dims with `network_weights`: the file's ranks decide; "
+                   "set `dim_from_weights = true`, or remove them")
 
 
 def _check_choices(cfg, errors):

@@ -44,6 +44,7 @@ from lora_sd.training.metadata import at_save, training_metadata
 from lora_sd.training.noise import compute_loss
 from lora_sd.training.network import (check_attention, check_fp8, dropout_rng, lora_strength, text_encoders,
                                       trained_parts)
+from lora_sd.training.regularize import apply_max_norm
 from lora_sd.training.sampling import read_prompts, sample_images
 from lora_sd.training.setup import load_model, make_accelerator, seed_everything
 from lora_sd.training.text import conditioning
@@ -157,8 +158,7 @@ class LoraTraining:
     def _setup_optimization(self):
         """Optimizer and schedule over the LoRA parameters, then accelerate.prepare (DDP, precision, sharding)."""
         cfg, acc = self.cfg, self.accelerator
-        lrs = optim.part_learning_rates(cfg, list(self.trained))
-        groups = [{"params": optim.trainable_parameters(m), "lr": lrs[name]} for name, m in self.trained.items()]
+        groups, self.group_names = optim.param_groups(cfg, self.trained)  # per part (LoRA+, block lr weights)
         optimizer, self.optimizer_name = optim.build_optimizer(cfg.optimizer_type, groups, cfg.learning_rate,
                                                                cfg.optimizer_args)
         lr_scheduler = optim.build_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps,
@@ -274,6 +274,8 @@ class LoraTraining:
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients and cfg.scale_weight_norms:
+                self.max_norms = apply_max_norm(self.models.values(), cfg.scale_weight_norms)
         return loss.item()
 
     def _strength(self, batch) -> float:
@@ -310,10 +312,12 @@ class LoraTraining:
         self.result.losses.append(loss)
         group_lrs = optim.current_lrs(self.optimizer)
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{group_lrs[-1]:.2e}")
+        norms = self.max_norms if cfg.scale_weight_norms else {}  # sd-scripts' max-norm figures
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{group_lrs[-1]:.2e}", **{k: f"{v:.4g}" for k, v in norms.items()})
         if cfg.logging_dir:
             logs = {"loss/current": loss, "loss/average": sum(self.epoch_losses) / len(self.epoch_losses)}
-            logs.update({f"lr/{n.replace('_', '')}": lr for n, lr in zip(self.trained, group_lrs)})
+            logs.update({f"lr/{n}": lr for n, lr in zip(self.group_names, group_lrs)})
+            logs.update({f"max_norm/{k}": v for k, v in norms.items()})
             self.accelerator.log(logs, step=step)
         if self.prompts and _every(cfg.sample_every_n_steps, step):
             self.sample()

@@ -18,6 +18,7 @@ import torch
 from lora_sd.config.kv_args import parse_network_args
 from lora_sd.errors import ConfigError
 from lora_sd.targets import NetworkSpec, lokr_layout, lora_configs
+from lora_sd.training.regularize import add_lora_dropouts
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +39,18 @@ def network_args(cfg) -> dict:
 
 
 def network_spec(cfg) -> NetworkSpec:
+    from lora_sd.blocks import DIMS, LR_WEIGHTS
+
     args = network_args(cfg)
     algo = {"locon": "lora"}.get(args.get("algo"), args.get("algo", "lora"))
+    blocks = tuple((k, args[k]) for k in (*LR_WEIGHTS, "block_lr_zero_threshold", *DIMS) if k in args)
+    if blocks:  # the alphas as given: 0 is each module's own rank there
+        blocks += (("network_alpha", cfg.network_alpha), ("conv_alpha", args.get("conv_alpha", 1.0)))
     return NetworkSpec(cfg.network_dim, cfg.network_alpha, args.get("conv_dim"), args.get("conv_alpha", 1.0),
                        algo=algo, dora=args.get("dora_wd", False), factor=args.get("factor", -1),
                        decompose_both=args.get("decompose_both", False), use_tucker=args.get("use_tucker", False),
-                       rank_dropout=args.get("rank_dropout", 0.0), module_dropout=args.get("module_dropout", 0.0))
+                       rank_dropout=args.get("rank_dropout", 0.0), module_dropout=args.get("module_dropout", 0.0),
+                       dropout=cfg.network_dropout or 0.0, blocks=blocks)
 
 
 def check_attention(cfg):
@@ -95,6 +102,7 @@ def add_network(model, cfg):
             set_dropouts(models[name], spec)
         else:
             models[name].add_adapter(config)
+        add_lora_dropouts(models[name], spec.rank_dropout, spec.module_dropout)
         for pname, p in models[name].named_parameters():
             p.requires_grad_(is_adapter_param(pname))
         cast_training_params(models[name], torch.float32)  # the LoRA weights train in float32 under any precision
@@ -147,7 +155,7 @@ def check_fits_model(cfg, model, models, configs):
                 if (weight.dim() == 4 and weight.shape[2:] != (1, 1)) != conv:
                     continue
                 full_ranks.append(min(weight.shape[0], weight[0].numel()))
-                rank = config.rank_pattern.get(target, config.r)
+                rank = max(rank or 0, config.rank_pattern.get(target, config.r))
         if full_ranks and rank > max(full_ranks):
             raise ConfigError(f"`{what}` {rank} is above the rank of every layer it applies to (at most "
                               f"{max(full_ranks)} in this model); use {max(full_ranks)} or less")
@@ -159,14 +167,18 @@ def spec_kind(config) -> str:
 
 
 def set_dropouts(model, spec):
-    """rank_dropout / module_dropout on the LoHa/LoKr layers of `model` (a network_weights start: apply_to
-    makes the layers from the file, which knows no dropout)."""
+    """rank_dropout / module_dropout on the LoHa/LoKr layers of `model`, network_dropout (lora_dropout) on its LoRA
+    layers (a network_weights start: apply_to makes the layers from the file, which knows no dropout)."""
+    from peft.tuners.lora import LoraLayer
     from peft.tuners.lycoris_utils import LycorisLayer
 
     for layer in model.modules():
         if isinstance(layer, LycorisLayer):
             for adapter in layer.rank_dropout:
                 layer.rank_dropout[adapter], layer.module_dropout[adapter] = spec.rank_dropout, spec.module_dropout
+        elif isinstance(layer, LoraLayer) and spec.dropout:
+            for adapter in layer.lora_dropout:
+                layer.lora_dropout[adapter] = torch.nn.Dropout(p=spec.dropout)
 
 
 def _network_weights(cfg, spec, models, wanted, version) -> dict:

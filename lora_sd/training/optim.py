@@ -11,7 +11,6 @@ which makes its warmup num_processes times shorter than asked).
 import importlib
 import logging
 
-import torch
 
 from lora_sd.config.choices import OPTIMIZERS  # name -> (module, class, pip package, default kwargs)
 from lora_sd.config.kv_args import parse_optimizer_args
@@ -43,7 +42,8 @@ def build_optimizer(name: str, param_groups: list[dict], learning_rate: float, o
     group_lrs = {g.get("lr", learning_rate) for g in param_groups} - {0.0}
     if name in ("Prodigy", "DAdaptAdam") and len(group_lrs) > 1:
         raise ConfigError(f"{name} needs one learning rate for all parameter groups: set `unet_lr` and "
-                          f"`text_encoder_lr` equal (or leave both unset); got {sorted(group_lrs)}")
+                          f"`text_encoder_lr` equal (or leave both unset), without LoRA+ ratios or block lr "
+                          f"weights; got {sorted(group_lrs)}")
     cls = _optimizer_class(name)  # after the cheap checks: a refusal needs no package
     if name in ("Prodigy", "DAdaptAdam") and learning_rate < 0.1:
         logger.warning("%s adapts the step size itself: sd-scripts advises learning_rate = 1.0 (got %g)",
@@ -85,6 +85,53 @@ def part_learning_rates(cfg, parts: list[str]) -> dict[str, float]:
     return {p: cfg.learning_rate if given[p] is None else given[p] for p in parts}
 
 
+LABELS = {"unet": "unet", "text_encoder": "textencoder", "text_encoder_2": "textencoder2"}
+
+
+def loraplus_ratio(cfg, part: str, args: dict) -> float | None:
+    """LoRA+'s up/down learning-rate ratio of a part: its own (loraplus_unet_lr_ratio /
+    loraplus_text_encoder_lr_ratio), else loraplus_lr_ratio; top-level option or network_args alike."""
+    own = "loraplus_unet_lr_ratio" if part == "unet" else "loraplus_text_encoder_lr_ratio"
+    for key in (own, "loraplus_lr_ratio"):
+        value = getattr(cfg, key) if getattr(cfg, key) is not None else args.get(key)
+        if value is not None:
+            return value
+    return None
+
+
+def param_groups(cfg, trained: dict) -> tuple[list[dict], list[str]]:
+    """The optimizer's parameter groups over the LoRA parameters of `trained` ({part: model}) and their names
+    (the `lr/...` logs), as sd-scripts' prepare_optimizer_params: per part its learning rate; with block lr
+    weights one group per U-Net block (`unet_block3`) at lr x its weight; with LoRA+ the up matrices (PEFT's
+    lora_B) of each in a group of their own (`... plus`) at lr x the ratio. Empty groups are left out."""
+    from lora_sd.targets import unet_blocks
+    from lora_sd.training.network import network_args, network_spec
+
+    lrs, args, spec = part_learning_rates(cfg, list(trained)), network_args(cfg), network_spec(cfg)
+    groups, names = [], []
+    for part, model in trained.items():
+        ratio = loraplus_ratio(cfg, part, args)
+        blocks = unet_blocks(model, spec) if part == "unet" else None
+        buckets = {}
+        for pname, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            block = _block_of(pname, model) if blocks is not None and blocks.lr_weight is not None else None
+            buckets.setdefault((block, ratio is not None and ".lora_B." in pname), []).append(p)
+        for (block, plus), params in sorted(buckets.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
+            lr = lrs[part] * (blocks.weight(block) if block is not None else 1.0) * (ratio if plus else 1.0)
+            groups.append({"params": params, "lr": lr})
+            names.append(LABELS[part] + (f"_block{block}" if block is not None else "") + (" plus" if plus else ""))
+    return groups, names
+
+
+def _block_of(param_name: str, unet) -> int:
+    from lora_sd.blocks import block_index
+
+    module = param_name.split(".lora_")[0].split(".hada_")[0].split(".lokr_")[0]
+    return block_index(module, unet)
+
+
 def current_lrs(optimizer) -> list[float]:
     """The learning rate of each group (D-Adaptation/Prodigy: d * lr, as sd-scripts logs it)."""
     out = []
@@ -94,7 +141,3 @@ def current_lrs(optimizer) -> list[float]:
             lr = group["d"] * lr
         out.append(float(lr))
     return out
-
-
-def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
