@@ -227,3 +227,19 @@ def test_dropout_and_norm_refusals_are_one_line(assets, tmp_path, case, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("network_args, expect", [([], False), (["module_dropout=0.1"], True)])
+def test_module_dropout_makes_ddp_expect_unused_lora_weights(network_args, expect):
+    """A module skipped for a step leaves its LoRA weights without gradients: multi-process DDP must be told
+    (find_unused_parameters), or the first step errors. U-Net only, where nothing else asks for it."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from lora_sd.config import TrainConfig
+    from lora_sd.training.setup import make_accelerator
+
+    cfg = TrainConfig(network_train_unet_only=True, network_module="lycoris.kohya" if network_args else "networks.lora",
+                      network_args=network_args)
+    handlers = make_accelerator(cfg).ddp_handler
+    assert isinstance(handlers, DistributedDataParallelKwargs) == expect
+    assert not expect or handlers.find_unused_parameters

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lora_sd.config.kv_args import parse_network_args
 from lora_sd.demo import resolve_demo_path
 from lora_sd.errors import ConfigError
 from lora_sd.training.network import (add_network, enable_gradient_checkpointing, set_attention, store_base_in_fp8,
@@ -29,9 +30,10 @@ def make_accelerator(cfg):
         kwargs = dict(log_with="tensorboard",
                       project_config=ProjectConfiguration(project_dir=str(Path(cfg.logging_dir) / run)))
     AcceleratorState._reset_state()  # a second run in one Python process may use another precision
-    if cfg.train_text_encoder:
-        # with clip_skip, and on SDXL (penultimate layers), a text encoder's last layers do not reach the U-Net:
-        # DDP must expect LoRA weights without gradients (the model family is not known before it loads)
+    if cfg.train_text_encoder or parse_network_args(cfg.network_args).get("module_dropout"):
+        # with clip_skip, and on SDXL (penultimate layers), a text encoder's last layers do not reach the U-Net;
+        # module_dropout skips whole modules for a step: DDP must expect LoRA weights without gradients (the
+        # model family is not known before it loads)
         kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     # cpu=True on a GPU-less machine makes `accelerate launch --multi_gpu` run DDP over gloo (see DESIGN.md)
     return Accelerator(cpu=not has_cuda, mixed_precision=cfg.mixed_precision,
