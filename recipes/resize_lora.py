@@ -7,9 +7,10 @@
 Each module's delta is truncated to --new_rank (3x3 convs: --new_conv_rank, default --new_rank): the best
 fit of that rank. With --dynamic_method the rank per module is what the method gives (at most --new_rank):
 sv_ratio keeps the singular values above the largest / P (P >= 1); sv_fro the fewest keeping a fraction P
-of the Frobenius norm; sv_cumulative the fewest whose sum is a fraction P of the sum (P in (0, 1]). A
-LoRA keeps its scale (alpha = scale * new rank); LoHa/LoKr inputs become plain LoRAs (alpha = rank). DoRA
-is refused. Any input format (kohya, diffusers, PEFT folder); the output is a kohya file. --verbose prints
+of the Frobenius norm; sv_cumulative the fewest whose sum is a fraction P of the sum (P in (0, 1]).
+Every delta keeps its scale; every module gets one alpha, scale * --new_rank (the input's most common
+alpha / rank), a module's own rank and scale carried in its up weights (diffusers misreads differing
+alphas on attention modules). LoHa/LoKr inputs become plain LoRAs (scale 1). DoRA is refused. Any input format (kohya, diffusers, PEFT folder); the output is a kohya file. --verbose prints
 per module the rank and the fraction of the delta's Frobenius norm kept.
 """
 

@@ -42,8 +42,8 @@ def test_fixed_rank_is_the_optimal_truncated_svd(lora_file, tmp_path):
         shape = m.weight_shape()
         want_rank = 1 if m.is_3x3 else 2
         assert r.kind == "lora" and r.rank == want_rank and r.weight_shape() == shape, key
-        # sd-scripts' alpha: the old scale kept, alpha = (alpha / rank) * new rank
-        assert r.alpha == pytest.approx(m.alpha / m.rank * want_rank), key
+        # one alpha, sd-scripts' for --new_rank: the common scale 2 / 4 times 2 (3x3 convs' scale is in up)
+        assert r.alpha == 1.0, key
         want = truncated(kind_formulas.delta(m, shape), want_rank)
         got = kind_formulas.delta(r, shape).double()
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), key
@@ -89,12 +89,13 @@ DYNAMIC_CASES = [
 
 @pytest.mark.parametrize("method,param,new_rank,want", DYNAMIC_CASES)
 def test_dynamic_methods_pick_the_ranks_their_definitions_give(method, param, new_rank, want):
-    lora = LoraWeights({"unet.a": spectrum_module(SPECTRUM), "unet.b": spectrum_module(SPECTRUM, alpha=3.0, seed=1)})
+    lora = LoraWeights({"unet.a": spectrum_module(SPECTRUM), "unet.b": spectrum_module(SPECTRUM, alpha=3.0, seed=1),
+                        "unet.c": spectrum_module(SPECTRUM, seed=2)})
     resized, stats = resize_lora(lora, new_rank, dynamic_method=method, dynamic_param=param)
     for key, m in lora.modules.items():
         r = resized.modules[key]
         assert r.rank == want, (key, r.rank)
-        assert r.alpha == pytest.approx(m.alpha / m.rank * want)  # the module's scale kept
+        assert r.alpha == new_rank  # one alpha: the common scale 1 times --new_rank; unet.b's scale 1/2 in up
         assert (r.delta().double() - truncated(m.delta(), want)).abs().max() < 1e-5
     assert resized.metadata["ss_network_dim"] == "Dynamic"
     assert resized.metadata["ss_training_comment"].startswith(f"Dynamic resize with {method}: {param:g} from 6; ")
@@ -139,7 +140,7 @@ def test_loha_and_lokr_become_the_best_plain_lora(tiny_sd1, kind, tmp_path):
         want = kind_formulas.delta(m, shape).double()
         # a LoKr of a 1 x c factor has a delta of rank 2 (float32's tolerance: the delta is float32)
         rank = min(2 if m.is_3x3 else 3, int(torch.linalg.matrix_rank(want.float().flatten(1))))
-        assert r.kind == "lora" and r.rank == rank and r.alpha == rank, key  # scale 1
+        assert r.kind == "lora" and r.rank == rank and r.alpha == 3, key  # scale 1 at --new_rank
         best = truncated(want, rank)
         assert (kind_formulas.delta(r, shape).double() - best).abs().max() <= 1e-5 * want.abs().max(), key
 
@@ -177,3 +178,18 @@ def test_missing_input_and_overwriting_it_refused(lora_file, tmp_path, capsys):
     before = lora_file.read_bytes()
     assert "--save_to" in one_error_line(recipe, ["--model", lora_file, "--save_to", lora_file], capsys)
     assert lora_file.read_bytes() == before
+
+
+def test_dynamic_resize_loads_in_diffusers_equal_to_our_merge(tiny_sd1, lora_file, tmp_path):
+    """Dynamic ranks give modules different ranks and alphas: diffusers must still apply each one's own."""
+    out = tmp_path / "dyn.safetensors"
+    recipe.main(["--model", str(lora_file), "--save_to", str(out), "--dynamic_method", "sv_fro", "--dynamic_param",
+                 "0.9"])
+    resized = load_lora(out)
+    assert len({m.rank for m in resized.modules.values()}) > 1
+    pipe = fresh_pipeline(tiny_sd1)
+    pipe.load_lora_weights(str(out))
+    got = model_outputs(tiny_sd1, unet=pipe.unet, text_encoder=pipe.text_encoder)
+    unet, te = copy.deepcopy(tiny_sd1.unet), copy.deepcopy(tiny_sd1.text_encoder)
+    merge_into_models([resized], [1.0], {"unet": unet, "text_encoder": te})
+    assert max_diff(got, model_outputs(tiny_sd1, unet=unet, text_encoder=te)) < 1e-5

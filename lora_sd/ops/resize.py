@@ -7,10 +7,15 @@ dynamic method gives (capped at `new_rank`), as sd-scripts defines them on the s
 - `sv_ratio` p (>= 1): keep the singular values above S[0] / p;
 - `sv_fro` p (in (0, 1]): the fewest that keep a fraction p of the Frobenius norm (cumulative S^2 >= p^2);
 - `sv_cumulative` p (in (0, 1]): the fewest whose sum is a fraction p of the sum of S.
-A plain LoRA keeps its scale: the singular values go into `up` and alpha = scale * new rank (sd-scripts'
-arithmetic), so the delta is preserved. LoHa and LoKr become plain LoRAs (alpha = rank: scale 1), the
-best rank-R fit of their delta. DoRA is refused: its change depends on the base weight, which the file
-does not have. A module never gets more than its delta's rank (a larger one would add zero rows).
+The delta is preserved, scale included: the singular values go into `up`, and every module gets one
+alpha, sd-scripts' alpha for a module resized to `new_rank`: alpha = scale * new_rank, with the input's
+most common scale alpha / rank (LoHa/LoKr: 1). sd-scripts writes alpha = scale * rank per module instead,
+which diffusers (0.42.1) misreads: `_get_alpha_name` misnames the alphas of attention projections (U-Net
+to_q/k/v/out, text-encoder q/k/v/out_proj), which then get the file's most common alpha, so a dynamic
+resize loaded there would be wrong; a module whose rank or scale differs carries the difference in `up`
+instead. LoHa and LoKr become plain LoRAs, the best rank-R fit of their delta. DoRA is refused: its
+change depends on the base weight, which the file does not have. A module never gets more than its
+delta's rank (a larger one would add zero rows).
 """
 
 import json
@@ -96,6 +101,8 @@ def resize_lora(lora: LoraWeights, new_rank, new_conv_rank=None, dynamic_method=
     dynamic_method, dynamic_param = check_dynamic(dynamic_method, dynamic_param)
     dev = resolve_device(str(device))
     out, stats = LoraWeights(metadata=dict(lora.metadata)), []
+    scale = _common([m.scale if m.kind == "lora" else 1.0 for m in lora.modules.values()])
+    alpha = scale * new_rank if math.isfinite(scale) and scale != 0 else float(new_rank)
     for key, m in lora.modules.items():
         if m.dora_scale is not None:
             raise ConfigError(f"{name}: module {key} is a {m.label}: its change depends on the base model's weight, "
@@ -111,7 +118,7 @@ def resize_lora(lora: LoraWeights, new_rank, new_conv_rank=None, dynamic_method=
                               "tell its kernel size")
         is_3x3 = len(shape) == 4 and shape[2:] != (1, 1)
         module, stat = _resize_module(key, m, shape, new_conv_rank if is_3x3 else new_rank,
-                                      dynamic_method, dynamic_param, dev)
+                                      dynamic_method, dynamic_param, dev, alpha)
         out.modules[key], stat.is_3x3 = module, is_3x3
         stats.append(stat)
     clamped = [s for s in stats if s.new_rank < (new_conv_rank if s.is_3x3 else new_rank) and not dynamic_method]
@@ -123,8 +130,8 @@ def resize_lora(lora: LoraWeights, new_rank, new_conv_rank=None, dynamic_method=
     return out, stats
 
 
-def _resize_module(key, m: LoraModule, shape, wanted, method, param, dev):
-    """A plain LoRA of rank <= `wanted` for `m`'s delta, and its figures."""
+def _resize_module(key, m: LoraModule, shape, wanted, method, param, dev, alpha):
+    """A plain LoRA of rank <= `wanted` and alpha `alpha` for `m`'s delta, and its figures."""
     tensors = {n: t.to(dev, torch.float32) for n, t in m.named_tensors().items()}
     if m.kind == "lora":  # sd-scripts: SVD of up @ down, the scale kept in alpha
         up, down, scale = tensors["lora_up.weight"].flatten(1), tensors["lora_down.weight"].flatten(1), m.scale
@@ -135,8 +142,8 @@ def _resize_module(key, m: LoraModule, shape, wanted, method, param, dev):
     rank = min(rank, wanted, numerical_rank(s, (up.shape[0], down.shape[1])))
     if s[0] <= MIN_SV:
         rank = 1
-    down_t, up_t = to_lora_shapes((u[:, :rank] * s[:rank]).cpu(), vh[:rank].cpu(), shape)
-    alpha = scale * rank
+    # alpha / rank * up @ down = scale * U S Vh: the module's own scale, whatever the file's alpha
+    down_t, up_t = to_lora_shapes((u[:, :rank] * (s[:rank] * (scale * rank / alpha))).cpu(), vh[:rank].cpu(), shape)
     s2 = s.double().square()
     stat = ModuleResize(key, m.rank, rank, alpha, False, float(s2[:rank].sum().sqrt() / s2.sum().sqrt()),
                         float(s[:rank].sum() / s.sum()), float(s[0] / s[rank - 1]))
@@ -159,18 +166,16 @@ def _resized_metadata(meta, stats, new_rank, new_conv_rank, method, param) -> di
         except json.JSONDecodeError:
             args = {}
         args = {k: v for k, v in args.items() if k not in ("conv_dim", "conv_alpha")} if isinstance(args, dict) else {}
-    linear = [s for s in stats if not s.is_3x3]
     conv = [s for s in stats if s.is_3x3]
-    # sd-scripts writes the last module's alpha; the most common one here (the same when all agree)
-    alpha = _common([s.alpha for s in linear]) or _common([s.alpha for s in conv])
-    conv_rank, conv_alpha = (new_conv_rank, _common([s.alpha for s in conv])) if conv else (None, None)
+    alpha = stats[0].alpha  # every module's
+    conv_rank, conv_alpha = (new_conv_rank, alpha) if conv else (None, None)
     meta.update(network_metadata(new_rank, alpha, conv_rank, conv_alpha, args=args))
     old_dim = max((s.old_rank for s in stats if s.old_rank is not None), default="full")
     comment = meta.get("ss_training_comment", "")
     if method:
-        meta.update(ss_network_dim="Dynamic", ss_network_alpha="Dynamic")
+        meta["ss_network_dim"] = "Dynamic"  # as sd-scripts; the alpha is one number here
         if conv:
-            meta["ss_network_args"] = json.dumps({**args, "conv_dim": "Dynamic", "conv_alpha": "Dynamic"})
+            meta["ss_network_args"] = json.dumps({**json.loads(meta["ss_network_args"]), "conv_dim": "Dynamic"})
         meta["ss_training_comment"] = f"Dynamic resize with {method}: {param:g} from {old_dim}; {comment}"
     else:
         conv_desc = f" (conv: {new_conv_rank})" if conv and new_conv_rank != new_rank else ""
