@@ -107,7 +107,8 @@ def format_info(info: dict) -> str:
     for label, key in (("ranks", "ranks"), ("alphas", "alphas"), ("conv ranks", "conv_ranks"),
                        ("conv alphas", "conv_alphas")):
         if info[key]:
-            lines.append(f"  {label + ':':12} " + ", ".join(f"{v}: {n} module{'s' * (n != 1)}" for v, n in info[key].items()))
+            counts = (f"{v}: {n} module{'s' * (n != 1)}" for v, n in info[key].items())
+            lines.append(f"  {label + ':':12} " + ", ".join(counts))
     bad = info["non_finite"]
     if bad["modules"]:
         lines.append(f"  NON-FINITE:  {bad['values']} NaN/inf values in {bad['modules']} module(s): the LoRA is broken")

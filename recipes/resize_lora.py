@@ -10,8 +10,9 @@ sv_ratio keeps the singular values above the largest / P (P >= 1); sv_fro the fe
 of the Frobenius norm; sv_cumulative the fewest whose sum is a fraction P of the sum (P in (0, 1]).
 Every delta keeps its scale; every module gets one alpha, scale * --new_rank (the input's most common
 alpha / rank), a module's own rank and scale carried in its up weights (diffusers misreads differing
-alphas on attention modules). LoHa/LoKr inputs become plain LoRAs (scale 1). DoRA is refused. Any input format (kohya, diffusers, PEFT folder); the output is a kohya file. --verbose prints
-per module the rank and the fraction of the delta's Frobenius norm kept.
+alphas on attention modules). LoHa/LoKr inputs become plain LoRAs (scale 1). DoRA is refused. Any
+input format (kohya, diffusers, PEFT folder); the output is a kohya file. --verbose prints per module
+the rank and the fraction of the delta's Frobenius norm kept.
 """
 
 import argparse

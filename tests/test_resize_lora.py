@@ -34,7 +34,7 @@ def lora_file(tiny_sd1, tmp_path_factory):
 
 def test_fixed_rank_is_the_optimal_truncated_svd(lora_file, tmp_path):
     out = tmp_path / "small.safetensors"
-    assert recipe.main(["--model", str(lora_file), "--save_to", str(out), "--new_rank", "2", "--new_conv_rank", "1"]) is None
+    recipe.main(["--model", str(lora_file), "--save_to", str(out), "--new_rank", "2", "--new_conv_rank", "1"])
     original, resized = load_lora(lora_file), load_lora(out)
     assert resized.modules.keys() == original.modules.keys()
     for key, m in original.modules.items():

@@ -63,7 +63,8 @@ def check_dynamic(method, param):
     missing or out of its method's range, or a param is given without a method (it would do nothing)."""
     if method is None:
         if param is not None:
-            raise ConfigError(f"--dynamic_param {param}: only used with --dynamic_method ({', '.join(DYNAMIC_METHODS)})")
+            raise ConfigError(f"--dynamic_param {param}: only used with --dynamic_method "
+                              f"({', '.join(DYNAMIC_METHODS)})")
         return None, None
     if method not in DYNAMIC_METHODS:
         raise ConfigError(f"--dynamic_method {method}: must be one of {', '.join(DYNAMIC_METHODS)}")
