@@ -119,3 +119,14 @@ def test_bad_input_one_line(tmp_path, capsys):
     safetensors.torch.save_file({"conv.weight": torch.zeros(2, 2)}, str(other))
     assert "keys of no known LoRA format" in one_error_line(lora_info, [other], capsys)
     assert "--top -1" in one_error_line(lora_info, [other, "--top", "-1"], capsys)
+
+
+def test_sdxl_lora(tmp_path, capsys):
+    from lora_sd.tiny import build_tiny_sd
+    from tests.test_sdxl_ops import sdxl_lora
+
+    lora = sdxl_lora(build_tiny_sd("sdxl"), 4, 2, 2, 1, seed=1)
+    path = save_lora(lora, tmp_path / "xl.safetensors", version="sdxl")
+    info = json.loads(run([path, "--json"], capsys))
+    assert info["base_model"] == "SDXL" and info["components"] == {
+        c: len(lora.component(c)) for c in ("unet", "text_encoder", "text_encoder_2")}

@@ -193,3 +193,21 @@ def test_dynamic_resize_loads_in_diffusers_equal_to_our_merge(tiny_sd1, lora_fil
     unet, te = copy.deepcopy(tiny_sd1.unet), copy.deepcopy(tiny_sd1.text_encoder)
     merge_into_models([resized], [1.0], {"unet": unet, "text_encoder": te})
     assert max_diff(got, model_outputs(tiny_sd1, unet=unet, text_encoder=te)) < 1e-5
+
+
+def test_sdxl_lora_resized_loads_in_diffusers_equal_to_our_merge(tmp_path):
+    """Both text encoders and SDXL's original-layout U-Net names survive; diffusers' SDXL pipeline agrees."""
+    from lora_sd.tiny import build_tiny_sd
+    from tests.test_sdxl_ops import diffusers_outputs, outputs, sdxl_lora
+
+    base = build_tiny_sd("sdxl")
+    path = save_lora(sdxl_lora(base, 4, 2, 2, 1, seed=1), tmp_path / "xl.safetensors", version="sdxl")
+    out = tmp_path / "small.safetensors"
+    recipe.main(["--model", str(path), "--save_to", str(out), "--dynamic_method", "sv_ratio", "--dynamic_param", "3"])
+    resized = load_lora(out)
+    assert resized.components == ["unet", "text_encoder", "text_encoder_2"]
+    assert resized.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    parts = {p: copy.deepcopy(getattr(base, p)) for p in resized.components}
+    merge_into_models([resized], [1.0], parts)
+    want = outputs(parts["unet"], parts["text_encoder"], parts["text_encoder_2"], base.tokenizer, base.tokenizer_2)
+    assert max_diff(diffusers_outputs(base, [out], [1.0]), want) < 1e-5
