@@ -163,6 +163,7 @@ def test_dora_is_refused(tiny_sd1, tmp_path, capsys):
     (["--dynamic_method", "sv_fro"], "--dynamic_param: a number is needed"),
     (["--dynamic_method", "svd"], "--dynamic_method svd: must be one of"),
     (["--dynamic_param", "0.5"], "only used with --dynamic_method"),
+    (["--save_precision", "fp8"], "--save_precision"),
 ])
 def test_bad_input_one_line_nothing_written(lora_file, tmp_path, capsys, extra, message):
     out = tmp_path / "o.safetensors"
@@ -211,3 +212,18 @@ def test_sdxl_lora_resized_loads_in_diffusers_equal_to_our_merge(tmp_path):
     merge_into_models([resized], [1.0], parts)
     want = outputs(parts["unet"], parts["text_encoder"], parts["text_encoder_2"], base.tokenizer, base.tokenizer_2)
     assert max_diff(diffusers_outputs(base, [out], [1.0]), want) < 1e-5
+
+
+def test_save_precision(lora_file, tmp_path):
+    import safetensors.torch
+
+    out = tmp_path / "half.safetensors"
+    recipe.main(["--model", str(lora_file), "--save_to", str(out), "--save_precision", "fp16"])
+    assert {t.dtype for t in safetensors.torch.load_file(str(out)).values()} == {torch.float16}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is")
+def test_cuda_without_gpu(lora_file, tmp_path, capsys):
+    out = tmp_path / "o.safetensors"
+    assert "no CUDA GPU" in one_error_line(recipe, ["--model", lora_file, "--save_to", out, "--device", "cuda"], capsys)
+    assert not out.exists()
