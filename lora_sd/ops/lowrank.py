@@ -10,9 +10,9 @@ Three ways to a truncated SVD, all returning the same factors:
 - `randomized`: `torch.svd_lowrank` (Halko et al.) with oversampling and power
   iterations, for a full matrix whose rank is much larger than the one kept
   (extraction from two models);
-- `factorize_product`: exact and cheap when the matrix is given as a product
-  of thin factors (a sum of LoRAs): QR of each factor, then the SVD of a
-  small core matrix.
+- `factorize_product` (`product_svd` for the singular values too): exact and
+  cheap when the matrix is given as a product of thin factors (a sum of
+  LoRAs): QR of each factor, then the SVD of a small core matrix.
 `svd_factors` is the full SVD without the numerically zero directions (SVD
 merge of a summed LoHa/LoKr delta: never zero rows, like `factorize_product`).
 """
@@ -70,25 +70,40 @@ def svd_factors(matrix: torch.Tensor, rank: int):
     """(up [out, r], down [r, in]): the best rank-`rank` approximation by a full SVD, r also cut to the
     matrix's numerical rank (torch.linalg.matrix_rank's tolerance; at least 1), so no zero rows are kept."""
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    tol = s[0] * max(matrix.shape) * torch.finfo(s.dtype).eps
-    rank = max(1, min(rank, int((s > tol).sum())))
+    rank = min(rank, numerical_rank(s, matrix.shape))
     return u[:, :rank] * s[:rank], vh[:rank]
 
 
-def factorize_product(up: torch.Tensor, down: torch.Tensor, rank: int):
-    """Exact truncated SVD of `up @ down` (up [out, k], down [k, in]) without forming it.
+def product_svd(up: torch.Tensor, down: torch.Tensor):
+    """(u [out, k], s [k], vh [k, in]): the thin SVD of `up @ down` (up [out, n], down [n, in]), s descending.
 
-    QR of both thin factors, SVD of the small [k, k] core: the optimum of the
-    Eckart-Young theorem at O((out + in) k^2) instead of O(out * in * min(out, in)).
-    Returns (up [out, r], down [r, in]) with r = min(rank, k, out, in): never
-    padded with zero rows (a caller wanting more gets the product's full rank).
+    When the inner size n is below the product's possible rank, without forming it: QR of both thin
+    factors, then the SVD of the small [n, n] core, at O((out + in) n^2) instead of O(out * in * min(out, in));
+    otherwise the full SVD of the product. k = min(n, out, in) or min(out, in).
     """
-    q_u, r_u = torch.linalg.qr(up)  # [out, k'], [k', k]
-    q_d, r_d = torch.linalg.qr(down.T)  # [in, k''], [k'', k]
+    if up.shape[1] >= min(up.shape[0], down.shape[1]):
+        return torch.linalg.svd(up @ down, full_matrices=False)
+    q_u, r_u = torch.linalg.qr(up)  # [out, n'], [n', n]
+    q_d, r_d = torch.linalg.qr(down.T)  # [in, n''], [n'', n]
     u, s, vh = torch.linalg.svd(r_u @ r_d.T, full_matrices=False)
-    new_up = q_u @ (u * s)
-    new_down = vh @ q_d.T
-    return new_up[:, :rank], new_down[:rank]
+    return q_u @ u, s, vh @ q_d.T
+
+
+def numerical_rank(s: torch.Tensor, shape) -> int:
+    """How many singular values `s` (descending) of a matrix of `shape` are above torch.linalg.matrix_rank's
+    tolerance; at least 1."""
+    tol = s[0] * max(shape) * torch.finfo(s.dtype).eps
+    return max(1, int((s > tol).sum()))
+
+
+def factorize_product(up: torch.Tensor, down: torch.Tensor, rank: int):
+    """Exact truncated SVD of `up @ down` (up [out, k], down [k, in]) without forming it (`product_svd`).
+
+    The optimum of the Eckart-Young theorem. Returns (up [out, r], down [r, in]) with r = min(rank, k, out,
+    in): never padded with zero rows (a caller wanting more gets the product's full rank).
+    """
+    u, s, vh = product_svd(up, down)
+    return (u * s)[:, :rank], vh[:rank]
 
 
 def approximation_error(matrix: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
