@@ -125,7 +125,7 @@ def kohya_state_dict(lora: LoraWeights, version="sd1", unet_config=None) -> dict
     """
     sdxl = file_version(lora, version) == "sdxl"
     state = {}
-    for key, m in one_alpha(lora).modules.items():
+    for key, m in lora.modules.items():
         name = kohya_name(key, sdxl, unet_config)
         tensors = m.named_tensors()
         for part, t in tensors.items():
@@ -134,22 +134,6 @@ def kohya_state_dict(lora: LoraWeights, version="sd1", unet_config=None) -> dict
         if m.dora_scale is not None:
             state[f"{name}.{DORA_SCALE}"] = _dora_for_file(m)
     return state
-
-
-def one_alpha(lora: LoraWeights) -> LoraWeights:
-    """`lora` with every plain-LoRA module at the most common alpha, each module's own scale moved into its up
-    weights (the delta unchanged): diffusers (0.42) misnames the alphas of attention projections (to_q/k/v/out,
-    q/k/v/out_proj) and gives them the file's most common alpha, so a file whose alphas differ (block_alphas,
-    conv_alpha, clamped SVD ranks) would load wrong there. ComfyUI, AUTOMATIC1111 and sd-scripts read either."""
-    alphas = Counter(m.alpha for m in lora.modules.values() if m.kind == "lora")
-    nonzero = Counter({a: n for a, n in alphas.items() if a})
-    if len(alphas) <= 1 or not nonzero:
-        return lora
-    common = nonzero.most_common(1)[0][0]  # an alpha-0 module (scale 0) gets zero up weights
-    mods = {k: m if m.kind != "lora" or m.alpha == common else
-            LoraModule(m.down, m.up * (m.alpha / common), common, dora_scale=m.dora_scale, shape=m.shape)
-            for k, m in lora.modules.items()}
-    return LoraWeights(mods, lora.metadata)
 
 
 def _dora_for_file(m: LoraModule):
