@@ -17,6 +17,8 @@ of the U-Net (noise.compute_loss); this loop is the same for all.
 `save()`, which checks the weights first. Each step runs the LoRA at
 `network_multiplier` x its dataset's `network_multiplier` (sd-scripts'
 set_multiplier); `vae_batch_size` images share a VAE call when caching latents.
+Beside the loop: the validation loss (validation.py), the EMA of the LoRA
+weights (ema.py) and the removal of older saves (retention.py).
 
 Refused with a clear message (exit 2 from the recipe, nothing written):
 fp16 on a machine without CUDA, xformers when not installed, an unwritable
@@ -37,7 +39,8 @@ import torch
 
 from lora_sd.errors import ConfigError, TrainingError, TrainingInterrupted
 from lora_sd.io import atomic_path, check_writable_folder
-from lora_sd.training import checkpoint, optim, text_cache
+from lora_sd.training import checkpoint, optim, retention, text_cache
+from lora_sd.training.ema import LoraEma, ema_weights, trained_parameters
 from lora_sd.training.interrupt import StopRequest, stop_on_ctrl_c
 from lora_sd.training.metadata import at_save, training_metadata
 from lora_sd.training.noise import compute_loss
@@ -46,6 +49,7 @@ from lora_sd.training.network import (check_attention, check_fp8, dropout_rng, l
 from lora_sd.training.sampling import read_prompts, sample_images
 from lora_sd.training.setup import load_model, make_accelerator, seed_everything
 from lora_sd.training.text import conditioning
+from lora_sd.training.validation import Validation
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     saved: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
+    validation: list[tuple] = field(default_factory=list)  # (step | epoch, number, validation loss)
     unet: object = None  # the trained models (unwrapped, adapters on): for checks in Python
     text_encoder: object = None
     text_encoder_2: object = None  # SDXL
@@ -96,6 +101,8 @@ class LoraTraining:
         self.epoch_losses: list[float] = []
         self.stop = StopRequest()  # train() puts one set by Ctrl-C here
         self.stopped = False
+        self.ema = None
+        self.bar_values = {}  # shown in the progress bar after loss and lr (e.g. the last validation loss)
 
     # --- setup ------------------------------------------------------------------------------------------
 
@@ -123,6 +130,9 @@ class LoraTraining:
         self.data = self._setup_data()
         self._setup_schedule_length()
         self._setup_optimization()
+        self.validation = Validation.of(cfg, self.data, self.accelerator)
+        if cfg.ema_decay is not None:
+            self.ema = LoraEma(trained_parameters(self.accelerator, self.models), cfg.ema_decay, cfg.ema_warmup)
         self._setup_progress()
         self._setup_outputs()
 
@@ -140,7 +150,8 @@ class LoraTraining:
                                     persistent_data_loader_workers=cfg.persistent_data_loader_workers,
                                     cache_latents=cfg.cache_latents, cache_latents_to_disk=cfg.cache_latents_to_disk,
                                     encode_fn=encoder, vae_id=encoder.vae_id if encoder else "",
-                                    vae_batch_size=cfg.vae_batch_size)
+                                    vae_batch_size=cfg.vae_batch_size, validation_split=cfg.validation_split,
+                                    validation_seed=cfg.validation_seed)
 
     def _setup_schedule_length(self):
         """Optimizer steps per epoch and in all (max_train_epochs, when given, decides)."""
@@ -192,7 +203,7 @@ class LoraTraining:
         """The counters saved with the training state, restored from `resume`."""
         self.progress = checkpoint.Progress()
         self.state = checkpoint.TrainingState(self.accelerator, self.models, self.optimizer, self.lr_scheduler,
-                                              self.progress)
+                                              self.progress, {"ema": self.ema} if self.ema else {})
         if self.cfg.resume:
             checkpoint.load_training_state(self.state, self.cfg.resume)
             done, batches = self.progress.batches_in_epoch, len(self.dataloader)
@@ -260,10 +271,7 @@ class LoraTraining:
         generator = step_generator(cfg.seed, acc.process_index, progress.global_step, progress.batches_in_epoch)
         with acc.accumulate(*self.models.values()), lora_strength(self.models.values(), self._strength(batch)), \
                 dropout_rng(generator.initial_seed() + 1, acc.device):  # another stream than the noise
-            with acc.autocast():
-                loss = compute_loss(batch, unet=self.unet, text_conditioning=self.text_conditioning,
-                                    vae=self.model.vae, scheduler=self.model.scheduler, cfg=cfg,
-                                    generator=generator, weight_dtype=self.weight_dtype)
+            loss = self._loss(batch, cfg, generator)
             self._check_loss(loss)
             acc.backward(loss)
             if acc.sync_gradients and cfg.max_grad_norm:
@@ -272,6 +280,35 @@ class LoraTraining:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    def _loss(self, batch, cfg, generator):
+        """The loss of one batch (training, or validation with its own cfg and generator)."""
+        with self.accelerator.autocast():
+            return compute_loss(batch, unet=self.unet, text_conditioning=self.text_conditioning, vae=self.model.vae,
+                                scheduler=self.model.scheduler, cfg=cfg, generator=generator,
+                                weight_dtype=self.weight_dtype)
+
+    def _validation_loss(self, batch, cfg, generator):
+        with lora_strength(self.models.values(), self._strength(batch)):
+            return self._loss(batch, cfg, generator)
+
+    def validate(self, when: str, number: int):
+        """Score the validation batches (validation.py); log, show and record the loss. `when`: step | epoch."""
+        models = list(self.models.values())
+        for m in models:
+            m.eval()  # the adapters' dropouts off
+        try:
+            with ema_weights(self.ema, self.cfg.ema_for_validation):
+                loss = self.validation.loss(self._validation_loss)
+        finally:
+            for m in models:
+                m.train()
+        self.result.validation.append((when, number, loss))
+        self.bar_values["val_loss"] = f"{loss:.4f}"
+        if self.cfg.logging_dir:
+            train = sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else loss
+            self.accelerator.log({f"loss/validation/{when}_average": loss,
+                                  f"loss/validation/{when}_divergence": loss - train}, step=number)
 
     def _strength(self, batch) -> float:
         """The LoRA's strength for this batch: network_multiplier x its dataset's (sd-scripts' set_multiplier)."""
@@ -304,14 +341,18 @@ class LoraTraining:
     def _after_step(self, loss: float):
         """After each optimizer step: progress bar, logs, and the samples and saves due at this step."""
         cfg, step = self.cfg, self.progress.global_step
+        if self.ema is not None:
+            self.ema.step()
         self.result.losses.append(loss)
         group_lrs = optim.current_lrs(self.optimizer)
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{group_lrs[-1]:.2e}")
         if cfg.logging_dir:
             logs = {"loss/current": loss, "loss/average": sum(self.epoch_losses) / len(self.epoch_losses)}
             logs.update({f"lr/{n.replace('_', '')}": lr for n, lr in zip(self.trained, group_lrs)})
             self.accelerator.log(logs, step=step)
+        if self.validation and self.validation.due_at_step(step):
+            self.validate("step", step)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{group_lrs[-1]:.2e}", **self.bar_values)
         if self.prompts and _every(cfg.sample_every_n_steps, step):
             self.sample()
         if _every(cfg.save_every_n_steps, step) and step < self.max_train_steps:
@@ -320,6 +361,8 @@ class LoraTraining:
     def _end_epoch(self, epoch: int):
         """An epoch ran to its end: count it, then the saves and samples due every n epochs."""
         cfg, done = self.cfg, epoch + 1
+        if self.validation and self.validation.due_at_epoch(done):
+            self.validate("epoch", done)
         self.progress.epoch, self.progress.batches_in_epoch, self.epoch_losses = done, 0, []
         if _every(cfg.save_every_n_epochs, done) and done < self.num_epochs:
             self.save(epoch=done)
@@ -338,9 +381,16 @@ class LoraTraining:
                                          unet_config=self.model.unet.config, epoch=epoch, step=step,
                                          interrupted=interrupted)
         self.result.saved.append(path)
+        if self.ema is not None:  # the EMA weights beside the trained ones: <name>-ema
+            with self.ema.swapped_in():
+                checkpoint.save_lora_file(acc, self.models, cfg, meta, version=self.model.version, epoch=epoch,
+                                          step=step, unet_config=self.model.unet.config, interrupted=interrupted,
+                                          suffix="-ema")
         if cfg.save_state if state is None else state:
             checkpoint.save_training_state(self.state, Path(cfg.output_dir)
                                            / checkpoint.state_dir_name(cfg, epoch, step, interrupted))
+        if acc.is_main_process and (epoch is not None or step is not None):
+            retention.remove_old_saves(cfg, epoch=epoch, step=step)
         return path
 
     def sample(self):
@@ -349,8 +399,10 @@ class LoraTraining:
             for m in self.encoders.values():
                 m.to(device)
         try:
-            self.result.samples += sample_images(self.accelerator, self.model, models=self.encoders | self.models,
-                                                 cfg=self.cfg, prompts=self.prompts, step=self.progress.global_step)
+            with ema_weights(self.ema, self.cfg.ema_for_samples):
+                self.result.samples += sample_images(self.accelerator, self.model, models=self.encoders | self.models,
+                                                     cfg=self.cfg, prompts=self.prompts,
+                                                     step=self.progress.global_step)
         finally:
             if self.text_encoders_offloaded:
                 for m in self.encoders.values():

@@ -1,0 +1,136 @@
+"""Validation loss: the split (deterministic, never regularization images), the loss at fixed timesteps and
+noise (equal to an independent computation, the same across runs, with cached latents too), its logs."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from lora_sd.cli import run_main
+from tests.test_train import args, make_assets, train_recipe
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("valid_assets"))
+
+
+def _index(assets, fraction, seed):
+    from lora_sd.data.dataset_config import dreambooth_dataset_config
+    from lora_sd.data.index import build_index
+
+    configs = dreambooth_dataset_config(assets / "images", assets / "reg", resolution=64)
+    return build_index(configs, validation_split=fraction, validation_seed=seed).to_list()
+
+
+def test_split_is_deterministic_and_never_holds_regularization_images(assets):
+    rows = _index(assets, 0.5, 7)
+    assert rows == _index(assets, 0.5, 7)
+    train = [r for r in rows if not r["is_reg"]]
+    held = sorted(r["image_path"] for r in train if r["is_val"])
+    # sd-scripts' split_train_val: the subset's images (sorted) shuffled with random.Random(seed), the first
+    # ceil(n * (1 - split)) train, the rest validate
+    order = sorted(r["image_path"] for r in train)
+    random.Random(7).shuffle(order)
+    assert held == sorted(order[math.ceil(len(order) * 0.5):]) and len(held) == 2
+    assert not any(r["is_val"] for r in rows if r["is_reg"])
+    assert held != sorted(r["image_path"] for r in _index(assets, 0.5, 8) if r["is_val"])  # the seed decides
+    # the regularization images balance the 2 training images x 2 repeats left, not the 4 x 2 before the split
+    assert sum(r["num_repeats"] for r in rows if r["is_reg"]) == 4
+
+
+def test_training_never_sees_the_validation_images(assets):
+    from lora_sd.data import build_train_data
+    from lora_sd.data.dataset_config import dreambooth_dataset_config
+
+    configs = dreambooth_dataset_config(assets / "images", assets / "reg", resolution=64)
+    data = build_train_data(configs, seed=1, max_data_loader_n_workers=0, validation_split=0.5, validation_seed=3)
+    rows = _index(assets, 0.5, 3)
+    held = {r["image_path"] for r in rows if r["is_val"]}
+    seen = {p for epoch in range(3) for batch in (data.set_epoch(epoch) or data.dataloader) for p in batch["image_paths"]}
+    assert seen and not seen & held
+    validated = [p for batch in data.validation_loader(data.validation_batches) for p in batch["image_paths"]]
+    assert sorted(validated) == sorted(held)
+    assert data.num_train_images == 4 and len(data.index) == len(rows) - 2
+
+
+def _independent_loss(assets, result, held_image: str, caption: str, seed: int) -> float:
+    """The validation loss recomputed from its definition with the trained models (eval mode)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    from lora_sd.data.transforms import load_pixels
+    from lora_sd.models.load import noise_scheduler
+    from lora_sd.training.validation import validation_generator
+
+    vae = AutoencoderKL.from_pretrained(str(assets / "model" / "vae"))
+    tokenizer = CLIPTokenizer.from_pretrained(str(assets / "model" / "tokenizer"))
+    scheduler = noise_scheduler()
+    unet, te = result.unet.eval(), result.text_encoder.eval()
+    pixels, _ = load_pixels(held_image, (64, 64), (64, 64))
+    ids = tokenizer([caption], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    losses = []
+    with torch.no_grad():
+        context = te(ids)[0]
+        for j, t in enumerate((200, 400, 600, 800)):  # sd-scripts' four validation timesteps of [0, 1000)
+            gen = validation_generator(seed, 0, j)
+            latents = vae.encode(pixels[None]).latent_dist.sample(gen) * vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=gen)
+            timesteps = torch.randint(t, t + 1, (1,), generator=gen)
+            pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, context).sample
+            losses.append(torch.nn.functional.mse_loss(pred, noise).item())
+    return sum(losses) / len(losses)
+
+
+def test_validation_loss_equals_its_definition_and_is_logged(assets, tmp_path, capsys):
+    """LoHa with module_dropout: validation runs the adapters in eval mode (no dropout), at the fixed timesteps
+    and noise; the loss reaches the progress bar, the result and TensorBoard, and a second run gives it again."""
+    extra = ("--validation_split", "0.25", "--validate_every_n_steps", "2", "--validation_seed", "5",
+             "--network_module", "lycoris.kohya", "--network_args", "algo=loha", "module_dropout=0.5",
+             "--train_batch_size", "1")
+    result = train_recipe.main(args(assets, tmp_path / "a", *extra, "--logging_dir", str(tmp_path / "logs")))
+    assert [(when, n) for when, n, _ in result.validation] == [("step", 2)]
+    loss = result.validation[0][2]
+    assert f"val_loss={loss:.4f}" in capsys.readouterr().err
+
+    order = [str(assets / "images" / "2_sks shape" / f"{i}.png") for i in range(4)]
+    random.Random(5).shuffle(order)
+    held = order[3]
+    caption = (assets / "images" / "2_sks shape" / held.replace(".png", ".caption").rsplit("/", 1)[1]).read_text()
+    assert loss == pytest.approx(_independent_loss(assets, result, held, caption, 5), rel=1e-5)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    logged = events.Scalars("loss/validation/step_average")
+    assert [(e.step, round(e.value, 5)) for e in logged] == [(2, round(loss, 5))]
+    assert "loss/validation/step_divergence" in events.Tags()["scalars"]
+
+    again = train_recipe.main(args(assets, tmp_path / "b", *extra))
+    assert again.validation == result.validation
+
+
+def test_validation_with_cached_latents_every_epoch_is_the_same_across_runs(assets, tmp_path):
+    """Cached latents; no validate_every_n_*: every epoch (sd-scripts' default), the same values in two runs."""
+    extra = ("--validation_split", "0.5", "--cache_latents", "--train_batch_size", "2", "--max_validation_steps", "1")
+    a = train_recipe.main(args(assets, tmp_path / "a", *extra, steps=4))  # 2 images x 2 repeats / 2: 2 steps/epoch
+    b = train_recipe.main(args(assets, tmp_path / "b", *extra, steps=4))
+    assert [(when, n) for when, n, _ in a.validation] == [("epoch", 1), ("epoch", 2)]
+    assert a.validation == b.validation and all(math.isfinite(v) for *_, v in a.validation)
+    assert a.validation[0][2] != a.validation[1][2]  # the LoRA changed between them
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("validation_split", "1", "[0, 1)"), ("validation_split", "-0.1", "[0, 1)"),
+    ("validate_every_n_steps", "-1", ">= 1"), ("max_validation_steps", "0", ">= 1"),
+    ("save_last_n_epochs", "-2", ">= 1"), ("ema_decay", "1", "(0, 1)"), ("ema_decay", "0", "(0, 1)"),
+])
+def test_bad_values_are_one_error_line_naming_the_option(assets, tmp_path, capsys, option, value, words):
+    extra = ["--validation_split", "0.5"] if option != "validation_split" else []
+    extra += ["--save_every_n_epochs", "1"] if option.startswith("save_last") else []
+    code = run_main(train_recipe.main, args(assets, tmp_path / "out", *extra, f"--{option}", value))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and option in err[0] and words in err[0]
+    assert not (tmp_path / "out").exists()
