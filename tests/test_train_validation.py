@@ -112,14 +112,18 @@ def test_validation_loss_equals_its_definition_and_is_logged(assets, tmp_path, c
     assert again.validation == result.validation
 
 
-def test_validation_with_cached_latents_every_epoch_is_the_same_across_runs(assets, tmp_path):
-    """Cached latents; no validate_every_n_*: every epoch (sd-scripts' default), the same values in two runs."""
-    extra = ("--validation_split", "0.5", "--cache_latents", "--train_batch_size", "2", "--max_validation_steps", "1")
+def test_validation_with_cached_latents_is_fixed_within_and_across_runs(assets, tmp_path):
+    """Cached latents, every epoch (sd-scripts' default) and every 2 steps: the step-2 and epoch-1 validations
+    see the same weights and give the same loss (fixed noise and timesteps); a second run gives every value again."""
+    extra = ("--validation_split", "0.5", "--cache_latents", "--train_batch_size", "2", "--max_validation_steps", "1",
+             "--validate_every_n_steps", "2")
     a = train_recipe.main(args(assets, tmp_path / "a", *extra, steps=4))  # 2 images x 2 repeats / 2: 2 steps/epoch
     b = train_recipe.main(args(assets, tmp_path / "b", *extra, steps=4))
-    assert [(when, n) for when, n, _ in a.validation] == [("epoch", 1), ("epoch", 2)]
-    assert a.validation == b.validation and all(math.isfinite(v) for *_, v in a.validation)
-    assert a.validation[0][2] != a.validation[1][2]  # the LoRA changed between them
+    assert [(when, n) for when, n, _ in a.validation] == [("step", 2), ("epoch", 1), ("step", 4), ("epoch", 2)]
+    losses = [v for *_, v in a.validation]
+    assert losses[0] == losses[1] and losses[2] == losses[3] and all(math.isfinite(v) for v in losses)
+    assert losses[0] != losses[2]  # the LoRA changed between them
+    assert a.validation == b.validation
 
 
 @pytest.mark.parametrize("option, value, words", [
