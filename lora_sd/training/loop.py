@@ -17,8 +17,9 @@ of the U-Net (noise.compute_loss); this loop is the same for all.
 `save()`, which checks the weights first. Each step runs the LoRA at
 `network_multiplier` x its dataset's `network_multiplier` (sd-scripts'
 set_multiplier); `vae_batch_size` images share a VAE call when caching latents.
-Beside the loop: the validation loss (validation.py), the EMA of the LoRA
-weights (ema.py) and the removal of older saves (retention.py).
+Beside the loop: saves, samples and the end (saving.py, mixed in), the
+validation loss (validation.py), the EMA of the LoRA weights (ema.py) and the
+removal of older saves (retention.py).
 
 Refused with a clear message (exit 2 from the recipe, nothing written):
 fp16 on a machine without CUDA, xformers when not installed, an unwritable
@@ -37,17 +38,18 @@ from pathlib import Path
 
 import torch
 
-from lora_sd.errors import ConfigError, TrainingError, TrainingInterrupted
+from lora_sd.errors import ConfigError, TrainingError
 from lora_sd.io import atomic_path, check_writable_folder
-from lora_sd.training import checkpoint, optim, retention, text_cache
+from lora_sd.training import checkpoint, optim, text_cache
 from lora_sd.training.ema import LoraEma, ema_weights, trained_parameters
 from lora_sd.training.interrupt import StopRequest, stop_on_ctrl_c
-from lora_sd.training.metadata import at_save, training_metadata
+from lora_sd.training.metadata import training_metadata
 from lora_sd.training.noise import compute_loss
 from lora_sd.training.network import (check_attention, check_fp8, dropout_rng, lora_strength, text_encoders,
                                       trained_parts)
-from lora_sd.training.sampling import read_prompts, sample_images
+from lora_sd.training.sampling import read_prompts
 from lora_sd.training.setup import load_model, make_accelerator, seed_everything
+from lora_sd.training.saving import SavesAndEnd
 from lora_sd.training.text import conditioning
 from lora_sd.training.validation import Validation
 
@@ -91,7 +93,7 @@ def train(cfg) -> TrainResult:
         run.cleanup()
 
 
-class LoraTraining:
+class LoraTraining(SavesAndEnd):
     """One training run. `setup()` sets the attributes; `loop()` and `save()` move `progress` and `result`."""
 
     def __init__(self, cfg):
@@ -325,19 +327,6 @@ class LoraTraining:
                             f"(epoch {self.progress.epoch + 1}); training stopped. Last good save: "
                             f"{self._last_save()}. Try a lower learning_rate, or mixed_precision \"no\"/\"bf16\"")
 
-    def _check_weights(self):
-        """Before every save: a non-finite LoRA weight (a NaN/inf update) stops the run, and nothing is written."""
-        bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in self.params)
-        bad = int(self.accelerator.gather(torch.tensor([bad], device=self.accelerator.device)).sum())
-        if bad:
-            raise TrainingError(f"the LoRA weights hold {bad} non-finite value(s) at step {self.progress.global_step} "
-                                f"(epoch {self.progress.epochs_begun}); training stopped without saving them. Last "
-                                f"good save: {self._last_save()}. Try a lower learning_rate, or mixed_precision "
-                                "\"no\"/\"bf16\"")
-
-    def _last_save(self) -> str:
-        return str(self.result.saved[-1]) if self.result.saved else "none (nothing was saved yet)"
-
     def _after_step(self, loss: float):
         """After each optimizer step: progress bar, logs, and the samples and saves due at this step."""
         cfg, step = self.cfg, self.progress.global_step
@@ -368,71 +357,6 @@ class LoraTraining:
             self.save(epoch=done)
         if self.prompts and _every(cfg.sample_every_n_epochs, done):
             self.sample()
-
-    # --- saves, samples, the end --------------------------------------------------------------------------
-
-    def save(self, *, epoch=None, step=None, state: bool | None = None, interrupted=False) -> Path:
-        """Save the LoRA under its name for `epoch`/`step`/`interrupted` (none: the final name), and the training
-        state when `state` (default: `save_state`). Returns the LoRA's path."""
-        cfg, acc = self.cfg, self.accelerator
-        self._check_weights()
-        meta = at_save(self.metadata, steps=self.progress.global_step, epoch=self.progress.epochs_begun)
-        path = checkpoint.save_lora_file(acc, self.models, cfg, meta, version=self.model.version,
-                                         unet_config=self.model.unet.config, epoch=epoch, step=step,
-                                         interrupted=interrupted)
-        self.result.saved.append(path)
-        if self.ema is not None:  # the EMA weights beside the trained ones: <name>-ema
-            with self.ema.swapped_in():
-                checkpoint.save_lora_file(acc, self.models, cfg, meta, version=self.model.version, epoch=epoch,
-                                          step=step, unet_config=self.model.unet.config, interrupted=interrupted,
-                                          suffix="-ema")
-        if cfg.save_state if state is None else state:
-            checkpoint.save_training_state(self.state, Path(cfg.output_dir)
-                                           / checkpoint.state_dir_name(cfg, epoch, step, interrupted))
-        if acc.is_main_process and (epoch is not None or step is not None):
-            retention.remove_old_saves(cfg, epoch=epoch, step=step)
-        return path
-
-    def sample(self):
-        device = self.accelerator.device
-        if self.text_encoders_offloaded:
-            for m in self.encoders.values():
-                m.to(device)
-        try:
-            with ema_weights(self.ema, self.cfg.ema_for_samples):
-                self.result.samples += sample_images(self.accelerator, self.model, models=self.encoders | self.models,
-                                                     cfg=self.cfg, prompts=self.prompts,
-                                                     step=self.progress.global_step)
-        finally:
-            if self.text_encoders_offloaded:
-                for m in self.encoders.values():
-                    m.to("cpu")
-
-    def finish(self) -> TrainResult:
-        """The final save (with the state when save_state or save_state_on_train_end), then the result (with the
-        trained models, unwrapped, for checks in Python); after a Ctrl-C, the `-interrupted` save instead."""
-        cfg, acc, result = self.cfg, self.accelerator, self.result
-        with_state = cfg.save_state or cfg.save_state_on_train_end  # sd-scripts: a state at the end, even without
-        if self.stopped:
-            self._stop_interrupted(with_state)
-        result.lora_path = self.save(state=with_state)
-        result.steps, result.epochs = self.progress.global_step, self.progress.epochs_begun
-        result.unet = acc.unwrap_model(self.unet)
-        result.text_encoder = acc.unwrap_model(self.encoders["text_encoder"])
-        if "text_encoder_2" in self.encoders:
-            result.text_encoder_2 = acc.unwrap_model(self.encoders["text_encoder_2"])
-        return result
-
-    def _stop_interrupted(self, with_state: bool):
-        """After a Ctrl-C: save the LoRA so far under `-interrupted` names (never the final one), then stop."""
-        cfg, step = self.cfg, self.progress.global_step
-        lora = self.save(state=with_state, interrupted=True)
-        where = f"interrupted (Ctrl-C) after step {step} of {self.max_train_steps}: the LoRA so far is {lora}"
-        if not with_state:
-            raise TrainingInterrupted(f"{where}; no training state was saved (save_state is off): it cannot resume")
-        state = Path(cfg.output_dir) / checkpoint.state_dir_name(cfg, interrupted=True)
-        raise TrainingInterrupted(f"{where}, its training state {state}; to continue, run the same command with "
-                                  f"--resume {state}")
 
     def cleanup(self):
         """Close the progress bar and the trackers (also after an error)."""
