@@ -3,6 +3,8 @@ noise (equal to an independent computation, the same across runs, with cached la
 
 import math
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +140,48 @@ def test_bad_values_are_one_error_line_naming_the_option(assets, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error:") and option in err[0] and words in err[0]
     assert not (tmp_path / "out").exists()
+
+
+VALIDATION_DDP = ("--validation_split", "0.5", "--validate_every_n_steps", "1", "--learning_rate", "0",
+                  "--train_batch_size", "1")
+
+
+def _ddp_worker(assets, out):
+    """Run under accelerate launch (2 processes): one step at learning rate 0, then this rank's validation."""
+    import json
+    import os
+
+    result = train_recipe.main(args(assets, out / "run", *VALIDATION_DDP, steps=1))
+    (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(result.validation))
+
+
+def test_two_processes_share_the_batches_and_gather_the_loss(assets, tmp_path):
+    """2 validation images, one per process: every process reports the mean of both, the single-process value
+    (the weights do not move at learning rate 0; each batch's noise depends on its place, not on the process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    single = train_recipe.main(args(assets, tmp_path / "single", *VALIDATION_DDP, steps=1)).validation
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", __file__, str(assets),
+           str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert "validation: 2 batches (1 on this process)" in proc.stderr
+    for got in ranks:
+        assert [(w, n) for w, n, _ in got] == [("step", 1)]
+        assert got[0][2] == pytest.approx(single[0][2], rel=1e-6)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import logging
+
+    logging.basicConfig(level=logging.INFO)
+    _ddp_worker(Path(sys.argv[1]), Path(sys.argv[2]))
