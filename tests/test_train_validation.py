@@ -142,6 +142,20 @@ def test_bad_values_are_one_error_line_naming_the_option(assets, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+
+@pytest.mark.parametrize("extra, option, words", [
+    (("--validate_every_n_steps", "2"), "validate_every_n_steps", "needs `validation_split`"),
+    (("--save_last_n_steps", "2"), "save_last_n_steps", "needs `save_every_n_steps`"),
+    (("--save_every_n_epochs", "1", "--save_last_n_epochs_state", "2"), "save_last_n_epochs_state",
+     "needs `save_state`"),
+    (("--ema_for_samples",), "ema_for_samples", "needs `ema_decay`"),
+])
+def test_options_without_what_they_need_are_refused(assets, tmp_path, capsys, extra, option, words):
+    code = run_main(train_recipe.main, args(assets, tmp_path / "out", *extra))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and option in err[0] and words in err[0]
+    assert not (tmp_path / "out").exists()
+
 VALIDATION_DDP = ("--validation_split", "0.5", "--validate_every_n_steps", "1", "--learning_rate", "0",
                   "--train_batch_size", "1")
 
