@@ -42,6 +42,25 @@ def test_split_is_deterministic_and_never_holds_regularization_images(assets):
     assert sum(r["num_repeats"] for r in rows if r["is_reg"]) == 4
 
 
+def test_a_dataset_toml_sets_its_own_split(assets, tmp_path):
+    """sd-scripts' dataset-config keys: validation_split / validation_seed in [general] or a [[datasets]] table
+    (the training options are their defaults); a bad value names its table."""
+    from lora_sd.data.dataset_config import load_dataset_config
+    from lora_sd.data.index import build_index
+    from lora_sd.errors import ConfigError
+
+    subsets = [{"image_dir": str(assets / "images" / "2_sks shape")}, {"image_dir": str(assets / "reg" / "1_shape"),
+                                                                      "is_reg": True}]
+    raw = {"general": {"validation_split": 0.5, "resolution": 64}, "datasets": [{"validation_seed": 7,
+                                                                                  "subsets": subsets}]}
+    rows = build_index(load_dataset_config(raw, path_for_errors="d.toml"), validation_seed=99).to_list()
+    held = sorted(r["image_path"] for r in rows if r["is_val"])
+    assert len(held) == 2 and held == sorted(r["image_path"] for r in _index(assets, 0.5, 7) if r["is_val"])
+    raw["datasets"][0]["validation_split"] = 1.0
+    with pytest.raises(ConfigError, match=r"validation_split.*\[0, 1\)"):
+        load_dataset_config(raw, path_for_errors="d.toml")
+
+
 def test_training_never_sees_the_validation_images(assets):
     from lora_sd.data import build_train_data
     from lora_sd.data.dataset_config import dreambooth_dataset_config
@@ -144,7 +163,6 @@ def test_bad_values_are_one_error_line_naming_the_option(assets, tmp_path, capsy
 
 
 @pytest.mark.parametrize("extra, option, words", [
-    (("--validate_every_n_steps", "2"), "validate_every_n_steps", "needs `validation_split`"),
     (("--save_last_n_steps", "2"), "save_last_n_steps", "needs `save_every_n_steps`"),
     (("--save_every_n_epochs", "1", "--save_last_n_epochs_state", "2"), "save_last_n_epochs_state",
      "needs `save_state`"),

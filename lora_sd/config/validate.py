@@ -150,9 +150,6 @@ def _check_validation_saving_ema(cfg, errors):
     for key in counts:
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             errors.add(key, f"must be >= 1 when given, got {getattr(cfg, key)}")
-    for key in counts[:3]:
-        if getattr(cfg, key) is not None and not cfg.validation_split:
-            errors.add(key, "needs `validation_split` > 0 (no images are held out for validation)")
     for key, needs in (("save_last_n_epochs", "save_every_n_epochs"), ("save_last_n_epochs_state", "save_every_n_epochs"),
                        ("save_last_n_steps", "save_every_n_steps"), ("save_last_n_steps_state", "save_every_n_steps")):
         if getattr(cfg, key) is not None and not getattr(cfg, needs):

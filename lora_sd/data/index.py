@@ -166,8 +166,9 @@ def split_validation(rows: list[dict], fraction: float, seed: int):
 
 def build_index(configs, *, skip_bad_images: bool = False, validation_split: float = 0.0,
                 validation_seed: int = 0) -> datasets.Dataset:
-    """Every image of every subset, with its caption, size, bucket and repeats; `validation_split` of each
-    training subset's images held out for validation (is_val; regularization images never are)."""
+    """Every image of every subset, with its caption, size, bucket and repeats; the dataset's `validation_split`
+    (else `validation_split`) of each training subset's images held out for validation with its
+    `validation_seed` (else `validation_seed`): is_val; regularization images never are."""
     all_rows = []
     for d, ds in enumerate(configs):
         assigner = BucketAssigner(BucketSettings.of(ds))
@@ -183,8 +184,10 @@ def build_index(configs, *, skip_bad_images: bool = False, validation_split: flo
             if sub.is_reg:
                 reg_rows += rows
             else:
-                if validation_split:
-                    split_validation(rows, validation_split, validation_seed)
+                fraction = ds.validation_split or validation_split
+                if fraction:
+                    seed = validation_seed if ds.validation_seed is None else ds.validation_seed
+                    split_validation(rows, fraction, seed)
                 train_images += sub.num_repeats * sum(not r["is_val"] for r in rows)
             all_rows += rows
         if reg_rows:

@@ -56,10 +56,13 @@ class Validation:
     @classmethod
     def of(cls, cfg, data, accelerator):
         """The run's validation, or None when nothing is held out."""
+        asked = [k for k in ("validation_split", "validate_every_n_steps", "validate_every_n_epochs",
+                             "max_validation_steps") if getattr(cfg, k)]
         if not data.validation_batches:
-            if cfg.validation_split:
-                logger.warning("validation_split %s holds no image out (too few images per subset): no validation "
-                               "loss", cfg.validation_split)
+            if asked or any(ds.validation_split for ds in cfg.datasets):
+                logger.warning("no image is held out for validation (validation_split 0, or too few images per "
+                               "subset): no validation loss, although %s is set", ", ".join(asked) or
+                               "a dataset's validation_split")
             return None
         return cls(cfg, data, accelerator)
 
