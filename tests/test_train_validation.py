@@ -69,7 +69,8 @@ def test_training_never_sees_the_validation_images(assets):
     data = build_train_data(configs, seed=1, max_data_loader_n_workers=0, validation_split=0.5, validation_seed=3)
     rows = _index(assets, 0.5, 3)
     held = {r["image_path"] for r in rows if r["is_val"]}
-    seen = {p for epoch in range(3) for batch in (data.set_epoch(epoch) or data.dataloader) for p in batch["image_paths"]}
+    seen = {p for epoch in range(3) for batch in (data.set_epoch(epoch) or data.dataloader)
+            for p in batch["image_paths"]}
     assert seen and not seen & held
     validated = [p for batch in data.validation_loader(data.validation_batches) for p in batch["image_paths"]]
     assert sorted(validated) == sorted(held)

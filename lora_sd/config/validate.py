@@ -142,7 +142,8 @@ def _check_demo_paths(cfg, errors):
 def _check_validation_saving_ema(cfg, errors):
     """Issue 12's validation, save_last_n_* and EMA options: ranges, and the options they need."""
     if not 0 <= cfg.validation_split < 1:
-        errors.add("validation_split", f"must be in [0, 1) (the fraction of images held out), got {cfg.validation_split}")
+        errors.add("validation_split", f"must be in [0, 1) (the fraction of images held out), got "
+                   f"{cfg.validation_split}")
     if cfg.validation_seed is not None and not 0 <= cfg.validation_seed < 2**32:
         errors.add("validation_seed", f"must be in [0, {2**32 - 1}], got {cfg.validation_seed}")
     counts = ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps", "save_last_n_epochs",
@@ -150,7 +151,8 @@ def _check_validation_saving_ema(cfg, errors):
     for key in counts:
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             errors.add(key, f"must be >= 1 when given, got {getattr(cfg, key)}")
-    for key, needs in (("save_last_n_epochs", "save_every_n_epochs"), ("save_last_n_epochs_state", "save_every_n_epochs"),
+    for key, needs in (("save_last_n_epochs", "save_every_n_epochs"),
+                       ("save_last_n_epochs_state", "save_every_n_epochs"),
                        ("save_last_n_steps", "save_every_n_steps"), ("save_last_n_steps_state", "save_every_n_steps")):
         if getattr(cfg, key) is not None and not getattr(cfg, needs):
             errors.add(key, f"needs `{needs}` (it keeps only the last of those saves)")

@@ -4,7 +4,8 @@ Columns: image_path, caption (raw, before shuffle/dropout), caption_source
 ("file" | "class_tokens" | "metadata" | "none"), tag_text (what tag frequency
 counts), width, height (upright: the EXIF orientation applied, see
 data.images), bucket_w, bucket_h, resized_w, resized_h, num_repeats (after regularization balancing; 0 = this reg image is unused),
-is_reg, dataset, subset, is_val (held out for the validation loss: `split_validation`; num_repeats 1). Only headers are read (PIL opens lazily), so
+is_reg, dataset, subset, is_val (held out for the validation loss: `split_validation`; num_repeats 1).
+Only headers are read (PIL opens lazily), so
 indexing a large folder does not decode any image.
 """
 
