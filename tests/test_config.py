@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from lora_sd.config import TrainConfig, add_config_arguments, load_config, overrides_from_args
-from lora_sd.training.checkpoint import config_toml
+from lora_sd.training.resolved_config import config_toml
 from lora_sd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """The resolved config written beside a run's outputs (checkpoint.config_toml) loads back unchanged."""
 
 from lora_sd.config import load_config
-from lora_sd.training.checkpoint import config_toml
+from lora_sd.training.resolved_config import config_toml
 
 TRICKY = 'C:\\xl\\new "quoted" \\u0041 tab\tline\nend \x7f é 日本'
 

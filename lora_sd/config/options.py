@@ -144,6 +144,28 @@ class TrainConfig:
                                         "(PEFT's lora_dropout; LoRA/DoRA only)")
     scale_weight_norms: float | None = opt(None, "max-norm regularisation: after each step, scale down every module "
                                            "whose delta's Frobenius norm is above this (1.0 is usual; not DoRA)")
+    # --- issue 12: validation, saving, EMA ---
+    validation_split: float = opt(0.0, "fraction in [0, 1) of each training subset's images held out for the "
+                                  "validation loss (chosen with validation_seed; never regularization images)")
+    validation_seed: int | None = opt(None, "seed of the validation split and of the validation noise (default: seed)")
+    validate_every_n_steps: int | None = opt(None, "validation loss every N steps (as well as every epoch)")
+    validate_every_n_epochs: int | None = opt(None, "validation loss every N epochs (default: every epoch)")
+    max_validation_steps: int | None = opt(None, "at most N validation batches per process at each validation "
+                                           "(default: all)")
+    save_last_n_epochs: int | None = opt(None, "keep only the last N every-n-epochs saves (older ones removed; the "
+                                         "final save is always kept)")
+    save_last_n_epochs_state: int | None = opt(None, "the same for the epoch state folders (default: "
+                                               "save_last_n_epochs)")
+    save_last_n_steps: int | None = opt(None, "keep only the every-n-steps saves of the last N steps (older ones "
+                                        "removed; the final save is always kept)")
+    save_last_n_steps_state: int | None = opt(None, "the same for the step state folders (default: "
+                                              "save_last_n_steps)")
+    ema_decay: float | None = opt(None, "keep an exponential moving average of the LoRA weights with this decay "
+                                  "(e.g. 0.999; off when not given), saved as <name>-ema beside each save")
+    ema_warmup: bool = opt(True, "EMA decay at optimizer step k is min(ema_decay, k / (9 + k)) (the first step "
+                           "copies the weights); false: ema_decay from the first step")
+    ema_for_samples: bool = opt(False, "sample images with the EMA weights (needs ema_decay)")
+    ema_for_validation: bool = opt(False, "compute the validation loss with the EMA weights (needs ema_decay)")
     # --- resolved by load_config, not options
     datasets: list = field(default_factory=list, metadata={"internal": True})
     source: str = field(default="", metadata={"internal": True})
@@ -167,7 +189,6 @@ SD_SCRIPTS_ACCEPTED = {
     "full_bf16": (bool, (False,)),
     "no_half_vae": (bool, (False, True)),  # the VAE always stays float32 here (as no_half_vae = true)
     "log_with": (str | None, (None, "tensorboard")),  # tensorboard needs logging_dir (checked), as sd-scripts
-    "save_last_n_epochs": (int | None, (None,)), "save_last_n_steps": (int | None, (None,)),
     "save_n_epoch_ratio": (int | None, (None,)), "use_8bit_adam": (bool, (False,)),
     "use_lion_optimizer": (bool, (False,)), "huggingface_repo_id": (str | None, (None,)),
     "tokenizer_cache_dir": (str | None, (None,)), "vae": (str | None, (None,)),

@@ -29,6 +29,7 @@ def check_values(cfg: TrainConfig, errors: ConfigErrors, inline_datasets: bool):
     _check_ranges(cfg, errors)
     _check_output_name(cfg, errors)
     _check_objective(cfg, errors)
+    _check_validation_saving_ema(cfg, errors)
 
     def network(items):
         _check_network(cfg, parse_network_args(items, cfg.network_module))
@@ -192,3 +193,30 @@ def _check_demo_paths(cfg, errors):
             # the demo's assets are made together when training loads the demo model (lora_sd.demo)
             errors.add(key, f"{getattr(cfg, key)!r} goes with `pretrained_model_name_or_path = "
                        f"\"{demo.MODEL}\"` (the demo's assets are made together when its training starts)")
+
+
+def _check_validation_saving_ema(cfg, errors):
+    """Issue 12's validation, save_last_n_* and EMA options: ranges, and the options they need."""
+    if not 0 <= cfg.validation_split < 1:
+        errors.add("validation_split", f"must be in [0, 1) (the fraction of images held out), got "
+                   f"{cfg.validation_split}")
+    if cfg.validation_seed is not None and not 0 <= cfg.validation_seed < 2**32:
+        errors.add("validation_seed", f"must be in [0, {2**32 - 1}], got {cfg.validation_seed}")
+    counts = ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps", "save_last_n_epochs",
+              "save_last_n_epochs_state", "save_last_n_steps", "save_last_n_steps_state")
+    for key in counts:
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            errors.add(key, f"must be >= 1 when given, got {getattr(cfg, key)}")
+    for key, needs in (("save_last_n_epochs", "save_every_n_epochs"),
+                       ("save_last_n_epochs_state", "save_every_n_epochs"),
+                       ("save_last_n_steps", "save_every_n_steps"), ("save_last_n_steps_state", "save_every_n_steps")):
+        if getattr(cfg, key) is not None and not getattr(cfg, needs):
+            errors.add(key, f"needs `{needs}` (it keeps only the last of those saves)")
+    for key in ("save_last_n_epochs_state", "save_last_n_steps_state"):
+        if getattr(cfg, key) is not None and not cfg.save_state:
+            errors.add(key, "needs `save_state` (it keeps only the last of the state folders)")
+    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+        errors.add("ema_decay", f"must be in (0, 1) (e.g. 0.999), got {cfg.ema_decay}")
+    for key in ("ema_for_samples", "ema_for_validation"):
+        if getattr(cfg, key) and cfg.ema_decay is None:
+            errors.add(key, "needs `ema_decay` (no EMA of the weights is kept without it)")

@@ -74,6 +74,8 @@ class DatasetConfig:
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
     network_multiplier: float = 1.0
+    validation_split: float = 0.0  # sd-scripts': a fraction of each training subset held out (data.index)
+    validation_seed: int | None = None  # of that split (default: the training seed)
     subsets: list[SubsetConfig] = field(default_factory=list)
 
 
@@ -136,6 +138,8 @@ def _check_values(ds: DatasetConfig, label: str, errors: ConfigErrors):
     """Impossible values, named by key; `label` says which dataset/subset."""
     w, h = ds.resolution
     _check_ranges(ds, _DATASET_RANGES, label, errors)
+    if not 0 <= ds.validation_split < 1:
+        errors.add(f"{label}.validation_split", f"must be in [0, 1) (the fraction held out), got {ds.validation_split}")
     if ds.bucket_reso_steps < 8 or ds.bucket_reso_steps % 8:
         errors.add(f"{label}.bucket_reso_steps",
                    f"must be a positive multiple of 8 (latents are 1/8 size), got {ds.bucket_reso_steps}")

@@ -4,12 +4,15 @@ Columns: image_path, caption (raw, before shuffle/dropout), caption_source
 ("file" | "class_tokens" | "metadata" | "none"), tag_text (what tag frequency
 counts), width, height (upright: the EXIF orientation applied, see
 data.images), bucket_w, bucket_h, resized_w, resized_h, num_repeats (after regularization balancing; 0 = this reg image is unused),
-is_reg, dataset, subset. Only headers are read (PIL opens lazily), so
+is_reg, dataset, subset, is_val (held out for the validation loss: `split_validation`; num_repeats 1).
+Only headers are read (PIL opens lazily), so
 indexing a large folder does not decode any image.
 """
 
 import json
 import logging
+import math
+import random
 from pathlib import Path
 
 import datasets
@@ -153,8 +156,20 @@ def _header_rows(rows, assigner, steps, skip_bad_images, desc):
     return kept
 
 
-def build_index(configs, *, skip_bad_images: bool = False) -> datasets.Dataset:
-    """Every image of every subset, with its caption, size, bucket and repeats."""
+def split_validation(rows: list[dict], fraction: float, seed: int):
+    """Mark `fraction` of one subset's `rows` is_val, as sd-scripts' split_train_val: the rows shuffled with
+    `random.Random(seed)`, the first ceil(n * (1 - fraction)) train, the rest validate (at least one image trains)."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    for i in order[math.ceil(len(rows) * (1 - fraction)):]:
+        rows[i].update(is_val=True, num_repeats=1)
+
+
+def build_index(configs, *, skip_bad_images: bool = False, validation_split: float = 0.0,
+                validation_seed: int = 0) -> datasets.Dataset:
+    """Every image of every subset, with its caption, size, bucket and repeats; the dataset's `validation_split`
+    (else `validation_split`) of each training subset's images held out for validation with its
+    `validation_seed` (else `validation_seed`): is_val; regularization images never are."""
     all_rows = []
     for d, ds in enumerate(configs):
         assigner = BucketAssigner(BucketSettings.of(ds))
@@ -166,11 +181,15 @@ def build_index(configs, *, skip_bad_images: bool = False) -> datasets.Dataset:
                 where = f"`metadata_file` {sub.metadata_file}" if sub.metadata_file else f"`image_dir` {sub.image_dir}"
                 raise DataError(f"{where}: no readable images left")
             for row in rows:
-                row.update(num_repeats=sub.num_repeats, is_reg=sub.is_reg, dataset=d, subset=s)
+                row.update(num_repeats=sub.num_repeats, is_reg=sub.is_reg, dataset=d, subset=s, is_val=False)
             if sub.is_reg:
                 reg_rows += rows
             else:
-                train_images += sub.num_repeats * len(rows)
+                fraction = ds.validation_split or validation_split
+                if fraction:
+                    seed = validation_seed if ds.validation_seed is None else ds.validation_seed
+                    split_validation(rows, fraction, seed)
+                train_images += sub.num_repeats * sum(not r["is_val"] for r in rows)
             all_rows += rows
         if reg_rows:
             _balance_reg(train_images, reg_rows)

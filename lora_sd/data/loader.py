@@ -13,7 +13,7 @@ A batch is a dict:
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -93,7 +93,8 @@ def collate(samples: list[dict]) -> dict:
 
 @dataclass
 class TrainData:
-    """What training needs from the data: the loader and the numbers for metadata."""
+    """What training needs from the data: the loader, the numbers for metadata (`index`: the training rows), and
+    the validation batches (the images held out by `validation_split`, each once, in a fixed order)."""
 
     dataloader: DataLoader
     sampler: BucketBatchSampler
@@ -101,6 +102,13 @@ class TrainData:
     configs: list
     num_train_images: int
     num_reg_images: int
+    validation_batches: list = field(default_factory=list)  # lists of (row, sample seed, epoch 0)
+    validation_captions: list = field(default_factory=list)
+
+    def validation_loader(self, batches: list) -> DataLoader:
+        """A DataLoader over some of `validation_batches` (the same samples every time: fixed sample seeds)."""
+        loader = self.dataloader
+        return DataLoader(loader.dataset, batch_sampler=batches, collate_fn=collate, num_workers=loader.num_workers)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -113,7 +121,7 @@ class TrainData:
     def captions(self) -> list[str]:
         """The captions training will see (each once), as the first epoch processes them (prefix, suffix,
         wildcards): what `cache_text_encoder_outputs` encodes up front."""
-        captions = {}
+        captions = dict.fromkeys(self.validation_captions)
         for row in self.index.to_list():
             if row["num_repeats"] > 0:
                 sub = self.configs[row["dataset"]].subsets[row["subset"]]
@@ -197,7 +205,8 @@ def build_train_data(datasets, *, seed: int, prior_loss_weight: float = 1.0,
                      max_data_loader_n_workers: int | None = None, persistent_data_loader_workers: bool = False,
                      cache_latents: bool = False, cache_latents_to_disk: bool = False, encode_fn=None,
                      vae_id: str = "", cache_dir=None, vae_batch_size: int = 1,
-                     skip_bad_images: bool = False) -> TrainData:
+                     skip_bad_images: bool = False, validation_split: float = 0.0,
+                     validation_seed: int | None = None) -> TrainData:
     """Index the images, bucket them, cache latents if asked, and make the DataLoader.
 
     `encode_fn(pixels [B,3,H,W] in [-1,1]) -> latents [B,4,H/8,W/8]` (unscaled) is
@@ -207,21 +216,35 @@ def build_train_data(datasets, *, seed: int, prior_loss_weight: float = 1.0,
     drops unreadable images with a warning instead of stopping.
     With several processes, build on the main process first
     (`accelerator.main_process_first()`) so the others find the disk cache filled.
+    `validation_split` holds images out (index.split_validation, with `validation_seed`, default `seed`): they
+    are cached with the rest but never trained on.
     """
-    index = build_index(datasets, skip_bad_images=skip_bad_images)
+    validation_seed = seed if validation_seed is None else validation_seed
+    index = build_index(datasets, skip_bad_images=skip_bad_images, validation_split=validation_split,
+                        validation_seed=validation_seed)
     rows = attach_masks(index.to_list(), datasets)
     cache, keys = _latent_cache(rows, datasets, cache_latents=cache_latents,
                                 cache_latents_to_disk=cache_latents_to_disk, encode_fn=encode_fn,
                                 vae_id=vae_id, cache_dir=cache_dir, vae_batch_size=vae_batch_size)
-    sampler = BucketBatchSampler([r["dataset"] for r in rows], [(r["bucket_w"], r["bucket_h"]) for r in rows],
-                                 [r["num_repeats"] for r in rows], [ds.batch_size for ds in datasets], seed)
+    def sampler_of(repeats, sampler_seed):
+        return BucketBatchSampler([r["dataset"] for r in rows], [(r["bucket_w"], r["bucket_h"]) for r in rows],
+                                  repeats, [ds.batch_size for ds in datasets], sampler_seed)
+
+    sampler = sampler_of([0 if r["is_val"] else r["num_repeats"] for r in rows], seed)
+    validation = sampler_of([int(r["is_val"]) for r in rows], validation_seed).batches(0)
     workers = default_workers() if max_data_loader_n_workers is None else max_data_loader_n_workers
     dataloader = DataLoader(TrainImages(rows, datasets, prior_loss_weight, cache, keys), batch_sampler=sampler,
                             collate_fn=collate, num_workers=workers,
                             persistent_workers=persistent_data_loader_workers and workers > 0)
-    num_train = sum(r["num_repeats"] for r in rows if not r["is_reg"])
+    num_train = sum(r["num_repeats"] for r in rows if not r["is_reg"] and not r["is_val"])
     # sd-scripts reports reg images with their own repeats, before balancing
     num_reg = sum(datasets[r["dataset"]].subsets[r["subset"]].num_repeats for r in rows if r["is_reg"])
     logger.info("%d training images with repeats, %d regularization images, %d batches per epoch",
                 num_train, num_reg, len(sampler))
-    return TrainData(dataloader, sampler, index, list(datasets), num_train, num_reg)
+    held_out = [r for r in rows if r["is_val"]]
+    if held_out:
+        logger.info("%d images held out for validation (validation_split %s)", len(held_out), validation_split)
+        index = index.select([i for i, r in enumerate(rows) if not r["is_val"]])
+    captions = [process_caption(r["caption"], datasets[r["dataset"]].subsets[r["subset"]], random.Random(0), 1)
+                for r in held_out]
+    return TrainData(dataloader, sampler, index, list(datasets), num_train, num_reg, validation, captions)

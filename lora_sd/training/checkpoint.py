@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from lora_sd.config import OPTION_NAMES
 from lora_sd.errors import ConfigError, FormatError
 from lora_sd.formats import save_lora
 from lora_sd.io import atomic_path, failures_name, open_tensor_file, refuse_overwriting_inputs, replace
 from lora_sd.lora_weights import LoraWeights
+from lora_sd.training import state_parts
 from lora_sd.training.network import is_adapter_param
 from lora_sd.state_tree import load_tree, save_tree, tree_from_json, tree_to_json
 
@@ -44,10 +44,11 @@ def _stem(cfg, epoch: int | None = None, step: int | None = None, interrupted: b
     return cfg.output_name
 
 
-def lora_file_name(cfg, epoch: int | None = None, step: int | None = None, interrupted: bool = False) -> str:
-    """`<output_name>[-<epoch>|-step<step>|-interrupted]` plus `.safetensors`/`.ckpt`; folders (diffusers,
-    peft) have none."""
-    stem = _stem(cfg, epoch, step, interrupted)
+def lora_file_name(cfg, epoch: int | None = None, step: int | None = None, interrupted: bool = False,
+                   suffix: str = "") -> str:
+    """`<output_name>[-<epoch>|-step<step>|-interrupted][suffix]` plus `.safetensors`/`.ckpt`; folders
+    (diffusers, peft) have none. `suffix` "-ema": the EMA weights' save beside it."""
+    stem = _stem(cfg, epoch, step, interrupted) + suffix
     return stem if cfg.save_model_as in ("diffusers", "peft") else f"{stem}.{cfg.save_model_as}"
 
 
@@ -96,11 +97,11 @@ def write_lora(lora: LoraWeights, path: Path, cfg, *, version: str, unet_config=
 
 
 def save_lora_file(accelerator, models: dict, cfg, metadata: dict, *, version: str, unet_config=None,
-                   epoch=None, step=None, interrupted=False) -> Path | None:
+                   epoch=None, step=None, interrupted=False, suffix="") -> Path | None:
     """Save the current LoRA of `models` (the trained parts; main process only); returns its path.
     `unet_config`: the U-Net's, for SDXL's original-layout names."""
     accelerator.wait_for_everyone()
-    path = Path(cfg.output_dir) / lora_file_name(cfg, epoch, step, interrupted)
+    path = Path(cfg.output_dir) / lora_file_name(cfg, epoch, step, interrupted, suffix)
     if accelerator.is_main_process:
         lora = trained_lora(accelerator, models)
         lora.metadata = dict(metadata)
@@ -155,6 +156,7 @@ class TrainingState:
       lora.safetensors        the adapter tensors, `<unet|text_encoder>.<PEFT parameter name>` (any kind)
       optimizer.safetensors   the optimizer's state_dict (io.save_tree: tensors + its structure as JSON metadata)
       rng-<rank>.safetensors  one per process (io.save_tree): python `random`, numpy and torch CPU (+ CUDA)
+      ema.safetensors         (with ema_decay) the EMA of the LoRA weights (state_parts.py, ema.py)
                               generator states
     "Only the main process writes" means: the main process writes state.json, lora and optimizer (the same on
     every process under DDP); every process writes its own rng-<rank> file into the shared temporary folder (the
@@ -168,6 +170,7 @@ class TrainingState:
     optimizer: object
     lr_scheduler: object
     progress: Progress
+    parts: dict = dataclasses.field(default_factory=dict)  # optional parts: see state_parts.py
 
 
 def _lora_params(state: TrainingState) -> dict:
@@ -214,6 +217,7 @@ def _write_shared_parts(state: TrainingState, folder: Path):
     with atomic_path(folder / "lora.safetensors") as part:
         save_file({k: v.detach().to("cpu", copy=True) for k, v in _lora_params(state).items()}, part)
     save_tree(state.optimizer.state_dict(), folder / "optimizer.safetensors")
+    state_parts.save_parts(state.parts, folder)
     info = {"format": STATE_FORMAT, "version": STATE_VERSION, "num_processes": acc.num_processes,
             "optimizer": _optimizer_class(state), "progress": state.progress.state_dict(),
             "accelerator_step": acc.step, "lr_scheduler": state.lr_scheduler.state_dict(),
@@ -238,6 +242,7 @@ def load_training_state(state: TrainingState, folder):
     optimizer_state = load_tree(folder / "optimizer.safetensors")
     rng_file = folder / f"rng-{state.accelerator.process_index}.safetensors"
     rng = load_tree(rng_file) if rng_file.name in names else None
+    parts = state_parts.read_parts(state.parts, folder, names)
 
     try:
         state.optimizer.load_state_dict(optimizer_state)
@@ -246,6 +251,7 @@ def load_training_state(state: TrainingState, folder):
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(saved[k])
+    state_parts.apply_parts(state.parts, parts, folder)
     try:
         # load_state_dict sets whatever attributes it is given: only the keys and types the object has now
         _check_like(info["lr_scheduler"], state.lr_scheduler.state_dict(), "lr_scheduler")
@@ -297,11 +303,11 @@ def check_state_folder(folder) -> tuple[set[str], dict]:
     processes = info.get("num_processes")
     if not isinstance(processes, int) or processes < 1:
         raise FormatError(f"{folder / 'state.json'}: `num_processes` must be a positive integer; got {processes!r}")
-    unexpected = sorted(names - expected - {f"rng-{i}.safetensors" for i in range(processes)})
+    unexpected = sorted(names - expected - state_parts.FILES - {f"rng-{i}.safetensors" for i in range(processes)})
     if unexpected:
         raise ConfigError(f"`resume` {folder}: unexpected {unexpected[0]!r} in a training state folder (it holds "
-                          "only state.json, lora.safetensors, optimizer.safetensors, rng-<rank>.safetensors); "
-                          "nothing is read from a folder holding anything else")
+                          "only state.json, lora.safetensors, optimizer.safetensors, rng-<rank>.safetensors, "
+                          "ema.safetensors); nothing is read from a folder holding anything else")
     missing = sorted(expected - names)
     if missing:
         raise ConfigError(f"`resume` {folder}: {missing[0]} is missing: not a complete training state folder")
@@ -353,7 +359,7 @@ def stale_temporaries(output_dir, output_name: str) -> list[Path]:
     """Temporaries of our own naming for `output_name` left in `output_dir` (and its `sample/`) by a killed run:
     `.<output>.<8 random>.tmp[.old]` (io.atomic_path, io.replace) and `.<output>-state.tmp[.old]` (state saves)."""
     name = re.escape(output_name)
-    stem = rf"{name}(-\d{{6}}|-step\d{{8}}|-interrupted)?"
+    stem = rf"{name}(-\d{{6}}|-step\d{{8}}|-interrupted)?(-ema)?"
     final = rf"({stem}(\.safetensors|\.ckpt|\.pt|-state)?|{name}-config\.toml|{name}-sample\.png)"
     ours = re.compile(rf"\.{final}(\.[a-z0-9_]{{8}})?\.tmp(\.old)?")
     samples = re.compile(rf"\.{name}_\d{{6}}_\d{{2}}\.png\.[a-z0-9_]{{8}}\.tmp")
@@ -374,24 +380,3 @@ def remove_stale_temporaries(output_dir, output_name: str) -> list[Path]:
             os.unlink(path)
         logger.warning("removed %s, a temporary left by an interrupted run", path)
     return removed
-
-
-def _toml_string(value: str) -> str:
-    """A TOML basic string. toml 0.10.2's own writer breaks on backslashes before `x` (`C:\\xl\\...` is
-    written as an invalid `\\x` escape) and on DEL: JSON's escapes are TOML's, plus DEL."""
-    import json
-
-    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def config_toml(cfg) -> str:
-    """A TOML that load_config reads back into the same options and datasets (written with the toml package)."""
-    import toml
-
-    encoder = toml.TomlEncoder()
-    encoder.dump_funcs[str] = _toml_string
-    options = {name: getattr(cfg, name) for name in OPTION_NAMES
-               if name not in ("dataset_config", "train_data_dir", "reg_data_dir") and getattr(cfg, name) is not None}
-    options["datasets"] = [dataclasses.asdict(ds) for ds in cfg.datasets]  # toml leaves out None values
-    source = " ".join(str(cfg.source).splitlines()) or "the command line"  # a comment is one line
-    return f"# resolved config of a lora-sd training run (from {source})\n" + toml.dumps(options, encoder=encoder)

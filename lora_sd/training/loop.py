@@ -17,6 +17,9 @@ of the U-Net (noise.compute_loss); this loop is the same for all.
 `save()`, which checks the weights first. Each step runs the LoRA at
 `network_multiplier` x its dataset's `network_multiplier` (sd-scripts'
 set_multiplier); `vae_batch_size` images share a VAE call when caching latents.
+Beside the loop: saves, samples and the end (saving.py, mixed in), the
+validation loss (validation.py), the EMA of the LoRA weights (ema.py) and the
+removal of older saves (retention.py).
 
 Refused with a clear message (exit 2 from the recipe, nothing written):
 fp16 on a machine without CUDA, xformers when not installed, an unwritable
@@ -36,18 +39,21 @@ from pathlib import Path
 import torch
 
 from lora_sd.data.masks import check_mask_options
-from lora_sd.errors import ConfigError, TrainingError, TrainingInterrupted
+from lora_sd.errors import ConfigError, TrainingError
 from lora_sd.io import atomic_path, check_writable_folder
 from lora_sd.training import checkpoint, optim, text_cache
+from lora_sd.training.ema import LoraEma, ema_weights, trained_parameters
 from lora_sd.training.interrupt import StopRequest, stop_on_ctrl_c
-from lora_sd.training.metadata import at_save, training_metadata
+from lora_sd.training.metadata import training_metadata
 from lora_sd.training.noise import compute_loss
 from lora_sd.training.network import (check_attention, check_fp8, dropout_rng, lora_strength, text_encoders,
                                       trained_parts)
 from lora_sd.training.regularize import apply_max_norm
-from lora_sd.training.sampling import read_prompts, sample_images
+from lora_sd.training.sampling import read_prompts
 from lora_sd.training.setup import load_model, make_accelerator, seed_everything
+from lora_sd.training.saving import SavesAndEnd
 from lora_sd.training.text import conditioning
+from lora_sd.training.validation import Validation
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     saved: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
+    validation: list[tuple] = field(default_factory=list)  # (step | epoch, number, validation loss)
     unet: object = None  # the trained models (unwrapped, adapters on): for checks in Python
     text_encoder: object = None
     text_encoder_2: object = None  # SDXL
@@ -88,7 +95,7 @@ def train(cfg) -> TrainResult:
         run.cleanup()
 
 
-class LoraTraining:
+class LoraTraining(SavesAndEnd):
     """One training run. `setup()` sets the attributes; `loop()` and `save()` move `progress` and `result`."""
 
     def __init__(self, cfg):
@@ -98,6 +105,8 @@ class LoraTraining:
         self.epoch_losses: list[float] = []
         self.stop = StopRequest()  # train() puts one set by Ctrl-C here
         self.stopped = False
+        self.ema = None
+        self.bar_values = {}  # shown in the progress bar after loss and lr (e.g. the last validation loss)
 
     # --- setup ------------------------------------------------------------------------------------------
 
@@ -126,6 +135,9 @@ class LoraTraining:
         self.data = self._setup_data()
         self._setup_schedule_length()
         self._setup_optimization()
+        self.validation = Validation.of(cfg, self.data, self.accelerator)
+        if cfg.ema_decay is not None:
+            self.ema = LoraEma(trained_parameters(self.accelerator, self.models), cfg.ema_decay, cfg.ema_warmup)
         self._setup_progress()
         self._setup_outputs()
 
@@ -143,7 +155,8 @@ class LoraTraining:
                                     persistent_data_loader_workers=cfg.persistent_data_loader_workers,
                                     cache_latents=cfg.cache_latents, cache_latents_to_disk=cfg.cache_latents_to_disk,
                                     encode_fn=encoder, vae_id=encoder.vae_id if encoder else "",
-                                    vae_batch_size=cfg.vae_batch_size)
+                                    vae_batch_size=cfg.vae_batch_size, validation_split=cfg.validation_split,
+                                    validation_seed=cfg.validation_seed)
 
     def _setup_schedule_length(self):
         """Optimizer steps per epoch and in all (max_train_epochs, when given, decides)."""
@@ -195,7 +208,7 @@ class LoraTraining:
         """The counters saved with the training state, restored from `resume`."""
         self.progress = checkpoint.Progress()
         self.state = checkpoint.TrainingState(self.accelerator, self.models, self.optimizer, self.lr_scheduler,
-                                              self.progress)
+                                              self.progress, {"ema": self.ema} if self.ema else {})
         if self.cfg.resume:
             checkpoint.load_training_state(self.state, self.cfg.resume)
             done, batches = self.progress.batches_in_epoch, len(self.dataloader)
@@ -263,10 +276,7 @@ class LoraTraining:
         generator = step_generator(cfg.seed, acc.process_index, progress.global_step, progress.batches_in_epoch)
         with acc.accumulate(*self.models.values()), lora_strength(self.models.values(), self._strength(batch)), \
                 dropout_rng(generator.initial_seed() + 1, acc.device):  # another stream than the noise
-            with acc.autocast():
-                loss = compute_loss(batch, unet=self.unet, text_conditioning=self.text_conditioning,
-                                    vae=self.model.vae, scheduler=self.model.scheduler, cfg=cfg,
-                                    generator=generator, weight_dtype=self.weight_dtype)
+            loss = self._loss(batch, cfg, generator)
             self._check_loss(loss)
             acc.backward(loss)
             if acc.sync_gradients and cfg.max_grad_norm:
@@ -277,6 +287,35 @@ class LoraTraining:
             if acc.sync_gradients and cfg.scale_weight_norms:
                 self.max_norms = apply_max_norm(self.models.values(), cfg.scale_weight_norms)
         return loss.item()
+
+    def _loss(self, batch, cfg, generator):
+        """The loss of one batch (training, or validation with its own cfg and generator)."""
+        with self.accelerator.autocast():
+            return compute_loss(batch, unet=self.unet, text_conditioning=self.text_conditioning, vae=self.model.vae,
+                                scheduler=self.model.scheduler, cfg=cfg, generator=generator,
+                                weight_dtype=self.weight_dtype)
+
+    def _validation_loss(self, batch, cfg, generator):
+        with lora_strength(self.models.values(), self._strength(batch)):
+            return self._loss(batch, cfg, generator)
+
+    def validate(self, when: str, number: int):
+        """Score the validation batches (validation.py); log, show and record the loss. `when`: step | epoch."""
+        models = list(self.models.values())
+        for m in models:
+            m.eval()  # the adapters' dropouts off
+        try:
+            with ema_weights(self.ema, self.cfg.ema_for_validation):
+                loss = self.validation.loss(self._validation_loss)
+        finally:
+            for m in models:
+                m.train()
+        self.result.validation.append((when, number, loss))
+        self.bar_values["val_loss"] = f"{loss:.4f}"
+        if self.cfg.logging_dir:
+            train = sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else loss
+            self.accelerator.log({f"loss/validation/{when}_average": loss,
+                                  f"loss/validation/{when}_divergence": loss - train}, step=number)
 
     def _strength(self, batch) -> float:
         """The LoRA's strength for this batch: network_multiplier x its dataset's (sd-scripts' set_multiplier)."""
@@ -293,32 +332,24 @@ class LoraTraining:
                             f"(epoch {self.progress.epoch + 1}); training stopped. Last good save: "
                             f"{self._last_save()}. Try a lower learning_rate, or mixed_precision \"no\"/\"bf16\"")
 
-    def _check_weights(self):
-        """Before every save: a non-finite LoRA weight (a NaN/inf update) stops the run, and nothing is written."""
-        bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in self.params)
-        bad = int(self.accelerator.gather(torch.tensor([bad], device=self.accelerator.device)).sum())
-        if bad:
-            raise TrainingError(f"the LoRA weights hold {bad} non-finite value(s) at step {self.progress.global_step} "
-                                f"(epoch {self.progress.epochs_begun}); training stopped without saving them. Last "
-                                f"good save: {self._last_save()}. Try a lower learning_rate, or mixed_precision "
-                                "\"no\"/\"bf16\"")
-
-    def _last_save(self) -> str:
-        return str(self.result.saved[-1]) if self.result.saved else "none (nothing was saved yet)"
-
     def _after_step(self, loss: float):
         """After each optimizer step: progress bar, logs, and the samples and saves due at this step."""
         cfg, step = self.cfg, self.progress.global_step
+        if self.ema is not None:
+            self.ema.step()
         self.result.losses.append(loss)
         group_lrs = optim.current_lrs(self.optimizer)
         self.bar.update(1)
         norms = self.max_norms if cfg.scale_weight_norms else {}  # sd-scripts' max-norm figures
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{group_lrs[-1]:.2e}", **{k: f"{v:.4g}" for k, v in norms.items()})
+        self.bar_values.update({k: f"{v:.4g}" for k, v in norms.items()})
         if cfg.logging_dir:
             logs = {"loss/current": loss, "loss/average": sum(self.epoch_losses) / len(self.epoch_losses)}
             logs.update({f"lr/{n}": lr for n, lr in zip(self.group_names, group_lrs)})
             logs.update({f"max_norm/{k}": v for k, v in norms.items()})
             self.accelerator.log(logs, step=step)
+        if self.validation and self.validation.due_at_step(step):
+            self.validate("step", step)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{group_lrs[-1]:.2e}", **self.bar_values)
         if self.prompts and _every(cfg.sample_every_n_steps, step):
             self.sample()
         if _every(cfg.save_every_n_steps, step) and step < self.max_train_steps:
@@ -327,67 +358,13 @@ class LoraTraining:
     def _end_epoch(self, epoch: int):
         """An epoch ran to its end: count it, then the saves and samples due every n epochs."""
         cfg, done = self.cfg, epoch + 1
+        if self.validation and self.validation.due_at_epoch(done):
+            self.validate("epoch", done)
         self.progress.epoch, self.progress.batches_in_epoch, self.epoch_losses = done, 0, []
         if _every(cfg.save_every_n_epochs, done) and done < self.num_epochs:
             self.save(epoch=done)
         if self.prompts and _every(cfg.sample_every_n_epochs, done):
             self.sample()
-
-    # --- saves, samples, the end --------------------------------------------------------------------------
-
-    def save(self, *, epoch=None, step=None, state: bool | None = None, interrupted=False) -> Path:
-        """Save the LoRA under its name for `epoch`/`step`/`interrupted` (none: the final name), and the training
-        state when `state` (default: `save_state`). Returns the LoRA's path."""
-        cfg, acc = self.cfg, self.accelerator
-        self._check_weights()
-        meta = at_save(self.metadata, steps=self.progress.global_step, epoch=self.progress.epochs_begun)
-        path = checkpoint.save_lora_file(acc, self.models, cfg, meta, version=self.model.version,
-                                         unet_config=self.model.unet.config, epoch=epoch, step=step,
-                                         interrupted=interrupted)
-        self.result.saved.append(path)
-        if cfg.save_state if state is None else state:
-            checkpoint.save_training_state(self.state, Path(cfg.output_dir)
-                                           / checkpoint.state_dir_name(cfg, epoch, step, interrupted))
-        return path
-
-    def sample(self):
-        device = self.accelerator.device
-        if self.text_encoders_offloaded:
-            for m in self.encoders.values():
-                m.to(device)
-        try:
-            self.result.samples += sample_images(self.accelerator, self.model, models=self.encoders | self.models,
-                                                 cfg=self.cfg, prompts=self.prompts, step=self.progress.global_step)
-        finally:
-            if self.text_encoders_offloaded:
-                for m in self.encoders.values():
-                    m.to("cpu")
-
-    def finish(self) -> TrainResult:
-        """The final save (with the state when save_state or save_state_on_train_end), then the result (with the
-        trained models, unwrapped, for checks in Python); after a Ctrl-C, the `-interrupted` save instead."""
-        cfg, acc, result = self.cfg, self.accelerator, self.result
-        with_state = cfg.save_state or cfg.save_state_on_train_end  # sd-scripts: a state at the end, even without
-        if self.stopped:
-            self._stop_interrupted(with_state)
-        result.lora_path = self.save(state=with_state)
-        result.steps, result.epochs = self.progress.global_step, self.progress.epochs_begun
-        result.unet = acc.unwrap_model(self.unet)
-        result.text_encoder = acc.unwrap_model(self.encoders["text_encoder"])
-        if "text_encoder_2" in self.encoders:
-            result.text_encoder_2 = acc.unwrap_model(self.encoders["text_encoder_2"])
-        return result
-
-    def _stop_interrupted(self, with_state: bool):
-        """After a Ctrl-C: save the LoRA so far under `-interrupted` names (never the final one), then stop."""
-        cfg, step = self.cfg, self.progress.global_step
-        lora = self.save(state=with_state, interrupted=True)
-        where = f"interrupted (Ctrl-C) after step {step} of {self.max_train_steps}: the LoRA so far is {lora}"
-        if not with_state:
-            raise TrainingInterrupted(f"{where}; no training state was saved (save_state is off): it cannot resume")
-        state = Path(cfg.output_dir) / checkpoint.state_dir_name(cfg, interrupted=True)
-        raise TrainingInterrupted(f"{where}, its training state {state}; to continue, run the same command with "
-                                  f"--resume {state}")
 
     def cleanup(self):
         """Close the progress bar and the trackers (also after an error)."""
