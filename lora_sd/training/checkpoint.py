@@ -10,7 +10,7 @@ process writes; writes are atomic.
 Training state (`save_state`, `save_state_on_train_end`): a `<name>-state`
 folder in our own format (`TrainingState`), written through `.<name>-state.tmp`.
 It holds no pickle: `--resume` reads it as untrusted input and runs no code.
-The resolved config (`config_toml`) is written beside the outputs.
+The resolved config (`resolved_config.config_toml`) is written beside the outputs.
 """
 
 import dataclasses

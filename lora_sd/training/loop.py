@@ -49,6 +49,7 @@ from lora_sd.training.noise import compute_loss
 from lora_sd.training.network import (check_attention, check_fp8, dropout_rng, lora_strength, text_encoders,
                                       trained_parts)
 from lora_sd.training.regularize import apply_max_norm
+from lora_sd.training.resolved_config import config_toml
 from lora_sd.training.sampling import read_prompts
 from lora_sd.training.setup import load_model, make_accelerator, seed_everything
 from lora_sd.training.saving import SavesAndEnd
@@ -228,7 +229,7 @@ class LoraTraining(SavesAndEnd):
             checkpoint.remove_stale_temporaries(cfg.output_dir, cfg.output_name)  # left by a killed run
             config = Path(cfg.output_dir) / f"{cfg.output_name}-config.toml"
             with atomic_path(config) as tmp:
-                tmp.write_text(checkpoint.config_toml(cfg), encoding="utf-8")
+                tmp.write_text(config_toml(cfg), encoding="utf-8")
         if cfg.logging_dir:
             acc.init_trackers("network_train")
         self.result = TrainResult(None, self.progress.global_step, self.progress.epoch, self.model.version)

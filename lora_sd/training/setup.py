@@ -30,7 +30,7 @@ def make_accelerator(cfg):
         kwargs = dict(log_with="tensorboard",
                       project_config=ProjectConfiguration(project_dir=str(Path(cfg.logging_dir) / run)))
     AcceleratorState._reset_state()  # a second run in one Python process may use another precision
-    if cfg.train_text_encoder or parse_network_args(cfg.network_args).get("module_dropout"):
+    if cfg.train_text_encoder or parse_network_args(cfg.network_args, cfg.network_module).get("module_dropout"):
         # with clip_skip, and on SDXL (penultimate layers), a text encoder's last layers do not reach the U-Net;
         # module_dropout skips whole modules for a step: DDP must expect LoRA weights without gradients (the
         # model family is not known before it loads)
