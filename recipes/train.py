@@ -68,8 +68,8 @@ def main(argv=None):
         k = max(1, len(result.losses) // 10)
         print(f"loss: first {k} steps {sum(result.losses[:k]) / k:.4f}, last {k} {sum(result.losses[-k:]) / k:.4f}")
     if demo.is_demo_path(cfg.pretrained_model_name_or_path) and cfg.save_model_as == "safetensors":
-        image = demo.render_with_lora(result.lora_path, Path(cfg.output_dir) / f"{cfg.output_name}-sample.png")
-        print(f"loaded it with pipe.load_lora_weights and saved a sample: {image}")
+        report, sample = demo.write_demo_report(cfg.output_dir, cfg.output_name, result.lora_path, result.losses)
+        print(f"loaded it with pipe.load_lora_weights: before/after and loss curve in {report}, a sample in {sample}")
     return result
 
 
