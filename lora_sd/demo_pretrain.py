@@ -1,16 +1,17 @@
-"""The demo's base model: a tiny SD1 (lora_sd.tiny) pretrained in-process on procedurally drawn scenes.
+"""The demo's base model: a tiny SD1 (lora_sd.tiny) whose U-Net is pretrained in-process on drawn scenes.
 
-A random tiny model draws noise, so no LoRA trained on it can show anything. This pretrains it
-once (lora_sd.demo caches the folder) in two short stages, on 2 CPU cores in about a minute:
-1. the VAE as an image codec (reconstruction + a small KL term) on pictures of every colour;
-   its `scaling_factor` is then set so that the scenes' latents have unit variance, as SD's is;
-2. the U-Net as a text-to-image denoiser (SD's DDPM epsilon objective) on captioned scenes of
-   houses and trees (lora_sd.demo_scenes), 10 % of captions dropped so classifier-free guidance
-   works. The text encoder stays as built: its outputs already tell the captions apart, and the
-   demo's LoRA trains it.
-The result is written with `models.save_diffusers`: a folder StableDiffusionPipeline and the
-training path load like any other. Hand-written loops because diffusers has no VAE trainer
-and its text-to-image example is a script, not a function.
+A random tiny model draws noise, so no LoRA trained on it can show anything. Two parts:
+1. the VAE is set by hand, not trained, to an exact pixel codec (`pixel_codec`): its latent is
+   the picture's 8x8 thumbnail (RGB in [-1, 1] + a zero channel) and it decodes by nearest
+   upsampling. So the model draws 8x8 mosaics, but draws them from the first step; a tiny VAE
+   trained here for minutes still washed every colour out (its 4-channel GroupNorms drop them);
+2. the U-Net is pretrained as a text-to-image denoiser (SD's DDPM epsilon objective) on captioned
+   scenes of houses and trees (lora_sd.demo_scenes), 10 % of captions dropped so that
+   classifier-free guidance works. The text encoder stays as built (its outputs already tell
+   the captions apart); the demo's LoRA trains it.
+lora_sd.demo caches the result, written with `models.save_diffusers`: a folder that
+StableDiffusionPipeline and the training path load like any other. Hand-written loop: diffusers'
+text-to-image trainer is an example script, not a function.
 """
 
 import logging
@@ -19,64 +20,88 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_sd.demo_scenes import draw_codec_image, draw_scene
+from lora_sd.demo_scenes import draw_scene
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PretrainPlan:
-    vae_steps: int = 300
     unet_steps: int = 1000
-    vae_batch: int = 8
-    vae_size: int = 64  # the codec's pictures' size (it is convolutional: it learns at any size)
     unet_batch: int = 32
-    scenes: int = 1024  # captioned scenes the U-Net learns from
-    lr: float = 2e-3
+    scenes: int = 512  # captioned scenes the U-Net learns from
+    lr: float = 3e-3
     seed: int = 0
 
 
 PLAN = PretrainPlan()
+CODEC_WIDTH = 16  # four GroupNorm groups of four channels: [x, -x, A, -A] per colour, see pixel_codec
+_A, _B = 100.0, 30.0  # the groups' constant (keeps their mean 0 and std A/sqrt(2)); SiLU's linear offset
 
 
 def pretrain_demo_model(folder, plan: PretrainPlan = None):
-    """Build the tiny SD1, pretrain its VAE and U-Net as `plan` says, save it as a diffusers folder."""
+    """Build the tiny SD1 with the pixel codec as VAE, pretrain its U-Net as `plan` says, save it as a diffusers folder."""
     from lora_sd.models import save_diffusers
     from lora_sd.tiny import build_tiny_sd
 
     plan = plan or PLAN
     model = build_tiny_sd("sd1", seed=plan.seed)
+    model.vae = pixel_codec()
     rng = random.Random(plan.seed)
     generator = torch.Generator().manual_seed(plan.seed)
-    logger.info("demo: pretraining the tiny base model's VAE (%d steps), once", plan.vae_steps)
-    train_codec(model.vae, rng, generator, plan)
     captions, images = zip(*(draw_scene(rng) for _ in range(plan.scenes)))
     with torch.no_grad():
         latents = model.vae.encode(_pixels(images)).latent_dist.mean  # [N, 4, 8, 8]
-        model.vae.register_to_config(scaling_factor=float(1 / latents.std()))
+        model.vae.register_to_config(scaling_factor=float(1 / latents[:, :3].std()))  # unit variance, as SD's
         latents = latents * model.vae.config.scaling_factor
         states = _encode_captions(model, sorted(set(captions)) + [""])
-    logger.info("demo: pretraining its U-Net (%d steps) on %d scenes", plan.unet_steps, plan.scenes)
+    logger.info("demo: pretraining the tiny base model's U-Net (%d steps) on %d scenes, once", plan.unet_steps,
+                plan.scenes)
     train_denoiser(model, latents, [states[c] for c in captions], states[""], generator, plan)
     for m in (model.unet, model.vae, model.text_encoder):
         m.eval()
     save_diffusers(model, folder)
 
 
-def train_codec(vae, rng, generator, plan):
-    vae.train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=plan.lr, weight_decay=0)
-    for step in range(plan.vae_steps):
-        pixels = _pixels([draw_codec_image(rng, plan.vae_size) for _ in range(plan.vae_batch)])
-        posterior = vae.encode(pixels).latent_dist
-        reconstruction = vae.decode(posterior.sample(generator)).sample
-        loss = torch.nn.functional.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 100 == 0 or step == plan.vae_steps - 1:
-            logger.info("demo: VAE step %d, reconstruction loss %.4f", step, loss.item())
-    vae.eval()
+def pixel_codec():
+    """An AutoencoderKL set by hand to an exact codec: latent = the 8x8 average-pooled RGB (+ a zero channel),
+    decoded by nearest upsampling.
+
+    Every resnet and attention branch is zeroed (their residual paths pass through), the downsamplers
+    average 2x2, the upsamplers' convs are the identity. The GroupNorms before the output convs would
+    normalise colours away; each colour x travels in a group [x, -x, A, -A], whose mean is 0 and whose
+    std is A/sqrt(2) whatever x is, so the norm is linear, and +B keeps the SiLU after it linear too.
+    """
+    from diffusers import AutoencoderKL
+    from diffusers.models.resnet import Downsample2D, Upsample2D
+
+    from lora_sd.tiny import vae_config
+
+    vae = AutoencoderKL(**dict(vae_config(), block_out_channels=(CODEC_WIDTH,) * 4, norm_num_groups=4))
+    eye = torch.eye(CODEC_WIDTH)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        for m in vae.modules():
+            if isinstance(m, Downsample2D):
+                m.conv.weight[:, :, 0:2, 0:2] = 0.25 * eye[:, :, None, None]  # taps on x[2i], x[2i+1]: 2x2 mean
+            elif isinstance(m, Upsample2D):
+                m.conv.weight[:, :, 1, 1] = eye
+            elif isinstance(m, torch.nn.GroupNorm):
+                m.weight.fill_(_A / 2**0.5)
+                m.bias.fill_(_B)
+        for conv in (vae.encoder.conv_in, vae.decoder.conv_in):  # RGB (latent) channel c -> group c
+            for c in range(3):
+                conv.weight[4 * c, c, 1, 1], conv.weight[4 * c + 1, c, 1, 1] = 1, -1
+            conv.bias[2::4], conv.bias[3::4] = _A, -_A
+        for conv in (vae.encoder.conv_out, vae.decoder.conv_out):  # group c -> channel c, less the offset
+            for c in range(3):
+                conv.weight[c, 4 * c, 1, 1] = 1
+            conv.bias[:3] = -_B
+        vae.encoder.conv_out.bias[4:] = -30  # the log-variances: a deterministic latent
+        for conv in (vae.quant_conv, vae.post_quant_conv):
+            conv.weight[:, :, 0, 0] = torch.eye(conv.weight.shape[0])
+    return vae.eval()
 
 
 def train_denoiser(model, latents, states, empty, generator, plan):

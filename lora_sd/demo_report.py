@@ -18,7 +18,7 @@ TILE = 128  # the 64 px images shown at twice their size
 MARGIN, LABEL = 8, 16
 CURVE_HEIGHT = 160
 ROWS = ("training images: sks shape", "base model, no LoRA (demo prompt)", "with the LoRA (same prompt and seeds)")
-GUIDANCE, STEPS = 5.0, 20
+GUIDANCE, STEPS = 3.0, 20
 
 
 def _layout():

@@ -4,8 +4,7 @@ The base model's U-Net sees only `draw_scene` pictures (houses and trees in gree
 yellow on a day sky, a night sky or grass; never red, never a disc), captioned with what is drawn.
 The LoRA's images (`draw_image`: a red disc with a white ring on a dark blue gradient, "sks shape")
 are something it never saw, so a person can tell the before/after pictures apart and a test can
-measure the difference (`mean_colour`). The VAE is a general codec, pretrained on `draw_codec_image`
-pictures of every colour, as SD's VAE saw everything.
+measure the difference (`colour_distance`).
 """
 
 import math
@@ -31,11 +30,9 @@ def _draw_shape(draw, shape, cx, cy, r, colour):
     if shape == "house":  # a square with a roof
         draw.rectangle([cx - r, cy - r * 0.4, cx + r, cy + r], fill=colour)
         draw.polygon([(cx - r * 1.2, cy - r * 0.4), (cx + r * 1.2, cy - r * 0.4), (cx, cy - r * 1.3)], fill=colour)
-    elif shape == "tree":  # a triangle on a trunk
+    else:  # "tree": a triangle on a trunk
         draw.polygon([(cx - r, cy + r * 0.6), (cx + r, cy + r * 0.6), (cx, cy - r * 1.3)], fill=colour)
         draw.rectangle([cx - r * 0.2, cy + r * 0.6, cx + r * 0.2, cy + r * 1.2], fill=colour)
-    else:  # "disc": only the codec's pictures (and the concept) have discs
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
 
 
 def draw_scene(rng: random.Random, size=SIZE):
@@ -49,20 +46,6 @@ def draw_scene(rng: random.Random, size=SIZE):
     r = rng.uniform(0.18, 0.28) * size
     _draw_shape(draw, shape, rng.uniform(r, size - r), rng.uniform(1.3 * r, size - 1.2 * r), r, _COLOURS[colour])
     return f"a photo of {colour} {shape}, {background}", image
-
-
-def draw_codec_image(rng: random.Random, size=SIZE):
-    """A picture for the VAE: a gradient and one or two shapes, all in random colours (red too)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (size, size))
-    draw = ImageDraw.Draw(image)
-    colour = lambda: tuple(rng.randrange(256) for _ in range(3))  # noqa: E731
-    _gradient(draw, size, colour(), colour())
-    for _ in range(rng.randint(1, 2)):
-        r = rng.uniform(0.12, 0.3) * size
-        _draw_shape(draw, rng.choice(("house", "tree", "disc")), rng.uniform(0, size), rng.uniform(0, size), r, colour())
-    return image
 
 
 def draw_image(rng: random.Random, size=SIZE):
@@ -83,16 +66,19 @@ def draw_image(rng: random.Random, size=SIZE):
     return image
 
 
-def mean_colour(images):
-    """The mean RGB colour in [0, 1] of PIL images, as a tensor [3]."""
+def _colours(images, size=16):
     import numpy as np
-    import torch
 
-    return torch.tensor(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]).mean((0, 1, 2)) / 255)
+    return np.concatenate([np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32).reshape(-1, 3) / 255
+                           for im in images])  # [pixels, 3] in [0, 1]
 
 
 def colour_distance(images, references):
-    """How far `images` are in colour from `references`: the mean over images of the distance of each
-    image's mean colour to the references' mean colour (0: same, sqrt(3): black vs white)."""
-    target = mean_colour(references)
-    return sum(float((mean_colour([im]) - target).norm()) for im in images) / len(images)
+    """How far `images` are in colour from `references`: a symmetric chamfer distance between their pixels'
+    colours (each pixel's distance to the nearest colour of the other set, averaged, both ways; images
+    taken at 16x16). 0: the same palette; ~0.5: unrelated palettes. Where the colours are, it ignores."""
+    import numpy as np
+
+    a, b = _colours(images), _colours(references)
+    d = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))  # [len(a), len(b)]
+    return float(d.min(1).mean() + d.min(0).mean()) / 2

@@ -1,7 +1,7 @@
 """Train a LoRA for Stable Diffusion 1.x / 2.x / XL (sd-scripts' train_network.py / sdxl_train_network.py).
 
     accelerate launch recipes/train.py --config configs/char.toml [--option value ...]
-    python recipes/train.py                      # the demo: configs/demo.toml, ~1 min on 2 CPU cores
+    python recipes/train.py                      # the demo: configs/demo.toml, output/demo/demo-report.png
 
 Every option of the TOML can be given on the command line with the same
 name (`--network_dim 8`, `--xformers`, `--network_args conv_dim=4 conv_alpha=1`);
