@@ -40,7 +40,7 @@ _A, _B = 100.0, 30.0  # the groups' constant (keeps their mean 0 and std A/sqrt(
 
 
 def pretrain_demo_model(folder, plan: PretrainPlan = None):
-    """Build the tiny SD1 with the pixel codec as VAE, pretrain its U-Net as `plan` says, save it as a diffusers folder."""
+    """Build the tiny SD1 with the pixel codec as its VAE, pretrain its U-Net as `plan` says, save it (diffusers)."""
     from lora_sd.models import save_diffusers
     from lora_sd.tiny import build_tiny_sd
 

@@ -30,7 +30,8 @@ def demo_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORA_SD_CACHE", str(tmp / "cache"))
         mp.setattr(demo_pretrain, "PLAN", SHORT_PLAN)
-        result = train_recipe.main(["--config", str(ROOT / "configs" / "demo.toml"), "--max_train_steps", "200", "--learning_rate", "1e-2",
+        result = train_recipe.main(["--config", str(ROOT / "configs" / "demo.toml"), "--max_train_steps", "200",
+                                    "--learning_rate", "1e-2",
                                     "--output_dir", str(tmp / "out"), "--logging_dir", str(tmp / "logs")])
         training = [Image.open(p) for p in sorted((demo.asset_path(demo.IMAGES) / demo.IMAGE_FOLDERS[0]).glob("*"))
                     if p.suffix == ".png"]
