@@ -1,4 +1,6 @@
-"""The demo's assets, made when its training starts: a tiny SD1 model and a small procedurally drawn image set.
+"""The demo's assets, made when its training starts: a tiny SD1 model pretrained on drawn scenes
+(lora_sd.demo_pretrain, about a minute the first time) and a small procedurally drawn image set of
+a concept that model never saw (lora_sd.demo_scenes); lora_sd.demo_report draws what the LoRA learned.
 
 configs/demo.toml names them `demo:tiny-sd1` and `demo:images`; those paths
 resolve to a cache folder (`$LORA_SD_CACHE`, default `~/.cache/lora_sd`),
@@ -8,19 +10,17 @@ Loading a config writes nothing: it takes the image folder's layout from
 the model (`resolve_demo_path`) makes all of them.
 """
 
-import math
 import os
 import random
 import shutil
 import tempfile
 from pathlib import Path
 
-from lora_sd.io import atomic_path
+from lora_sd.demo_scenes import CONCEPT_CAPTION, draw_image  # noqa: F401  (draw_image: tests draw with it)
 
 PREFIX = "demo:"
-VERSION = "demo-v1"
+VERSION = "demo-v2"  # v2: the model is pretrained on drawn scenes (v1 was random)
 NUM_IMAGES = 8
-SIZE = 64
 MODEL, IMAGES = PREFIX + "tiny-sd1", PREFIX + "images"
 ASSETS = (MODEL, IMAGES)
 IMAGE_FOLDERS = ("10_sks shape",)  # the DreamBooth subfolders _make_images writes
@@ -87,27 +87,9 @@ def _wait_for(path: Path, seconds=600):
 
 
 def _make_model(folder: Path):
-    from lora_sd.tiny import save_tiny_diffusers
+    from lora_sd.demo_pretrain import pretrain_demo_model
 
-    save_tiny_diffusers(folder, "sd1", seed=0)
-
-
-def draw_image(rng: random.Random, size=SIZE):
-    """A red disc with a white ring on a blue gradient, at a random place and size: the "sks shape"."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (size, size))
-    draw = ImageDraw.Draw(image)
-    top = rng.randint(40, 90)
-    for y in range(size):
-        v = int(top + (200 - top) * y / size)
-        draw.line([(0, y), (size, y)], fill=(20, 40, v))
-    r = rng.uniform(0.18, 0.3) * size
-    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
-    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(220, 30, 30), outline=(250, 250, 250), width=max(2, size // 24))
-    a = rng.uniform(0, 2 * math.pi)
-    draw.line([(cx, cy), (cx + r * math.cos(a), cy + r * math.sin(a))], fill=(250, 250, 250), width=2)
-    return image
+    pretrain_demo_model(folder)  # about a minute on 2 CPU cores, once per cache
 
 
 def _make_images(folder: Path):
@@ -116,20 +98,22 @@ def _make_images(folder: Path):
     rng = random.Random(0)
     for i in range(NUM_IMAGES):
         draw_image(rng).save(sub / f"{i:02d}.png")
-        (sub / f"{i:02d}.caption").write_text("a photo of sks shape, red, blue")
+        (sub / f"{i:02d}.caption").write_text(CONCEPT_CAPTION)
 
 
-def render_with_lora(lora_path, out_path, prompt="a photo of sks shape, red, blue", seed=0):
-    """Load the demo model in a diffusers pipeline, `pipe.load_lora_weights(lora)`, save one image."""
-    import torch
-    from diffusers import StableDiffusionPipeline
+def write_demo_report(output_dir, output_name, lora_path, losses):
+    """After a demo run: `<name>-report.png` (lora_sd.demo_report) and `<name>-sample.png`, the first
+    image drawn with the LoRA; returns both paths."""
+    from PIL import Image
 
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_demo_path(MODEL), safety_checker=None,
-                                                   requires_safety_checker=False, local_files_only=True)
-    pipe.load_lora_weights(str(lora_path))
-    pipe.set_progress_bar_config(disable=True)
-    image = pipe(prompt, height=SIZE, width=SIZE, num_inference_steps=20,
-                 generator=torch.Generator().manual_seed(seed)).images[0]
-    with atomic_path(out_path) as tmp:
-        image.save(tmp, format="PNG")
-    return out_path
+    from lora_sd.demo_report import write_report
+    from lora_sd.io import atomic_path
+
+    training = [Image.open(p).convert("RGB") for p in sorted((asset_path(IMAGES) / IMAGE_FOLDERS[0]).glob("*.png"))]
+    output_dir = Path(output_dir)
+    report, after = write_report(output_dir / f"{output_name}-report.png", asset_path(MODEL), lora_path,
+                                 training, losses, CONCEPT_CAPTION)
+    sample = output_dir / f"{output_name}-sample.png"
+    with atomic_path(sample) as tmp:
+        after[0].save(tmp, format="PNG")
+    return report, sample

@@ -1,7 +1,7 @@
 """Train a LoRA for Stable Diffusion 1.x / 2.x / XL (sd-scripts' train_network.py / sdxl_train_network.py).
 
     accelerate launch recipes/train.py --config configs/char.toml [--option value ...]
-    python recipes/train.py                      # the demo: configs/demo.toml, ~1 min on 2 CPU cores
+    python recipes/train.py                      # the demo: configs/demo.toml, output/demo/demo-report.png
 
 Every option of the TOML can be given on the command line with the same
 name (`--network_dim 8`, `--xformers`, `--network_args conv_dim=4 conv_alpha=1`);
@@ -68,8 +68,8 @@ def main(argv=None):
         k = max(1, len(result.losses) // 10)
         print(f"loss: first {k} steps {sum(result.losses[:k]) / k:.4f}, last {k} {sum(result.losses[-k:]) / k:.4f}")
     if demo.is_demo_path(cfg.pretrained_model_name_or_path) and cfg.save_model_as == "safetensors":
-        image = demo.render_with_lora(result.lora_path, Path(cfg.output_dir) / f"{cfg.output_name}-sample.png")
-        print(f"loaded it with pipe.load_lora_weights and saved a sample: {image}")
+        report, sample = demo.write_demo_report(cfg.output_dir, cfg.output_name, result.lora_path, result.losses)
+        print(f"loaded it with pipe.load_lora_weights: before/after and loss curve in {report}, a sample in {sample}")
     return result
 
 

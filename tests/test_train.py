@@ -13,6 +13,7 @@ import pytest
 import safetensors
 import torch
 
+from lora_sd import demo_pretrain
 from lora_sd.cli import run_main
 from lora_sd.demo import draw_image
 
@@ -60,6 +61,8 @@ def kohya_file(path):
 def test_demo_runs_and_writes_everything(tmp_path, monkeypatch):
     """The README command on a short schedule: LoRA, config, TensorBoard events, samples, load_lora_weights image."""
     monkeypatch.setenv("LORA_SD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo_pretrain, "PLAN", demo_pretrain.PretrainPlan(  # the real one takes a minute
+        unet_steps=1, unet_batch=1, scenes=2))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# a comment\na photo of sks shape --w 64 --h 64 --d 3 --s 2 --l 5\n")
     out = tmp_path / "out"
@@ -68,6 +71,7 @@ def test_demo_runs_and_writes_everything(tmp_path, monkeypatch):
                                 "--sample_prompts", str(prompts), "--sample_every_n_steps", "2"])
     assert result.steps == 4 and (out / "demo.safetensors").is_file()
     assert (out / "demo-config.toml").is_file() and (out / "demo-sample.png").is_file()
+    assert (out / "demo-report.png").is_file()  # what it shows: tests/test_demo.py
     assert sorted(p.name for p in (out / "sample").iterdir()) == ["demo_000002_00.png", "demo_000004_00.png"]
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
