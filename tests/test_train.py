@@ -53,6 +53,15 @@ def args(assets, out, *extra, steps=2):
             str(steps), "--seed", "1", "--max_data_loader_n_workers", "0", "--learning_rate", "1e-3", *extra]
 
 
+def refused_run(assets, out, extra, capsys) -> str:
+    """A training run refused: exit 2, one `error:` line, no traceback, nothing written to `out`; the error text."""
+    assert run_main(train_recipe.main, args(assets, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    return err
+
+
 def kohya_file(path):
     with safetensors.safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()

@@ -14,7 +14,7 @@ from lora_sd.cli import run_main
 from lora_sd.targets import NetworkSpec, lora_configs
 from lora_sd.training.network import lora_strength
 from tests.helpers import model_outputs
-from tests.test_train import args, assets, train_recipe  # noqa: F401 (the session fixture)
+from tests.test_train import args, assets, refused_run, train_recipe  # noqa: F401 (the session fixture)
 
 LYCORIS = ("--network_module", "lycoris.kohya", "--network_args")
 
@@ -46,12 +46,8 @@ REFUSALS = {
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_lycoris_options_that_do_not_fit_are_one_line_at_config_load(assets, tmp_path, case, capsys):  # noqa: F811
     extra, message = REFUSALS[case]
-    out = tmp_path / "out"
-    assert run_main(train_recipe.main, args(assets, out, *extra)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    err = refused_run(assets, tmp_path / "out", extra, capsys)
     assert message in err and "network_args" in err or "network_multiplier" in message, err
-    assert not out.exists()
 
 
 def test_the_lycoris_args_are_what_training_uses():

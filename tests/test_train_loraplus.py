@@ -12,7 +12,7 @@ import torch
 
 from lora_sd.cli import run_main
 from lora_sd.training import optim
-from tests.test_train import args, assets, kohya_file, train_recipe  # noqa: F401 (the session fixture)
+from tests.test_train import args, assets, kohya_file, refused_run, train_recipe  # noqa: F401 (the session fixture)
 
 LR = 1e-3
 
@@ -86,8 +86,4 @@ REFUSALS = {
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_loraplus_refusals_are_one_line(assets, tmp_path, case, capsys):  # noqa: F811
     extra, message = REFUSALS[case]
-    out = tmp_path / "out"
-    assert run_main(train_recipe.main, args(assets, out, *extra)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err, err
-    assert not out.exists()
+    assert message in refused_run(assets, tmp_path / "out", extra, capsys)
