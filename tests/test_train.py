@@ -186,28 +186,32 @@ def test_lora_overfits_a_single_image(assets, tmp_path):
     assert after < 0.9 * before, (before, after)
 
 
-def test_resume_gives_the_same_lora(assets, tmp_path, monkeypatch):
-    """Interrupted after the step-3 state save, then resumed: the same LoRA as one uninterrupted run."""
+def stopped_after_first_state(assets, out, options, monkeypatch, steps=6):
+    """A 6-step run into `out` that dies right after its first training-state save (as a killed run): that state."""
     from lora_sd.training import checkpoint
-
-    common = ("--save_every_n_steps", "3", "--save_state", "--train_batch_size", "1", "--lr_scheduler", "cosine")
-    train_recipe.main(args(assets, tmp_path / "a", *common, steps=6))
 
     real_save = checkpoint.save_training_state
 
     class Interrupted(Exception):
         pass
 
-    def save_then_die(accelerator, folder):
-        real_save(accelerator, folder)
-        raise Interrupted
+    def save_then_die(state, folder):
+        real_save(state, folder)
+        raise Interrupted(folder)
 
     monkeypatch.setattr(checkpoint, "save_training_state", save_then_die)
-    with pytest.raises(Interrupted):
-        train_recipe.main(args(assets, tmp_path / "b", *common, steps=6))
+    with pytest.raises(Interrupted) as died:
+        train_recipe.main(args(assets, out, *options, steps=steps))
     monkeypatch.setattr(checkpoint, "save_training_state", real_save)
-    state = tmp_path / "b" / "lora-step00000003-state"
-    assert state.is_dir() and not (tmp_path / "b" / "lora.safetensors").exists()
+    return Path(str(died.value))
+
+
+def test_resume_gives_the_same_lora(assets, tmp_path, monkeypatch):
+    """Interrupted after the step-3 state save, then resumed: the same LoRA as one uninterrupted run."""
+    common = ("--save_every_n_steps", "3", "--save_state", "--train_batch_size", "1", "--lr_scheduler", "cosine")
+    train_recipe.main(args(assets, tmp_path / "a", *common, steps=6))
+    state = stopped_after_first_state(assets, tmp_path / "b", common, monkeypatch)
+    assert state.name == "lora-step00000003-state" and not (tmp_path / "b" / "lora.safetensors").exists()
     result = train_recipe.main(args(assets, tmp_path / "b", *common, "--resume", str(state), steps=6))
     assert result.steps == 6
     a, _ = kohya_file(tmp_path / "a" / "lora.safetensors")

@@ -4,8 +4,7 @@ warm-up), a bit-identical resume, and its use for samples and validation when as
 import pytest
 import torch
 
-from lora_sd.training import checkpoint
-from tests.test_train import args, kohya_file, make_assets, train_recipe
+from tests.test_train import args, kohya_file, make_assets, stopped_after_first_state, train_recipe
 
 
 @pytest.fixture(scope="module")
@@ -67,20 +66,8 @@ def test_ema_survives_resume_bit_identically(assets, tmp_path, monkeypatch):
     """Stopped after the step-3 state, then resumed: the same EMA (and LoRA) as one uninterrupted run."""
     common = ("--save_every_n_steps", "3", "--save_state", "--ema_decay", "0.7", "--lr_scheduler", "cosine")
     train_recipe.main(args(assets, tmp_path / "a", *common, steps=6))
-    real_save = checkpoint.save_training_state
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop(state, folder):
-        real_save(state, folder)
-        raise Stop
-
-    monkeypatch.setattr(checkpoint, "save_training_state", save_then_stop)
-    with pytest.raises(Stop):
-        train_recipe.main(args(assets, tmp_path / "b", *common, steps=6))
-    monkeypatch.setattr(checkpoint, "save_training_state", real_save)
-    state = tmp_path / "b" / "lora-step00000003-state"
+    state = stopped_after_first_state(assets, tmp_path / "b", common, monkeypatch)
+    assert state.name == "lora-step00000003-state"
     assert (state / "ema.safetensors").is_file()
     train_recipe.main(args(assets, tmp_path / "b", *common, "--resume", str(state), steps=6))
     for name in ("lora-ema.safetensors", "lora.safetensors"):
