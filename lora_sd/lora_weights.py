@@ -11,6 +11,7 @@ one place that maps between the two, for both text encoders.
 """
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -148,6 +149,21 @@ class LoraWeights:
             dora = convert(m.dora_scale) if m.dora_scale is not None else None
             tensors = {n: convert(t) for n, t in m.named_tensors().items()}
             mods[k] = LoraModule.of_kind(m.kind, tensors, m.alpha, dora, m.shape)
+        return LoraWeights(mods, dict(self.metadata))
+
+    def with_one_alpha(self) -> "LoraWeights":
+        """A copy whose plain-LoRA modules all have the most common alpha, each module's own scale moved into its
+        up weights (every delta unchanged). For the ops that pick alphas themselves (SVD merge, exact merge,
+        extraction): diffusers (0.42) misnames the alphas of attention projections (to_q/k/v/out,
+        q/k/v/out_proj) and gives them the file's most common alpha, so per-module alphas (alpha = rank of a
+        clamped module) would load wrong there; ComfyUI, AUTOMATIC1111 and sd-scripts read either."""
+        alphas = Counter(m.alpha for m in self.modules.values() if m.kind == "lora" and m.alpha)
+        if not alphas:
+            return self
+        common = alphas.most_common(1)[0][0]
+        mods = {k: m if m.kind != "lora" or m.alpha == common else
+                LoraModule(m.down, m.up * (m.alpha / common), common, dora_scale=m.dora_scale, shape=m.shape)
+                for k, m in self.modules.items()}
         return LoraWeights(mods, dict(self.metadata))
 
     # --- PEFT models (lora_sd.peft_bridge) ---------------------------------------

@@ -291,7 +291,12 @@ def test_lora_merge_is_computed_in_precision(setup, tmp_path, precision, dtype):
         parts = [(r, x.modules[key]) for r, x in zip(RATIOS, (a, b), strict=True) if key in x.modules]
         up = torch.cat([x.up.to(dtype).flatten(1) * (r * x.scale) for r, x in parts], dim=1).float()
         down = torch.cat([x.down.to(dtype).flatten(1) for _, x in parts]).float()
-        assert torch.equal(m.up.flatten(1), up) and torch.equal(m.down.flatten(1), down), key
+        assert torch.equal(m.down.flatten(1), down), key
+        if m.alpha == m.rank:
+            assert torch.equal(m.up.flatten(1), up), key
+        else:  # one alpha per file: this module's scale (its total rank / the file's alpha) is in its up weights
+            want = (up.to(dtype) * (m.rank / m.alpha)).float()  # the scaling is one more step in --precision
+            assert torch.allclose(m.up.flatten(1), want, rtol=torch.finfo(dtype).eps, atol=0), key
         exact = torch.cat([x.up.flatten(1) * (r * x.scale) for r, x in parts], dim=1)
         rounded += not torch.equal(up, exact)
     assert rounded == len(merged.modules)
@@ -315,3 +320,17 @@ def test_lists_paired_by_position_must_have_one_value_each():
     for what, call in calls.items():
         with pytest.raises(ConfigError, match=r"\d value\(s\) for 2 LoRA\(s\)"):
             call()
+
+
+def test_ops_write_one_alpha_with_every_delta_kept(setup):
+    """diffusers (0.42) gives misnamed attention alphas the file's most common one: the exact merge of LoRAs whose
+    modules have different total ranks (the text encoder in one LoRA only) writes one alpha, deltas unchanged."""
+    s = setup("sd1")
+    a, b = s["loras"]["a"], s["loras"]["b"]
+    merged = merge_loras([a, b], [1.0, 0.5])
+    assert len({m.alpha for m in merged.modules.values()}) == 1
+    ranks = {m.rank for m in merged.modules.values()}
+    assert len(ranks) > 1  # without one alpha, alpha = each module's total rank would differ
+    for key, m in merged.modules.items():
+        want = sum(r * x.modules[key].delta() for r, x in ((1.0, a), (0.5, b)) if key in x.modules)
+        assert torch.allclose(m.delta(), want, atol=1e-6), key

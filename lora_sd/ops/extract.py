@@ -6,7 +6,8 @@ encoder's attention and MLP at rank `dim`; with `conv_dim` also the resnet and
 sampler convs (3x3 at `conv_dim`, their Linear/1x1 at `dim`). A text encoder
 is left out when no weight of it differs by more than `min_diff` (sd-scripts' rule);
 models of which no weight differs by more than that are refused.
-Singular values go into `up` and alpha = rank (scale 1), as sd-scripts writes.
+Singular values go into `up` with scale 1 per module, as sd-scripts writes, under one alpha per file
+(`LoraWeights.with_one_alpha`: conv_dim and clamped modules keep their scale in `up`).
 """
 
 import logging
@@ -137,6 +138,9 @@ def extract_lora(org: dict, tuned: dict, dim, conv_dim=None, min_diff=0.01, devi
                        len(clamped), *clamped[0])
     if not lora.modules:
         raise ConfigError("nothing to extract: the models have no target modules")
+    lora = lora.with_one_alpha()  # conv_dim and clamped modules would carry other alphas (scale 1 each)
+    alpha = next(iter(lora.modules.values())).alpha
+    lora.metadata.update(network_metadata(dim, alpha, conv_dim, alpha if conv_dim is not None else None))
     return lora
 
 

@@ -84,7 +84,7 @@ def merge_loras(loras, ratios, mode="exact", names=None, precision=torch.float32
     merge = _merge_exact if mode == "exact" else _merge_kohya
     for entry in gather_modules(loras, ratios, names):
         merged.modules[entry.key] = merge(entry, precision)
-    return merged
+    return merged.with_one_alpha() if mode == "exact" else merged  # exact: alpha = each module's total rank
 
 
 def _refuse_other_kinds(loras, names):

@@ -10,8 +10,8 @@ deltas are products of thin factors too (`adapter_math.delta_factors`: LoHa's
 inner size is r1 * r2), used the same way while their inner sizes add up to
 less than the module's size; otherwise the summed delta is formed and given a
 full SVD (`lowrank.svd_factors`), as sd-scripts does for every module.
-Singular values go into `up` and alpha = rank, so the file's scale is 1, as
-sd-scripts' svd_merge_lora writes. DoRA is refused: its change depends on the
+Singular values go into `up` and each module's scale is 1, as sd-scripts'
+svd_merge_lora writes, under one alpha per file (`LoraWeights.with_one_alpha`). DoRA is refused: its change depends on the
 base model's weight, which a LoRA file does not have.
 """
 
@@ -75,10 +75,11 @@ def svd_merge(loras, ratios, new_rank, new_conv_rank=None, device="cpu", precisi
         logger.warning("%d of %d module(s) clamped to a lower rank than asked for: their merged delta has no "
                        "higher rank (the sum of the input ranks, or the module's size), more would be zero rows "
                        "(e.g. %s: rank %d)", len(clamped), len(merged.modules), *clamped[0])
+    merged = merged.with_one_alpha()  # each module's scale 1 kept in its up weights
+    alpha = next(iter(merged.modules.values())).alpha
     # the ranks written, not the ones asked for (equal unless clamped everywhere)
     conv_rank = written[True] or None
-    merged.metadata.update(network_metadata(written[False] or new_rank, written[False] or new_rank,
-                                            conv_rank, conv_rank))
+    merged.metadata.update(network_metadata(written[False] or new_rank, alpha, conv_rank, alpha if conv_rank else None))
     return merged
 
 
