@@ -5,14 +5,12 @@ Each run is a few steps through `main(argv)`; the tiny SDXL folder and a four-im
 """
 
 import json
-import random
 
 import pytest
 import torch
 
 from lora_sd.cli import run_main
-from lora_sd.demo import draw_image
-from tests.test_train import args, kohya_file, make_assets, train_recipe
+from tests.test_train import args, kohya_file, make_assets, one_image_dataset, train_recipe
 
 
 @pytest.fixture(scope="session")
@@ -107,10 +105,7 @@ def test_sdxl_lora_overfits_a_single_image(xl_assets, tmp_path):
     import numpy as np
     from PIL import Image
 
-    data = tmp_path / "one" / "1_sks shape"
-    data.mkdir(parents=True)
-    draw_image(random.Random(5)).save(data / "0.png")
-    (data / "0.caption").write_text("a photo of sks shape")
+    data = one_image_dataset(tmp_path).parent
     out = tmp_path / "out"
     train_recipe.main(args(xl_assets, out, "--train_data_dir", str(tmp_path / "one"), "--learning_rate", "1e-2",
                               "--network_dim", "8", "--network_alpha", "8", "--network_args", "conv_dim=8",

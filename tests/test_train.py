@@ -143,46 +143,58 @@ def test_file_loads_in_diffusers_and_matches_trained_model(assets, tmp_path, cas
     assert ((want_unet - base_unet).abs().max() > 1e-6) == ("lora_unet_" in prefixes)
 
 
-def test_lora_overfits_a_single_image(assets, tmp_path):
-    """The loss on one fixed batch (fixed noise and timesteps) goes down measurably after training on it."""
-    from diffusers import StableDiffusionPipeline
-
+def one_image_dataset(tmp_path) -> Path:
+    """A DreamBooth folder holding one drawn image captioned "a photo of sks shape"; the image's path."""
     data = tmp_path / "one" / "1_sks shape"
     data.mkdir(parents=True)
     draw_image(random.Random(5)).save(data / "0.png")
     (data / "0.caption").write_text("a photo of sks shape")
+    return data / "0.png"
+
+
+def fixed_batch_loss(model, image_path):
+    """loss(unet): the denoising loss on one fixed batch of `image_path` (8 copies, fixed noise and timesteps
+    50..950) with `model`'s VAE, tokenizer and text encoder, so that two U-Nets compare."""
+    import numpy as np
+    from PIL import Image
+
+    from lora_sd.models.load import noise_scheduler
+
+    pixels = torch.from_numpy(np.asarray(Image.open(image_path).convert("RGB"), dtype=np.float32) / 127.5 - 1)
+    gen, scheduler = torch.Generator().manual_seed(0), noise_scheduler()
+    with torch.no_grad():
+        latents = model.vae.encode(pixels.permute(2, 0, 1)[None]).latent_dist.mode() * model.vae.config.scaling_factor
+        latents = latents.repeat(8, 1, 1, 1)
+        noise, t = torch.randn(latents.shape, generator=gen), torch.linspace(50, 950, 8).long()
+        ids = model.tokenizer(["a photo of sks shape"] * 8, padding="max_length", max_length=77,
+                              return_tensors="pt").input_ids
+        hidden = model.text_encoder(ids)[0]
+
+    def loss(unet) -> float:
+        with torch.no_grad():
+            pred = unet(scheduler.add_noise(latents, noise, t), t, hidden).sample
+            return torch.nn.functional.mse_loss(pred, noise).item()
+
+    return loss
+
+
+def test_lora_overfits_a_single_image(assets, tmp_path):
+    """The loss on one fixed batch (fixed noise and timesteps) goes down measurably after training on it."""
+    from diffusers import StableDiffusionPipeline
+
+    image = one_image_dataset(tmp_path)
     out = tmp_path / "out"
     argv = args(assets, out, "--train_data_dir", str(tmp_path / "one"), "--learning_rate", "1e-2",
                 "--network_dim", "8", "--network_alpha", "8", "--cache_latents", "--network_train_unet_only",
                 steps=60)
     train_recipe.main(argv)
 
-    from lora_sd.models.load import noise_scheduler
-
     pipe = StableDiffusionPipeline.from_pretrained(str(assets / "model"), safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
-    scheduler = noise_scheduler()
-    import numpy as np
-    from PIL import Image
-
-    pixels = torch.from_numpy(np.asarray(Image.open(data / "0.png").convert("RGB"), dtype=np.float32) / 127.5 - 1)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        latents = pipe.vae.encode(pixels.permute(2, 0, 1)[None]).latent_dist.mode() * pipe.vae.config.scaling_factor
-        latents = latents.repeat(8, 1, 1, 1)
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.linspace(50, 950, 8).long()
-        ids = pipe.tokenizer(["a photo of sks shape"] * 8, padding="max_length", max_length=77,
-                             return_tensors="pt").input_ids
-        hidden = pipe.text_encoder(ids)[0]
-
-        def fixed_loss():
-            pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, hidden).sample
-            return torch.nn.functional.mse_loss(pred, noise).item()
-
-        before = fixed_loss()
-        pipe.load_lora_weights(str(out / "lora.safetensors"))
-        after = fixed_loss()
+    fixed_loss = fixed_batch_loss(pipe, image)
+    before = fixed_loss(pipe.unet)
+    pipe.load_lora_weights(str(out / "lora.safetensors"))
+    after = fixed_loss(pipe.unet)
     assert after < 0.9 * before, (before, after)
 
 

@@ -7,17 +7,16 @@ Each run is a few steps through `main(argv)` (tests/test_train.py's assets and a
 
 import copy
 import json
-import random
 
 import pytest
 import torch
 
 from lora_sd.cli import run_main
-from lora_sd.demo import draw_image
 from lora_sd.formats import load_lora
 from tests.helpers import model_outputs
 from tests.test_sdxl_train import unet_inputs, xl_assets  # noqa: F401 (session fixture)
-from tests.test_train import args, assets, kohya_file, make_assets, train_recipe  # noqa: F401 (session fixture)
+from tests.test_train import (args, assets, fixed_batch_loss, kohya_file, make_assets,  # noqa: F401 (fixture)
+                              one_image_dataset, train_recipe)
 
 LYCORIS = ("--network_module", "lycoris.kohya", "--network_args")
 
@@ -128,36 +127,15 @@ def test_sdxl_loha_file_reproduces_the_trained_model(xl_assets, tmp_path):  # no
 @pytest.mark.parametrize("case", ["loha_tucker", "lokr_decomposed", "dora"])
 def test_each_kind_overfits_a_single_image(assets, tmp_path, case):  # noqa: F811
     """The loss on one fixed batch (fixed noise and timesteps) falls after training on it."""
-    import numpy as np
-    from PIL import Image
-
-    from lora_sd.models.load import noise_scheduler
-
-    data = tmp_path / "one" / "1_sks shape"
-    data.mkdir(parents=True)
-    draw_image(random.Random(5)).save(data / "0.png")
-    (data / "0.caption").write_text("a photo of sks shape")
+    image = one_image_dataset(tmp_path)
     extra = [a for a in RUNS[case][0] if a not in ("rank_dropout=0.1", "module_dropout=0.1")]
     dim = extra[extra.index("--network_dim") + 1]
     result = train_recipe.main(args(assets, tmp_path / "out", "--train_data_dir", str(tmp_path / "one"),
                                     "--learning_rate", "1e-2", "--cache_latents", "--network_train_unet_only",
                                     *extra, "--network_alpha", dim, steps=40))
     tiny = fresh("sd1")
-    pixels = torch.from_numpy(np.asarray(Image.open(data / "0.png").convert("RGB"), dtype=np.float32) / 127.5 - 1)
-    gen, scheduler = torch.Generator().manual_seed(0), noise_scheduler()
-    with torch.no_grad():
-        latents = tiny.vae.encode(pixels.permute(2, 0, 1)[None]).latent_dist.mode() * tiny.vae.config.scaling_factor
-        latents = latents.repeat(8, 1, 1, 1)
-        noise, t = torch.randn(latents.shape, generator=gen), torch.linspace(50, 950, 8).long()
-        ids = tiny.tokenizer(["a photo of sks shape"] * 8, padding="max_length", max_length=77,
-                             return_tensors="pt").input_ids
-        hidden = tiny.text_encoder(ids)[0]
-
-        def fixed_loss(unet):
-            pred = unet(scheduler.add_noise(latents, noise, t), t, hidden).sample
-            return torch.nn.functional.mse_loss(pred, noise).item()
-
-        before, after = fixed_loss(tiny.unet), fixed_loss(result.unet.eval())
+    fixed_loss = fixed_batch_loss(tiny, image)
+    before, after = fixed_loss(tiny.unet), fixed_loss(result.unet.eval())
     assert after < 0.9 * before, (before, after)
 
 
