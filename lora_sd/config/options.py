@@ -89,7 +89,7 @@ class TrainConfig:
     max_train_epochs: int | None = opt(None, "epochs to train (overrides max_train_steps)")
     gradient_accumulation_steps: int = opt(1, "micro-batches summed per optimizer step")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, slower")
-    mixed_precision: str = opt("no", "no, fp16 (GPU only) or bf16; LoRA weights stay float32")
+    mixed_precision: str = opt("no", "no, fp16 (GPU only) or bf16; LoRA weights stay float32 (but full_bf16/fp16)")
     fp8_base: bool = opt(False, "store the frozen base model's Linear/Conv weights in float8 (computed in "
                          "mixed_precision, which must be bf16 or fp16): about half the memory of bf16")
     xformers: bool = opt(False, "xformers attention (PyTorch SDPA is the default)")
@@ -166,6 +166,13 @@ class TrainConfig:
                            "copies the weights); false: ema_decay from the first step")
     ema_for_samples: bool = opt(False, "sample images with the EMA weights (needs ema_decay)")
     ema_for_validation: bool = opt(False, "compute the validation loss with the EMA weights (needs ema_decay)")
+    # --- issue 13: precision ---
+    full_bf16: bool = opt(False, "LoRA weights, gradients and optimizer state in bfloat16 (needs mixed_precision "
+                          "bf16): less memory; an update below ~1/256 of a weight is lost")
+    full_fp16: bool = opt(False, "LoRA weights, gradients and optimizer state in float16 (needs mixed_precision fp16, "
+                          "a GPU; not with Prodigy/DAdaptAdam or a non-fused AdamW)")
+    allow_tf32: bool = opt(False, "float32 matmuls and convolutions on TF32 tensor cores (CUDA, Ampere and later); "
+                           "off: torch's defaults, as sd-scripts")
     # --- resolved by load_config, not options
     datasets: list = field(default_factory=list, metadata={"internal": True})
     source: str = field(default="", metadata={"internal": True})
@@ -185,8 +192,7 @@ TYPES = {name: typ for name, typ in typing.get_type_hints(TrainConfig).items() i
 
 # sd-scripts options we read but do not implement: (type, the values accepted because they change nothing).
 SD_SCRIPTS_ACCEPTED = {
-    "mem_eff_attn": (bool, (False,)), "lowram": (bool, (False,)), "full_fp16": (bool, (False,)),
-    "full_bf16": (bool, (False,)),
+    "mem_eff_attn": (bool, (False,)), "lowram": (bool, (False,)),
     "no_half_vae": (bool, (False, True)),  # the VAE always stays float32 here (as no_half_vae = true)
     "log_with": (str | None, (None, "tensorboard")),  # tensorboard needs logging_dir (checked), as sd-scripts
     "save_n_epoch_ratio": (int | None, (None,)), "use_8bit_adam": (bool, (False,)),

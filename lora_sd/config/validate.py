@@ -30,6 +30,7 @@ def check_values(cfg: TrainConfig, errors: ConfigErrors, inline_datasets: bool):
     _check_output_name(cfg, errors)
     _check_objective(cfg, errors)
     _check_validation_saving_ema(cfg, errors)
+    _check_precision(cfg, errors)
 
     def network(items):
         _check_network(cfg, parse_network_args(items, cfg.network_module))
@@ -220,3 +221,29 @@ def _check_validation_saving_ema(cfg, errors):
     for key in ("ema_for_samples", "ema_for_validation"):
         if getattr(cfg, key) and cfg.ema_decay is None:
             errors.add(key, "needs `ema_decay` (no EMA of the weights is kept without it)")
+
+
+def _check_precision(cfg, errors):
+    """full_bf16 / full_fp16 (issue 13): sd-scripts' mixed-precision requirement, not both, and the optimizers
+    that cannot step float16 weights: a non-fused AdamW and Prodigy add their epsilon (1e-8) in float16, where it
+    is 0, so a weight with a zero gradient (every LoRA down matrix at the first step) becomes NaN; DAdaptAdam's
+    step size never grows from float16 sums. Fused AdamW (the default on CUDA) computes in float32."""
+    if cfg.full_bf16 and cfg.full_fp16:
+        errors.add("full_bf16", "and `full_fp16` are both set: the LoRA trains in one dtype; set one")
+        return
+    for key, precision in (("full_bf16", "bf16"), ("full_fp16", "fp16")):
+        if getattr(cfg, key) and cfg.mixed_precision != precision:
+            errors.add(key, f"needs `mixed_precision = \"{precision}\"` (as in sd-scripts); got "
+                       f"{cfg.mixed_precision!r}")
+    if not cfg.full_fp16:
+        return
+    name = {o.lower(): o for o in OPTIMIZERS}.get(cfg.optimizer_type.lower())
+    try:
+        args = parse_optimizer_args(cfg.optimizer_args)
+    except ConfigError:
+        return  # reported with the optimizer_args
+    if name in ("Prodigy", "DAdaptAdam") or (name == "AdamW" and not args.get("fused", "foreach" not in args)):
+        what = "fused=False / foreach in `optimizer_args`" if name == "AdamW" else f"`optimizer_type = \"{name}\"`"
+        errors.add("full_fp16", f"cannot train with {what}: it steps float16 weights in float16 (NaN or no "
+                   "progress); use AdamW (fused, the default on CUDA), AdamW8bit, Lion, Adafactor or SGDNesterov, "
+                   "or full_bf16")

@@ -27,7 +27,7 @@ from lora_sd.errors import ConfigError, FormatError
 from lora_sd.formats import save_lora
 from lora_sd.io import atomic_path, failures_name, open_tensor_file, refuse_overwriting_inputs, replace
 from lora_sd.lora_weights import LoraWeights
-from lora_sd.training import state_parts
+from lora_sd.training import precision, state_parts
 from lora_sd.training.network import is_adapter_param
 from lora_sd.state_tree import load_tree, save_tree, tree_from_json, tree_to_json
 
@@ -84,15 +84,15 @@ def trained_lora(accelerator, models: dict) -> LoraWeights:
 
 def write_lora(lora: LoraWeights, path: Path, cfg, *, version: str, unet_config=None) -> Path:
     """Write one LoRA file or folder in cfg.save_model_as, atomically (a failed write names `path`)."""
-    precision = cfg.save_precision or "float"
+    dtype = precision.file_precision(cfg)  # save_precision, else the weights' dtype
     if cfg.save_model_as in ("safetensors", "ckpt", "pt"):
-        return save_lora(lora, path, "kohya", precision, version=version, unet_config=unet_config,
+        return save_lora(lora, path, "kohya", dtype, version=version, unet_config=unet_config,
                          v_parameterization=cfg.v_parameterization, title=cfg.output_name)
     if cfg.save_model_as == "peft":
-        return save_lora(lora, path, "peft", precision)
+        return save_lora(lora, path, "peft", dtype)
     with atomic_path(path) as tmp:  # diffusers: a folder that load_lora_weights(folder) reads
         tmp.mkdir()
-        save_lora(lora, tmp / "pytorch_lora_weights.safetensors", "diffusers", precision)
+        save_lora(lora, tmp / "pytorch_lora_weights.safetensors", "diffusers", dtype)
     return path
 
 

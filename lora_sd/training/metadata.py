@@ -37,7 +37,7 @@ def training_metadata(cfg, data, *, total_batch_size: int, max_train_steps: int,
         "ss_lr_warmup_steps": cfg.lr_warmup_steps,
         "ss_lr_scheduler": cfg.lr_scheduler,
         "ss_mixed_precision": cfg.mixed_precision,
-        "ss_full_fp16": False,
+        "ss_full_fp16": cfg.full_fp16,  # sd-scripts' train_network writes no ss_full_bf16
         "ss_clip_skip": cfg.clip_skip,
         "ss_max_token_length": cfg.max_token_length,
         "ss_cache_latents": cfg.cache_latents or cfg.cache_latents_to_disk,

@@ -6,7 +6,7 @@ Fresh adapters follow `network_dim`/`network_alpha` (+ `conv_dim`/`conv_alpha`);
 `network_weights` loads a LoRA file (any format) as the starting point, with
 the file's ranks and alphas (`dim_from_weights`) or checked against the
 configured ones. The base weights stay frozen (and may be cast to fp16/bf16);
-the LoRA parameters are always float32.
+the LoRA parameters are float32 (bf16/fp16 with full_bf16/full_fp16: precision.py).
 """
 
 import importlib.util
@@ -18,6 +18,7 @@ import torch
 from lora_sd.config.kv_args import parse_network_args
 from lora_sd.errors import ConfigError
 from lora_sd.targets import NetworkSpec, lokr_layout, lora_configs
+from lora_sd.training.precision import lora_dtype
 from lora_sd.training.regularize import add_lora_dropouts
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def add_network(model, cfg):
         add_lora_dropouts(models[name], spec.rank_dropout, spec.module_dropout)
         for pname, p in models[name].named_parameters():
             p.requires_grad_(is_adapter_param(pname))
-        cast_training_params(models[name], torch.float32)  # the LoRA weights train in float32 under any precision
+        cast_training_params(models[name], lora_dtype(cfg))  # float32 under any mixed precision, but full_bf16/fp16
     return spec
 
 

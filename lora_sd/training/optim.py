@@ -15,6 +15,7 @@ import logging
 from lora_sd.config.choices import OPTIMIZERS  # name -> (module, class, pip package, default kwargs)
 from lora_sd.config.kv_args import parse_optimizer_args
 from lora_sd.errors import ConfigError
+from lora_sd.training.precision import fused_adamw, params_device_type
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def build_optimizer(name: str, param_groups: list[dict], learning_rate: float, o
     """(optimizer, description for ss_optimizer). param_groups carry their own `lr`."""
     name = canonical_optimizer(name)
     kwargs = {**OPTIMIZERS[name][3], **parse_optimizer_args(optimizer_args)}
+    kwargs = fused_adamw(name, kwargs, params_device_type(param_groups))  # fused=True on CUDA unless chosen
     group_lrs = {g.get("lr", learning_rate) for g in param_groups} - {0.0}
     if name in ("Prodigy", "DAdaptAdam") and len(group_lrs) > 1:
         raise ConfigError(f"{name} needs one learning rate for all parameter groups: set `unet_lr` and "

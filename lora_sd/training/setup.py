@@ -12,6 +12,7 @@ from lora_sd.demo import resolve_demo_path
 from lora_sd.errors import ConfigError
 from lora_sd.training.network import (add_network, enable_gradient_checkpointing, set_attention, store_base_in_fp8,
                                       text_encoders)
+from lora_sd.training.precision import configure_run
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,10 @@ def make_accelerator(cfg):
         # model family is not known before it loads)
         kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     # cpu=True on a GPU-less machine makes `accelerate launch --multi_gpu` run DDP over gloo (see DESIGN.md)
-    return Accelerator(cpu=not has_cuda, mixed_precision=cfg.mixed_precision,
-                       gradient_accumulation_steps=cfg.gradient_accumulation_steps, **kwargs)
+    accelerator = Accelerator(cpu=not has_cuda, mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps, **kwargs)
+    configure_run(cfg, accelerator)  # TF32, full_fp16's GradScaler
+    return accelerator
 
 
 def load_model(cfg, device):
@@ -45,7 +48,7 @@ def load_model(cfg, device):
 
     The U-Net and text encoder(s) are cast to the mixed-precision dtype (`fp8_base`: their Linear/Conv
     weights stored in float8); the VAE only encodes and stays float32 (sd-scripts' no_half_vae; SDXL's
-    VAE overflows in fp16); LoRA weights are float32.
+    VAE overflows in fp16); LoRA weights are float32 (bf16/fp16 with full_bf16/full_fp16).
     """
     from lora_sd.models.load import load_base
 
