@@ -3,8 +3,8 @@
 `full_bf16` / `full_fp16` (sd-scripts' names): the LoRA parameters, and so their gradients and the optimizer
 state, are bfloat16 / float16 instead of float32 (half the memory of the trained weights and of the state),
 for every adapter kind (LoRA, DoRA's magnitude, LoHa, LoKr: whatever the optimizer trains). The checks that need
-only the config (sd-scripts' own: full_bf16 needs mixed_precision bf16, full_fp16 fp16; not both; optimizers
-that cannot step float16 weights) are in lora_sd.config.validate; what needs the run is here. The EMA keeps its
+only the config are in lora_sd.config.validate (sd-scripts': full_bf16 needs mixed_precision bf16, full_fp16
+fp16; ours: not both, and no optimizer that cannot step float16 weights); what needs the run is here. The EMA keeps its
 float32 shadow (ema.py); states save and resume the weights and the optimizer state in their dtype; a file
 without `save_precision` is written in the weights' dtype, as sd-scripts writes it (it casts only when
 save_precision is given).
