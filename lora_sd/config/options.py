@@ -166,6 +166,14 @@ class TrainConfig:
                            "copies the weights); false: ema_decay from the first step")
     ema_for_samples: bool = opt(False, "sample images with the EMA weights (needs ema_decay)")
     ema_for_validation: bool = opt(False, "compute the validation loss with the EMA weights (needs ema_decay)")
+    # --- issue 13: compile and fused backward ---
+    torch_compile: bool = opt(False, "compile the trained U-Net (and trained text encoders) with torch.compile "
+                              "through `dynamo_backend`; the first steps compile")
+    dynamo_backend: str = opt("inductor", "torch.compile backend of torch_compile: inductor (fast; a C++ compiler on "
+                              "CPU, triton on CUDA), aot_eager or eager (checks, no speed-up), cudagraphs (CUDA), ...")
+    fused_backward_pass: bool = opt(False, "step the optimizer on each LoRA weight inside backward as soon as its "
+                                    "gradient is ready, then free it (less memory; AdamW, SGDNesterov, Lion, "
+                                    "Adafactor...; gradient_accumulation_steps 1, one process)")
     # --- resolved by load_config, not options
     datasets: list = field(default_factory=list, metadata={"internal": True})
     source: str = field(default="", metadata={"internal": True})

@@ -30,6 +30,7 @@ def check_values(cfg: TrainConfig, errors: ConfigErrors, inline_datasets: bool):
     _check_output_name(cfg, errors)
     _check_objective(cfg, errors)
     _check_validation_saving_ema(cfg, errors)
+    _check_compile(cfg, errors)
 
     def network(items):
         _check_network(cfg, parse_network_args(items, cfg.network_module))
@@ -220,3 +221,43 @@ def _check_validation_saving_ema(cfg, errors):
     for key in ("ema_for_samples", "ema_for_validation"):
         if getattr(cfg, key) and cfg.ema_decay is None:
             errors.add(key, "needs `ema_decay` (no EMA of the weights is kept without it)")
+
+
+# sd-scripts' --dynamo_backend choices (library/train_util.py); lora_sd.training.compile checks that the one
+# chosen runs here
+DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
+                   "fx2trt", "onnxrt")
+# optimizers whose update of a weight reads only that weight and its gradient (fused_backward_pass steps them
+# one weight at a time); Prodigy and D-Adaptation estimate their step size from all weights together
+PER_WEIGHT_OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "SGDNesterov", "Adafactor")
+
+
+def _check_compile(cfg, errors):
+    """Issue 13's torch_compile / dynamo_backend and fused_backward_pass: names, and what they cannot run with."""
+    if cfg.dynamo_backend not in DYNAMO_BACKENDS:
+        close = difflib.get_close_matches(cfg.dynamo_backend, DYNAMO_BACKENDS, n=1)
+        errors.add("dynamo_backend", f"must be one of {', '.join(DYNAMO_BACKENDS)}; got {cfg.dynamo_backend!r}"
+                   + (f" (did you mean `{close[0]}`?)" if close else ""))
+    if cfg.torch_compile:
+        if cfg.xformers:
+            errors.add("torch_compile", "with `xformers`: compile captures PyTorch SDPA attention (the default), "
+                       "xformers' kernels break its graph; remove `xformers`")
+        try:
+            module_dropout = parse_network_args(cfg.network_args, cfg.network_module).get("module_dropout")
+        except ConfigError:
+            module_dropout = None  # reported with the network_args
+        if module_dropout:
+            errors.add("torch_compile", "with module_dropout (`network_args`): it switches layers' LoRA on and off "
+                       "by a random draw inside the forward, which compiles again for every pattern; remove one")
+    if not cfg.fused_backward_pass:
+        return
+    if cfg.gradient_accumulation_steps > 1:
+        errors.add("fused_backward_pass", f"steps each weight inside backward, so it cannot sum gradients over "
+                   f"`gradient_accumulation_steps` {cfg.gradient_accumulation_steps}: set it to 1 (as sd-scripts)")
+    name = next((o for o in OPTIMIZERS if o.lower() == cfg.optimizer_type.lower()), None)
+    if name is not None and name not in PER_WEIGHT_OPTIMIZERS:
+        errors.add("fused_backward_pass", f"steps one weight at a time, but {name} sets its step size from all "
+                   f"weights' gradients together; use one of {', '.join(PER_WEIGHT_OPTIMIZERS)}")
+    if cfg.mixed_precision == "fp16":
+        errors.add("fused_backward_pass", 'with `mixed_precision = "fp16"`: the gradient scaler skips a step only '
+                   'after seeing every gradient; use "bf16" (or "no")')

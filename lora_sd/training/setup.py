@@ -10,6 +10,8 @@ import torch
 from lora_sd.config.kv_args import parse_network_args
 from lora_sd.demo import resolve_demo_path
 from lora_sd.errors import ConfigError
+from lora_sd.training.compile import check_compile
+from lora_sd.training.fused_backward import check_processes
 from lora_sd.training.network import (add_network, enable_gradient_checkpointing, set_attention, store_base_in_fp8,
                                       text_encoders)
 
@@ -24,6 +26,7 @@ def make_accelerator(cfg):
     has_cuda = torch.cuda.is_available()
     if cfg.mixed_precision == "fp16" and not has_cuda:
         raise ConfigError('`mixed_precision = "fp16"` needs a CUDA GPU; on CPU use "bf16" or "no"')
+    check_compile(cfg, "cuda" if has_cuda else "cpu")
     kwargs = {}
     if cfg.logging_dir:
         run = (cfg.log_prefix or "") + time.strftime("%Y%m%d%H%M%S")
@@ -36,8 +39,10 @@ def make_accelerator(cfg):
         # model family is not known before it loads)
         kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     # cpu=True on a GPU-less machine makes `accelerate launch --multi_gpu` run DDP over gloo (see DESIGN.md)
-    return Accelerator(cpu=not has_cuda, mixed_precision=cfg.mixed_precision,
-                       gradient_accumulation_steps=cfg.gradient_accumulation_steps, **kwargs)
+    accelerator = Accelerator(cpu=not has_cuda, mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps, **kwargs)
+    check_processes(cfg, accelerator.num_processes)
+    return accelerator
 
 
 def load_model(cfg, device):
