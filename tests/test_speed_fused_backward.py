@@ -8,7 +8,8 @@ from lora_sd.config.options import TrainConfig
 from lora_sd.errors import ConfigError
 from lora_sd.training import fused_backward
 from lora_sd.training.fused_backward import FusedBackward, check_processes
-from tests.test_train import args, assets, kohya_file, refused_run, stopped_after_first_state, train_recipe  # noqa: F401
+from tests.test_train import assets  # noqa: F401  (the tiny model + images fixture)
+from tests.test_train import args, kohya_file, refused_run, stopped_after_first_state, train_recipe
 
 # max_grad_norm 0: sd-scripts' fused clipping is per weight, the usual one global (test_clipping_is_per_weight)
 COMMON = ("--max_grad_norm", "0", "--save_every_n_steps", "3", "--save_state", "--train_batch_size", "1",

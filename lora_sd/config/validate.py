@@ -248,7 +248,8 @@ def _check_compile(cfg, errors):
             module_dropout = None  # reported with the network_args
         if module_dropout:
             errors.add("torch_compile", "with module_dropout (`network_args`): it switches layers' LoRA on and off "
-                       "by a random draw inside the forward, which compiles again for every pattern; remove one")
+                       "by a random draw inside the forward, which breaks the compiled graph at every layer (LoRA: "
+                       "a compilation per pattern); remove one of them")
     if not cfg.fused_backward_pass:
         return
     if cfg.gradient_accumulation_steps > 1:

@@ -12,6 +12,12 @@ more with the changed sizes symbolic at the first other shape, and then serves e
 compilations does not grow with the buckets (tests/test_speed_compile.py counts them). `dynamic=False`
 would compile per bucket until torch's recompile limit (8), then silently run uncompiled.
 
+Measured on the tiny model with the eager backend (tests/test_speed_compile.py, 3 buckets): 2 compilations
+with dynamic=None, 3 with dynamic=False (one per bucket), 1 with dynamic=True (symbolic from the first step).
+Gradient checkpointing, fp8_base, rank_dropout and a per-dataset network_multiplier (PEFT's set_scale: one
+more compilation per value) compile without graph breaks; the validation loss (eval mode) adds one
+compilation. PEFT's LoHa/LoKr layers break the graph at every layer (a random draw in their forward).
+
 Refused before the model loads (ConfigError, one line): a backend this torch does not have or cannot run
 here (inductor needs a C++ compiler on CPU and triton on CUDA; cudagraphs needs CUDA; onnxrt, tvm, ...
 their packages), and with `torch_compile` the options that break it (config/validate.py `_check_compile`).
@@ -73,5 +79,11 @@ def compiled_forward(cfg, models: dict) -> dict:
         return dict(models)
     import torch
 
+    from lora_sd.training.network import network_args
+
+    if network_args(cfg).get("algo") in ("loha", "lokr"):
+        logger.warning("torch_compile with a %s network: PEFT's %s layers draw their module dropout in the forward "
+                       "(even at 0), which breaks the compiled graph at every layer: little speed-up",
+                       network_args(cfg)["algo"], network_args(cfg)["algo"])
     logger.info("torch.compile (%s backend) of %s; the first steps compile", cfg.dynamo_backend, "+".join(models))
     return {name: torch.compile(m, backend=cfg.dynamo_backend, dynamic=DYNAMIC) for name, m in models.items()}
