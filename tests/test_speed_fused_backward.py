@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lora_sd.config.options import TrainConfig
+from lora_sd.config.validate import PER_WEIGHT_OPTIMIZERS
 from lora_sd.errors import ConfigError
 from lora_sd.training import fused_backward
 from lora_sd.training.fused_backward import FusedBackward, check_processes
@@ -72,6 +73,38 @@ def test_clipping_is_per_weight():
         assert p.grad is None
         assert torch.allclose((p0 - p.detach()).norm(), torch.tensor(1.0))  # each clipped to 1 on its own
     fused.remove()
+
+
+def _trained_weights(optimizer_type: str, fused: bool) -> list[torch.Tensor]:
+    """Three steps of a two-layer model in two parameter groups (8-bit optimizers: 8-bit state from 4096 weights)."""
+    from lora_sd.training.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 16))
+    groups = [{"params": list(model[0].parameters()), "lr": 1e-3}, {"params": list(model[1].parameters()), "lr": 2e-3}]
+    optimizer, _ = build_optimizer(optimizer_type, groups, 1e-3, [])
+    hooks = FusedBackward(optimizer, max_grad_norm=0) if fused else None
+    for i in range(3):
+        model(torch.randn(8, 128, generator=torch.Generator().manual_seed(i))).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if hooks:
+        hooks.remove()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("optimizer_type", PER_WEIGHT_OPTIMIZERS)
+def test_every_per_weight_optimizer_steps_as_without(optimizer_type):
+    from lora_sd.config.choices import OPTIMIZERS
+
+    package = OPTIMIZERS[optimizer_type][2]
+    if package:
+        pytest.importorskip(package.replace("-", "_"))
+    plain, fused = _trained_weights(optimizer_type, False), _trained_weights(optimizer_type, True)
+    torch.manual_seed(0)
+    start = [p.detach() for p in torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 16)).parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(plain, fused))
+    assert not torch.equal(fused[0], start[0])  # it trained (the start is the same seed's model)
 
 
 @pytest.mark.parametrize("extra, words", [

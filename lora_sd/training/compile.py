@@ -16,10 +16,11 @@ Measured on the tiny model with the eager backend (tests/test_speed_compile.py, 
 with dynamic=None, 3 with dynamic=False (one per bucket), 1 with dynamic=True (symbolic from the first step).
 Gradient checkpointing, fp8_base, rank_dropout and a per-dataset network_multiplier (PEFT's set_scale: one
 more compilation per value) compile without graph breaks; the validation loss (eval mode) adds one
-compilation. PEFT's LoHa/LoKr layers break the graph at every layer (a random draw in their forward).
+compilation; fused_backward_pass compiles as without it. PEFT's LoHa/LoKr layers (a random draw in their
+forward) and DoRA layers break the graph at every layer: they train, compiled in pieces (a warning says so).
 
 Refused before the model loads (ConfigError, one line): a backend this torch does not have or cannot run
-here (inductor needs a C++ compiler on CPU and triton on CUDA; cudagraphs needs CUDA; onnxrt, tvm, ...
+here (inductor needs a C++ compiler on CPU and triton on CUDA; cudagraphs needs CUDA; onnxrt, fx2trt:
 their packages), and with `torch_compile` the options that break it (config/validate.py `_check_compile`).
 """
 
@@ -34,7 +35,9 @@ logger = logging.getLogger(__name__)
 
 # the package a backend needs beyond torch
 _BACKEND_PACKAGES = {"onnxrt": "onnxruntime", "fx2trt": "torch_tensorrt"}
-DYNAMIC = None  # torch's automatic dynamic shapes: see the module docstring
+# torch's automatic dynamic shapes (see above); not True, which makes every size symbolic from the first step
+# (inductor then specialises less for a run with one bucket) to save one compilation
+DYNAMIC = None
 
 
 def check_compile(cfg, device_type: str):
@@ -81,9 +84,10 @@ def compiled_forward(cfg, models: dict) -> dict:
 
     from lora_sd.training.network import network_args
 
-    if network_args(cfg).get("algo") in ("loha", "lokr"):
-        logger.warning("torch_compile with a %s network: PEFT's %s layers draw their module dropout in the forward "
-                       "(even at 0), which breaks the compiled graph at every layer: little speed-up",
-                       network_args(cfg)["algo"], network_args(cfg)["algo"])
+    args = network_args(cfg)
+    kind = "DoRA" if args.get("dora_wd") else {"loha": "LoHa", "lokr": "LoKr"}.get(args.get("algo"))
+    if kind:  # measured on the tiny model: ~40-50 graph breaks (LoHa/LoKr: a random draw; DoRA: its weight norm)
+        logger.warning("torch_compile with a %s network: PEFT's %s layers break the compiled graph at every layer, "
+                       "so compiling gains little", kind, kind)
     logger.info("torch.compile (%s backend) of %s; the first steps compile", cfg.dynamo_backend, "+".join(models))
     return {name: torch.compile(m, backend=cfg.dynamo_backend, dynamic=DYNAMIC) for name, m in models.items()}
