@@ -173,6 +173,14 @@ class TrainConfig:
                           "a GPU; not with Prodigy/DAdaptAdam or a non-fused AdamW)")
     allow_tf32: bool = opt(False, "float32 matmuls and convolutions on TF32 tensor cores (CUDA, Ampere and later); "
                            "off: torch's defaults, as sd-scripts")
+    # --- issue 13: compile and fused backward ---
+    torch_compile: bool = opt(False, "compile the trained U-Net (and trained text encoders) with torch.compile "
+                              "through `dynamo_backend`; the first steps compile")
+    dynamo_backend: str = opt("inductor", "torch.compile backend of torch_compile: inductor (fast; a C++ compiler on "
+                              "CPU, triton on CUDA), aot_eager or eager (checks, no speed-up), cudagraphs (CUDA), ...")
+    fused_backward_pass: bool = opt(False, "step the optimizer on each LoRA weight inside backward as soon as its "
+                                    "gradient is ready, then free it (less memory; AdamW, SGDNesterov, Lion, "
+                                    "Adafactor...; gradient_accumulation_steps 1, one process)")
     # --- resolved by load_config, not options
     datasets: list = field(default_factory=list, metadata={"internal": True})
     source: str = field(default="", metadata={"internal": True})

@@ -31,6 +31,7 @@ def check_values(cfg: TrainConfig, errors: ConfigErrors, inline_datasets: bool):
     _check_objective(cfg, errors)
     _check_validation_saving_ema(cfg, errors)
     _check_precision(cfg, errors)
+    _check_compile(cfg, errors)
 
     def network(items):
         _check_network(cfg, parse_network_args(items, cfg.network_module))
@@ -118,11 +119,16 @@ def _check_choices(cfg, errors):
         value = getattr(cfg, key)
         if value not in allowed:
             errors.add(key, f"must be one of {', '.join(str(a) for a in allowed if a is not None)}; got {value!r}")
-    lower = {o.lower(): o for o in OPTIMIZERS}  # sd-scripts matches optimizer names case-insensitively
-    if cfg.optimizer_type.lower() not in lower:
+    lower = {o.lower(): o for o in OPTIMIZERS}
+    if _optimizer_name(cfg) is None:
         close = [lower[c] for c in difflib.get_close_matches(cfg.optimizer_type.lower(), list(lower), n=1, cutoff=0.4)]
         errors.add("optimizer_type", f"must be one of {', '.join(OPTIMIZERS)}; got {cfg.optimizer_type!r}"
                    + (f" (did you mean `{close[0]}`?)" if close else ""))
+
+
+def _optimizer_name(cfg) -> str | None:
+    """The known optimizer `optimizer_type` names (sd-scripts matches names case-insensitively); None if unknown."""
+    return {o.lower(): o for o in OPTIMIZERS}.get(cfg.optimizer_type.lower())
 
 
 def _check_ranges(cfg, errors):
@@ -237,7 +243,7 @@ def _check_precision(cfg, errors):
                        f"{cfg.mixed_precision!r}")
     if not cfg.full_fp16:
         return
-    name = {o.lower(): o for o in OPTIMIZERS}.get(cfg.optimizer_type.lower())
+    name = _optimizer_name(cfg)
     try:
         args = parse_optimizer_args(cfg.optimizer_args)
     except ConfigError:
@@ -247,3 +253,42 @@ def _check_precision(cfg, errors):
         errors.add("full_fp16", f"cannot train with {what}: it steps float16 weights in float16 (NaN or no "
                    "progress); use AdamW (fused, the default on CUDA), AdamW8bit, Lion, Adafactor or SGDNesterov, "
                    "or full_bf16")
+# sd-scripts' --dynamo_backend choices (library/train_util.py); lora_sd.training.compile checks that the one
+# chosen runs here
+DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
+                   "fx2trt", "onnxrt")
+# optimizers whose update of a weight reads only that weight and its gradient (fused_backward_pass steps them
+# one weight at a time); Prodigy and D-Adaptation estimate their step size from all weights together
+PER_WEIGHT_OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "SGDNesterov", "Adafactor")
+
+
+def _check_compile(cfg, errors):
+    """Issue 13's torch_compile / dynamo_backend and fused_backward_pass: names, and what they cannot run with."""
+    if cfg.dynamo_backend not in DYNAMO_BACKENDS:
+        close = difflib.get_close_matches(cfg.dynamo_backend, DYNAMO_BACKENDS, n=1)
+        errors.add("dynamo_backend", f"must be one of {', '.join(DYNAMO_BACKENDS)}; got {cfg.dynamo_backend!r}"
+                   + (f" (did you mean `{close[0]}`?)" if close else ""))
+    if cfg.torch_compile:
+        if cfg.xformers:
+            errors.add("torch_compile", "with `xformers`: compile captures PyTorch SDPA attention (the default), "
+                       "xformers' kernels break its graph; remove `xformers`")
+        try:
+            module_dropout = parse_network_args(cfg.network_args, cfg.network_module).get("module_dropout")
+        except ConfigError:
+            module_dropout = None  # reported with the network_args
+        if module_dropout:
+            errors.add("torch_compile", "with module_dropout (`network_args`): it switches layers' LoRA on and off "
+                       "by a random draw inside the forward, which breaks the compiled graph at every layer (LoRA: "
+                       "a compilation per pattern); remove one of them")
+    if not cfg.fused_backward_pass:
+        return
+    if cfg.gradient_accumulation_steps > 1:
+        errors.add("fused_backward_pass", f"steps each weight inside backward, so it cannot sum gradients over "
+                   f"`gradient_accumulation_steps` {cfg.gradient_accumulation_steps}: set it to 1 (as sd-scripts)")
+    name = _optimizer_name(cfg)
+    if name is not None and name not in PER_WEIGHT_OPTIMIZERS:
+        errors.add("fused_backward_pass", f"steps one weight at a time, but {name} sets its step size from all "
+                   f"weights' gradients together; use one of {', '.join(PER_WEIGHT_OPTIMIZERS)}")
+    if cfg.mixed_precision == "fp16":
+        errors.add("fused_backward_pass", 'with `mixed_precision = "fp16"`: the gradient scaler skips a step only '
+                   'after seeing every gradient; use "bf16" (or "no")')

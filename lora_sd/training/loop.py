@@ -41,7 +41,8 @@ import torch
 from lora_sd.data.masks import check_mask_options
 from lora_sd.errors import ConfigError, TrainingError
 from lora_sd.io import atomic_path, check_writable_folder
-from lora_sd.training import checkpoint, optim, text_cache
+from lora_sd.training import checkpoint, fused_backward, optim, text_cache
+from lora_sd.training.compile import compiled_forward
 from lora_sd.training.ema import LoraEma, ema_weights, trained_parameters
 from lora_sd.training.interrupt import StopRequest, stop_on_ctrl_c
 from lora_sd.training.metadata import training_metadata
@@ -181,9 +182,11 @@ class LoraTraining(SavesAndEnd):
         prepared = acc.prepare(*self.trained.values(), optimizer, self.data.dataloader, lr_scheduler)
         self.models = dict(zip(self.trained, prepared[:len(self.trained)]))
         self.optimizer, self.dataloader, self.lr_scheduler = prepared[len(self.trained):]
-        self.unet = self.models.get("unet", self.unet)
-        self.encoders = {name: self.models.get(name, m) for name, m in self.encoders.items()}
+        forward = compiled_forward(cfg, self.models)  # torch_compile: the trained parts' forward; models stay plain
+        self.unet = forward.get("unet", self.unet)
+        self.encoders = {name: forward.get(name, m) for name, m in self.encoders.items()}
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.fused = fused_backward.attach(cfg, self.optimizer)  # fused_backward_pass: steps inside backward
         self._setup_text_conditioning()
 
     def _setup_text_conditioning(self):
@@ -280,7 +283,7 @@ class LoraTraining(SavesAndEnd):
             loss = self._loss(batch, cfg, generator)
             self._check_loss(loss)
             acc.backward(loss)
-            if acc.sync_gradients and cfg.max_grad_norm:
+            if acc.sync_gradients and cfg.max_grad_norm and not self.fused:  # fused: clipped, stepped and freed
                 acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()

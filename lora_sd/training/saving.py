@@ -79,10 +79,11 @@ class SavesAndEnd:
             self._stop_interrupted(with_state)
         result.lora_path = self.save(state=with_state)
         result.steps, result.epochs = self.progress.global_step, self.progress.epochs_begun
-        result.unet = acc.unwrap_model(self.unet)
-        result.text_encoder = acc.unwrap_model(self.encoders["text_encoder"])
+        plain = {"keep_torch_compile": False}  # torch_compile: the modules, not their compiled forward
+        result.unet = acc.unwrap_model(self.unet, **plain)
+        result.text_encoder = acc.unwrap_model(self.encoders["text_encoder"], **plain)
         if "text_encoder_2" in self.encoders:
-            result.text_encoder_2 = acc.unwrap_model(self.encoders["text_encoder_2"])
+            result.text_encoder_2 = acc.unwrap_model(self.encoders["text_encoder_2"], **plain)
         return result
 
     def _stop_interrupted(self, with_state: bool):

@@ -10,6 +10,8 @@ import torch
 from lora_sd.config.kv_args import parse_network_args
 from lora_sd.demo import resolve_demo_path
 from lora_sd.errors import ConfigError
+from lora_sd.training.compile import check_compile
+from lora_sd.training.fused_backward import check_processes
 from lora_sd.training.network import (add_network, enable_gradient_checkpointing, set_attention, store_base_in_fp8,
                                       text_encoders)
 from lora_sd.training.precision import configure_run
@@ -25,6 +27,7 @@ def make_accelerator(cfg):
     has_cuda = torch.cuda.is_available()
     if cfg.mixed_precision == "fp16" and not has_cuda:
         raise ConfigError('`mixed_precision = "fp16"` needs a CUDA GPU; on CPU use "bf16" or "no"')
+    check_compile(cfg, "cuda" if has_cuda else "cpu")
     kwargs = {}
     if cfg.logging_dir:
         run = (cfg.log_prefix or "") + time.strftime("%Y%m%d%H%M%S")
@@ -40,6 +43,7 @@ def make_accelerator(cfg):
     accelerator = Accelerator(cpu=not has_cuda, mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps, **kwargs)
     configure_run(cfg, accelerator)  # TF32, full_fp16's GradScaler
+    check_processes(cfg, accelerator.num_processes)
     return accelerator
 
 
