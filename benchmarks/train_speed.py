@@ -3,6 +3,15 @@
     python benchmarks/train_speed.py                    # every CPU row, each in its own process
     python benchmarks/train_speed.py --only sdxl        # the SDXL rows (GPU rows: run, or their commands)
     python benchmarks/train_speed.py --model sd15 --gradient_checkpointing --steps 3   # one row
+    python benchmarks/train_speed.py --compare-floor --model sd15 --resolution 256 --rounds 3 --steps 2
+    python benchmarks/train_speed.py --gpu [--option full_bf16=true] [--peer sd-scripts PATH]   # CUDA rows
+    python benchmarks/train_speed.py --dry              # the GPU rows' FLOPs and table shape, no timing
+
+`--compare-floor` (speed_floor.py): our training step against the bare PEFT U-Net loop, same model and
+inputs, interleaved rounds, the per-round ratio, its median and range. `--gpu` (gpu_rows.py): our own
+training step on CUDA (bf16, SDPA, AdamW8bit, cached latents and text-encoder outputs) for SD 1.5 512 px
+batch 1 and 16 (with and without gradient checkpointing) and SDXL 1024 px batch 1: it/s, images/s, peak
+memory, MFU; `--peer sd-scripts PATH` (peer.py) runs sd-scripts on the same data beside each row.
 
 Each row trains a U-Net LoRA (network_dim 4, alpha 1, AdamW) with the training
 training's own `compute_loss` (sd-scripts' objective: DDPM noise, timesteps, MSE)
@@ -209,9 +218,24 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); on shared cores 1 avoids OpenMP contention")
     parser.add_argument("--json", action="store_true", help="print the row as JSON (used by the table run)")
+    parser.add_argument("--compare-floor", action="store_true",
+                        help="our training step against the bare PEFT U-Net loop (--model tiny|sd15)")
+    parser.add_argument("--rounds", type=int, default=5, help="--compare-floor: interleaved rounds")
+    parser.add_argument("--gpu", action="store_true", help="the CUDA rows (our training step, bf16, MFU, peak)")
+    parser.add_argument("--dry", action="store_true", help="the CUDA rows' FLOPs and table shape, without timing")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training option for --gpu/--compare-floor rows (repeatable), e.g. full_bf16=true")
+    parser.add_argument("--peer", nargs=2, metavar=("sd-scripts", "PATH"),
+                        help="--gpu: sd-scripts' train_network.py at PATH on the same data, side by side")
+    parser.add_argument("--peer_steps", default="5,15", help="--peer: the two step counts n1,n2")
+    parser.add_argument("--peer_dir", default=None, help="--peer: where its model and images are written once")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the GPU's peak dense bf16 TFLOP/s (default: known for common GPUs)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare_floor or args.gpu or args.dry:
+        return new_modes(args, parser)
     if args.model:
         steps = args.steps or (20 if args.model == "tiny" else 2)
         row = run_row(args.model, args.gradient_checkpointing, steps, args.resolution, args.weights,
@@ -223,6 +247,7 @@ def main(argv=None):
                     for m, gc, n, extra in GPU_ROWS if not args.only or m == args.only]
     if torch.cuda.is_available():
         rows += run_table(GPU_ROWS, args)
+        new_modes(parser.parse_args(["--gpu"]), parser)
     device = rows[0][0]["device"] if rows else "?"
     print(f"device: {device}, torch threads: {rows[0][0]['threads'] if rows else '?'}, batch 1, "
           "cached latents and text-encoder outputs, U-Net LoRA dim 4")
@@ -237,6 +262,50 @@ def main(argv=None):
         print("\nGPU rows (no CUDA GPU here; on one, the table run includes them, or run each):")
         for cmd in gpu_commands:
             print(f"    {cmd}")
+
+
+def new_modes(args, parser):
+    """--compare-floor, --dry and --gpu (each in its own module)."""
+    options = dict(kv.split("=", 1) for kv in args.option if "=" in kv)
+    if len(options) != len(args.option):
+        parser.error("--option takes KEY=VALUE (a training option, e.g. full_bf16=true)")
+    if args.compare_floor:
+        from benchmarks.speed_floor import compare_floor
+
+        model = args.model or "tiny"
+        return compare_floor(model, args.resolution or {"tiny": 64}.get(model, 512), args.rounds, args.steps,
+                             args.gradient_checkpointing, options)
+    from benchmarks import gpu_rows
+
+    if args.dry or not torch.cuda.is_available():
+        if not args.dry:
+            print("no CUDA GPU here: the dry mode (FLOPs and the table's shape); on a GPU: --gpu")
+        return gpu_rows.dry()
+    peer = None
+    if args.peer:
+        peer = peer_runner(args)
+    return gpu_rows.gpu(extra=options, steps=args.steps or 10, peer=peer, peak=args.peak_tflops)
+
+
+def peer_runner(args):
+    """row -> sd-scripts' s/step on the row's data (model folder and images written once under --peer_dir)."""
+    import tempfile
+
+    from benchmarks import peer
+
+    name, path = args.peer
+    if name != "sd-scripts":
+        raise SystemExit(f"--peer: only sd-scripts is known, not {name!r}")
+    root = Path(args.peer_dir or tempfile.mkdtemp(prefix="lora_sd-peer-"))
+    n1, n2 = (int(n) for n in args.peer_steps.split(","))
+
+    def run(row):
+        data = peer.write_peer_data(root, row.model, row.resolution)
+        seconds = peer.peer_step_time(Path(path), row, data, root / "out", (n1, n2))
+        print(f"sd-scripts, {row.name}: {seconds:.4f} s/step")
+        return seconds
+
+    return run
 
 
 if __name__ == "__main__":
