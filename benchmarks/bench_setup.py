@@ -48,10 +48,10 @@ def build_model(model: str, device="cpu", full_encoders=None):
     with torch.device(device):
         unet = UNet2DConditionModel(**configs["unet"])
         vae = AutoencoderKL(**(configs["vae"] if full else tiny.vae_config(version)))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"], **layers))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**dict(configs["text_encoder"], **layers)))
         text_encoder_2 = tokenizer_2 = None
         if version == "sdxl":
-            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"], **layers))
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**dict(configs["text_encoder_2"], **layers)))
             tokenizer_2 = load_clip_tokenizer("sdxl_2")
     for m in (unet, vae, text_encoder, text_encoder_2):
         if m is not None:

@@ -10,6 +10,7 @@ batch the training's own data loader gives (cached latents) and the training's c
 
 import statistics
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -51,35 +52,63 @@ class BareLoop:
             self.optimizer.zero_grad(set_to_none=True)
 
 
+def op_counts(step) -> Counter:
+    """{aten op: calls} of one `step(1)`, forward, backward and optimizer: what the step does, free of this
+    machine's timing noise."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        counts = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as mode:
+        step(1)
+    return mode.counts
+
+
+def extra_ops(ours: Counter, bare: Counter) -> str:
+    """The ops ours runs more (or fewer) times than the bare loop, as `op +n` (a short list)."""
+    diff = {op: ours[op] - bare[op] for op in ours.keys() | bare.keys() if ours[op] != bare[op]}
+    return ", ".join(f"{op} {n:+d}" for op, n in sorted(diff.items(), key=lambda kv: -abs(kv[1]))) or "none"
+
+
 def compare_floor(model="tiny", resolution=64, rounds=5, steps=None, gradient_checkpointing=False, options=None,
-                  report=print) -> dict:
+                  clock="wall", report=print) -> dict:
     """Interleaved rounds of `steps` bare steps and `steps` of ours (alternating which goes first); each round's
-    ratio ours / bare. One untimed warm-up step of each first."""
+    ratio ours / bare. One untimed warm-up step of each first, its aten ops counted. `clock` "cpu": this thread's CPU time
+    (time.thread_time) instead of wall time: with one torch thread (`--threads 1`; CPU autograd runs on the
+    calling thread) it leaves out the time other processes hold the cores, the noise of a shared machine."""
+    timer = time.thread_time if clock == "cpu" else time.perf_counter
     steps = steps or (10 if model == "tiny" else 2)
     options = dict(options or {}, gradient_checkpointing=gradient_checkpointing)
     sd_model = build_model(model)
     with bench_training(sd_model, resolution, 1, options) as (run, batch):
         bare, device = BareLoop(run, batch), run.accelerator.device
         loops = {"bare": bare.steps, "ours": lambda n: run_steps(run, batch, n)}
-        for step in loops.values():
-            step(1)
+        counts = {name: op_counts(step) for name, step in loops.items()}  # also the untimed warm-up step
+        report(f"aten ops per step: bare {sum(counts['bare'].values())}, ours {sum(counts['ours'].values())}; "
+               f"ours - bare: {extra_ops(counts['ours'], counts['bare'])}")
         ratios, seconds = [], {"bare": [], "ours": []}
         for r in range(rounds):
             for name in (("bare", "ours") if r % 2 == 0 else ("ours", "bare")):
                 _sync(device)
-                start = time.perf_counter()
+                start = timer()
                 loops[name](steps)
                 _sync(device)
-                seconds[name].append((time.perf_counter() - start) / steps)
+                seconds[name].append((timer() - start) / steps)
             ratios.append(seconds["ours"][-1] / seconds["bare"][-1])
             report(f"round {r + 1}: bare {seconds['bare'][-1]:.4f} s/step, ours {seconds['ours'][-1]:.4f} s/step, "
                    f"ratio {ratios[-1]:.3f}")
     result = {"model": model, "resolution": resolution, "gradient_checkpointing": gradient_checkpointing,
-              "rounds": rounds, "steps": steps, "ratios": ratios, "median": statistics.median(ratios),
+              "rounds": rounds, "clock": clock, "steps": steps, "ratios": ratios, "median": statistics.median(ratios),
               "min": min(ratios), "max": max(ratios), "bare_s": statistics.median(seconds["bare"]),
-              "ours_s": statistics.median(seconds["ours"]), "threads": torch.get_num_threads()}
+              "ours_s": statistics.median(seconds["ours"]), "threads": torch.get_num_threads(),
+              "ops": {name: sum(c.values()) for name, c in counts.items()}}
     report(f"{model} {resolution} px, gradient checkpointing {'on' if gradient_checkpointing else 'off'}, "
-           f"{rounds} rounds x {steps} steps, {result['threads']} threads: ours / bare median "
+           f"{rounds} rounds x {steps} steps, {result['threads']} threads, {clock} clock: ours / bare median "
            f"{result['median']:.3f} (range {result['min']:.3f}-{result['max']:.3f}); median s/step bare "
            f"{result['bare_s']:.4f}, ours {result['ours_s']:.4f}")
     return result

@@ -221,6 +221,9 @@ def main(argv=None):
     parser.add_argument("--compare-floor", action="store_true",
                         help="our training step against the bare PEFT U-Net loop (--model tiny|sd15)")
     parser.add_argument("--rounds", type=int, default=5, help="--compare-floor: interleaved rounds")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="--compare-floor: wall time, or this thread's CPU time (with --threads 1: robust to "
+                             "other processes on the cores)")
     parser.add_argument("--gpu", action="store_true", help="the CUDA rows (our training step, bf16, MFU, peak)")
     parser.add_argument("--dry", action="store_true", help="the CUDA rows' FLOPs and table shape, without timing")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -274,7 +277,7 @@ def new_modes(args, parser):
 
         model = args.model or "tiny"
         return compare_floor(model, args.resolution or {"tiny": 64}.get(model, 512), args.rounds, args.steps,
-                             args.gradient_checkpointing, options)
+                             args.gradient_checkpointing, options, args.clock)
     from benchmarks import gpu_rows
 
     if args.dry or not torch.cuda.is_available():
