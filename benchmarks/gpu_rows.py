@@ -103,26 +103,31 @@ def forward_backward_flops(forward) -> tuple[int, int]:
     return flops, counter.get_total_flops()
 
 
-def time_row(row: Row, extra: dict, steps=10, warmup=3) -> dict:
-    """Our training step on this row, on CUDA: it/s, images/s, peak GiB (max_memory_allocated)."""
+def time_row(row: Row, extra: dict, steps=10, warmup=3, device="cuda") -> dict:
+    """Our training step on this row: s/step and peak GiB (CUDA: max_memory_allocated; the CPU test: None)."""
+    cuda = device == "cuda"
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 (the training casts to it anyway): SDXL is 10 GiB in fp32
     try:
-        sd_model = build_model(row.model, "cuda")
+        sd_model = build_model(row.model, device)
     finally:
         torch.set_default_dtype(default)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     with bench_training(sd_model, row.resolution, row.batch, row_options(row, extra)) as (run, batch):
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         run_steps(run, batch, warmup)
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         run_steps(run, batch, steps)
-        torch.cuda.synchronize()
+        sync()
         seconds = (time.perf_counter() - start) / steps
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        cfg, optimizer = run.cfg, run.optimizer_name
     del sd_model, run
-    torch.cuda.empty_cache()
-    return {"s_per_step": seconds, "peak_gib": peak}
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"s_per_step": seconds, "peak_gib": peak, "cfg": cfg, "optimizer": optimizer}
 
 
 def fmt(value, spec):
@@ -140,7 +145,8 @@ def table_lines(rows: list[Row], flops: dict, timings: dict, peers: dict, peak: 
         goal = "; ".join(g for g in (GOALS.get(row.name), PEER_GOAL) if g)
         lines.append("| " + " | ".join([
             row.name, fmt(its, ".2f"), fmt(its * row.batch if its else None, ".1f"),
-            fmt(t["peak_gib"] if t else None, ".2f"), fmt(step_flops / 1e9 if step_flops else None, ".4g"),
+            fmt(t["peak_gib"] if t else None, ".2f"),
+            fmt(step_flops / 1e9 if step_flops else None, ".0f" if step_flops and step_flops >= 1e11 else ".4g"),
             fmt(mfu * 100 if mfu else None, ".1f") + ("%" if mfu else ""), fmt(peer_its, ".2f"),
             fmt(its / peer_its if its and peer_its else None, ".2f"), goal]) + " |")
     return lines

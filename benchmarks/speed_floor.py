@@ -78,9 +78,9 @@ def extra_ops(ours: Counter, bare: Counter) -> str:
 def compare_floor(model="tiny", resolution=64, rounds=5, steps=None, gradient_checkpointing=False, options=None,
                   clock="wall", report=print) -> dict:
     """Interleaved rounds of `steps` bare steps and `steps` of ours (alternating which goes first); each round's
-    ratio ours / bare. One untimed warm-up step of each first, its aten ops counted. `clock` "cpu": this thread's CPU time
-    (time.thread_time) instead of wall time: with one torch thread (`--threads 1`; CPU autograd runs on the
-    calling thread) it leaves out the time other processes hold the cores, the noise of a shared machine."""
+    ratio ours / bare. One untimed warm-up step of each first, its aten ops counted. `clock` "cpu": this
+    thread's CPU time (time.thread_time) instead of wall time: with one torch thread (`--threads 1`; CPU
+    autograd runs on the calling thread) it leaves out the time other processes hold the cores."""
     timer = time.thread_time if clock == "cpu" else time.perf_counter
     steps = steps or (10 if model == "tiny" else 2)
     options = dict(options or {}, gradient_checkpointing=gradient_checkpointing)

@@ -72,6 +72,25 @@ def test_dry_mode_counts_each_rows_step_and_prints_the_tables_shape():
     assert "40% MFU" in rows[2] and "4 GiB" in rows[1]
 
 
+def test_a_gpu_row_runs_our_training_with_its_options_and_the_extra_ones():
+    from benchmarks import gpu_rows
+
+    row = gpu_rows.Row("tiny", 64, 2, True)
+    options = gpu_rows.row_options(row, {})
+    assert options["optimizer_type"] == "AdamW8bit" and options["mixed_precision"] == "bf16"
+    # the CPU stand-in for a CUDA row: AdamW instead of AdamW8bit (bitsandbytes' CPU path takes seconds a step)
+    timing = gpu_rows.time_row(row, {"optimizer_type": "AdamW", "max_grad_norm": "0.5"}, steps=1, warmup=1,
+                               device="cpu")
+    cfg = timing["cfg"]
+    assert timing["s_per_step"] > 0 and cfg.mixed_precision == "bf16" and cfg.gradient_checkpointing
+    assert cfg.cache_latents and cfg.cache_text_encoder_outputs and cfg.train_batch_size == 2
+    assert cfg.max_grad_norm == 0.5 and timing["optimizer"] == "torch.optim.adamw.AdamW"
+    line = gpu_rows.table_lines([row], {row: 2 * 10**9}, {row: {"s_per_step": 0.5, "peak_gib": 3.0}}, {row: 1.0},
+                                peak=4.0)[2]
+    # 2 it/s, 4 images/s, 2 GFLOP x 2 it/s / 4 TFLOP/s = 0.1% MFU, sd-scripts 1 it/s: 2x
+    assert line.split(" | ")[1:8] == ["2.00", "4.0", "3.00", "2", "0.1%", "1.00", "2.00"]
+
+
 def test_peak_flops_of_known_gpus():
     from benchmarks.gpu_rows import peak_tflops
 
