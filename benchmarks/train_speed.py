@@ -238,7 +238,14 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compare_floor or args.gpu or args.dry:
-        return new_modes(args, parser)
+        from lora_sd.errors import LoraSdError
+
+        from benchmarks.modes import new_modes
+
+        try:
+            return new_modes(args, parser)
+        except LoraSdError as e:  # a bad --option: one line, as the recipes say it
+            parser.error(str(e))
     if args.model:
         steps = args.steps or (20 if args.model == "tiny" else 2)
         row = run_row(args.model, args.gradient_checkpointing, steps, args.resolution, args.weights,
@@ -250,6 +257,8 @@ def main(argv=None):
                     for m, gc, n, extra in GPU_ROWS if not args.only or m == args.only]
     if torch.cuda.is_available():
         rows += run_table(GPU_ROWS, args)
+        from benchmarks.modes import new_modes
+
         new_modes(parser.parse_args(["--gpu"]), parser)
     device = rows[0][0]["device"] if rows else "?"
     print(f"device: {device}, torch threads: {rows[0][0]['threads'] if rows else '?'}, batch 1, "
@@ -265,50 +274,6 @@ def main(argv=None):
         print("\nGPU rows (no CUDA GPU here; on one, the table run includes them, or run each):")
         for cmd in gpu_commands:
             print(f"    {cmd}")
-
-
-def new_modes(args, parser):
-    """--compare-floor, --dry and --gpu (each in its own module)."""
-    options = dict(kv.split("=", 1) for kv in args.option if "=" in kv)
-    if len(options) != len(args.option):
-        parser.error("--option takes KEY=VALUE (a training option, e.g. full_bf16=true)")
-    if args.compare_floor:
-        from benchmarks.speed_floor import compare_floor
-
-        model = args.model or "tiny"
-        return compare_floor(model, args.resolution or {"tiny": 64}.get(model, 512), args.rounds, args.steps,
-                             args.gradient_checkpointing, options, args.clock)
-    from benchmarks import gpu_rows
-
-    if args.dry or not torch.cuda.is_available():
-        if not args.dry:
-            print("no CUDA GPU here: the dry mode (FLOPs and the table's shape); on a GPU: --gpu")
-        return gpu_rows.dry()
-    peer = None
-    if args.peer:
-        peer = peer_runner(args)
-    return gpu_rows.gpu(extra=options, steps=args.steps or 10, peer=peer, peak=args.peak_tflops)
-
-
-def peer_runner(args):
-    """row -> sd-scripts' s/step on the row's data (model folder and images written once under --peer_dir)."""
-    import tempfile
-
-    from benchmarks import peer
-
-    name, path = args.peer
-    if name != "sd-scripts":
-        raise SystemExit(f"--peer: only sd-scripts is known, not {name!r}")
-    root = Path(args.peer_dir or tempfile.mkdtemp(prefix="lora_sd-peer-"))
-    n1, n2 = (int(n) for n in args.peer_steps.split(","))
-
-    def run(row):
-        data = peer.write_peer_data(root, row.model, row.resolution)
-        seconds = peer.peer_step_time(Path(path), row, data, root / "out", (n1, n2))
-        print(f"sd-scripts, {row.name}: {seconds:.4f} s/step")
-        return seconds
-
-    return run
 
 
 if __name__ == "__main__":
