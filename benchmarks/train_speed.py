@@ -3,6 +3,15 @@
     python benchmarks/train_speed.py                    # every CPU row, each in its own process
     python benchmarks/train_speed.py --only sdxl        # the SDXL rows (GPU rows: run, or their commands)
     python benchmarks/train_speed.py --model sd15 --gradient_checkpointing --steps 3   # one row
+    python benchmarks/train_speed.py --compare-floor --model sd15 --resolution 256 --rounds 3 --steps 2
+    python benchmarks/train_speed.py --gpu [--option full_bf16=true] [--peer sd-scripts PATH]   # CUDA rows
+    python benchmarks/train_speed.py --dry              # the GPU rows' FLOPs and table shape, no timing
+
+`--compare-floor` (speed_floor.py): our training step against the bare PEFT U-Net loop, same model and
+inputs, interleaved rounds, the per-round ratio, its median and range. `--gpu` (gpu_rows.py): our own
+training step on CUDA (bf16, SDPA, AdamW8bit, cached latents and text-encoder outputs) for SD 1.5 512 px
+batch 1 and 16 (with and without gradient checkpointing) and SDXL 1024 px batch 1: it/s, images/s, peak
+memory, MFU; `--peer sd-scripts PATH` (peer.py) runs sd-scripts on the same data beside each row.
 
 Each row trains a U-Net LoRA (network_dim 4, alpha 1, AdamW) with the training
 training's own `compute_loss` (sd-scripts' objective: DDPM noise, timesteps, MSE)
@@ -209,9 +218,34 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); on shared cores 1 avoids OpenMP contention")
     parser.add_argument("--json", action="store_true", help="print the row as JSON (used by the table run)")
+    parser.add_argument("--compare-floor", action="store_true",
+                        help="our training step against the bare PEFT U-Net loop (--model tiny|sd15)")
+    parser.add_argument("--rounds", type=int, default=5, help="--compare-floor: interleaved rounds")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="--compare-floor: wall time, or this thread's CPU time (with --threads 1: robust to "
+                             "other processes on the cores)")
+    parser.add_argument("--gpu", action="store_true", help="the CUDA rows (our training step, bf16, MFU, peak)")
+    parser.add_argument("--dry", action="store_true", help="the CUDA rows' FLOPs and table shape, without timing")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training option for --gpu/--compare-floor rows (repeatable), e.g. full_bf16=true")
+    parser.add_argument("--peer", nargs=2, metavar=("sd-scripts", "PATH"),
+                        help="--gpu: sd-scripts' train_network.py at PATH on the same data, side by side")
+    parser.add_argument("--peer_steps", default="5,15", help="--peer: the two step counts n1,n2")
+    parser.add_argument("--peer_dir", default=None, help="--peer: where its model and images are written once")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the GPU's peak dense bf16 TFLOP/s (default: known for common GPUs)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare_floor or args.gpu or args.dry:
+        from lora_sd.errors import LoraSdError
+
+        from benchmarks.modes import new_modes
+
+        try:
+            return new_modes(args, parser)
+        except LoraSdError as e:  # a bad --option: one line, as the recipes say it
+            parser.error(str(e))
     if args.model:
         steps = args.steps or (20 if args.model == "tiny" else 2)
         row = run_row(args.model, args.gradient_checkpointing, steps, args.resolution, args.weights,
@@ -223,6 +257,9 @@ def main(argv=None):
                     for m, gc, n, extra in GPU_ROWS if not args.only or m == args.only]
     if torch.cuda.is_available():
         rows += run_table(GPU_ROWS, args)
+        from benchmarks.modes import new_modes
+
+        new_modes(parser.parse_args(["--gpu"]), parser)
     device = rows[0][0]["device"] if rows else "?"
     print(f"device: {device}, torch threads: {rows[0][0]['threads'] if rows else '?'}, batch 1, "
           "cached latents and text-encoder outputs, U-Net LoRA dim 4")
