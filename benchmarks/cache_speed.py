@@ -2,6 +2,7 @@
 
     python benchmarks/cache_speed.py                       # full-size SD 1.5 VAE, 512 px, 24 images, 3 rounds
     python benchmarks/cache_speed.py --model tiny --images 64 --rounds 5
+    python benchmarks/cache_speed.py --model stub --images 48 --rounds 5   # only the work around the VAE
     python benchmarks/cache_speed.py --first-epoch         # + caching and first epoch of a tiny training run
 
 Rows, on the same images and the same VAE (random weights with SD 1.5's
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -54,12 +56,32 @@ def make_images(folder: Path, count: int, size: tuple[int, int]) -> Path:
     return folder
 
 
+class StubVae(torch.nn.Module):
+    """A stand-in VAE that does next to no work (8x8 average pooling): with it the rows time only what is not
+    VAE work, the part caching can lose or gain against sd-scripts."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))  # the encoders ask the VAE's parameters for its device
+
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def encode(self, pixels):
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        pooled = torch.nn.functional.avg_pool2d(pixels, 8) * self.scale
+        mean = torch.cat([pooled, pooled.mean(1, keepdim=True)], 1)
+        return SimpleNamespace(latent_dist=DiagonalGaussianDistribution(torch.cat([mean, torch.zeros_like(mean)], 1)))
+
+
 def build_vae(model: str):
     from diffusers import AutoencoderKL
 
     from lora_sd import tiny
     from lora_sd.models import sd_configs
 
+    if model == "stub":
+        return StubVae().requires_grad_(False)
     torch.manual_seed(0)
     config = tiny.vae_config() if model == "tiny" else sd_configs.shipped_configs("sd1")["vae"]
     return AutoencoderKL(**config).eval().requires_grad_(False)
@@ -90,7 +112,7 @@ def floor_cache(rows, vae, batch_size: int, resize) -> int:
             arr = resize(np.array(image, np.uint8), (row["resized_w"], row["resized_h"]))
             top, left = (row["resized_h"] - row["bucket_h"]) // 2, (row["resized_w"] - row["bucket_w"]) // 2
             arr = arr[top:top + row["bucket_h"], left:left + row["bucket_w"]]
-            tensors.append(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div(255).sub(0.5)
+            tensors.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255).sub(0.5)
                            .div(0.5))
         with torch.no_grad():
             vae.encode(torch.stack(tensors).to(vae.device, vae.dtype)).latent_dist.sample().to("cpu")
@@ -106,18 +128,20 @@ def ours_cache(rows, configs, encoder, batch_size: int, to_disk: bool) -> int:
         return len(cache.memory) + len(cache.where)
 
 
-def text_rows(captions, batch_size: int):
-    """(floor, ours) for the text-encoder outputs of `captions`: bare batched CLIP calls vs the output cache."""
+def text_rows(captions, batch_size: int, model: str):
+    """(floor, ours) for the text-encoder outputs of `captions`: bare batched CLIP calls vs the output cache;
+    SD 1.5's text encoder (CLIP ViT-L config) for sd15, lora_sd.tiny's otherwise."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from lora_sd import tiny
     from lora_sd.models import sd_configs
-    from lora_sd.tiny import tiny_tokenizer
     from lora_sd.training.text import TextEncoders, tokenize
     from lora_sd.training.text_cache import CachedTextEncoder
 
     torch.manual_seed(0)
-    tokenizer = tiny_tokenizer("sd1")  # the tokenizer's cost is negligible; its vocabulary fits the config
-    config = dict(sd_configs.shipped_configs("sd1")["text_encoder"], vocab_size=len(tokenizer))
+    tokenizer = tiny.tiny_tokenizer("sd1")  # the tokenizer's cost is negligible; its vocabulary fits the config
+    config = (dict(sd_configs.shipped_configs("sd1")["text_encoder"], vocab_size=len(tokenizer)) if model == "sd15"
+              else tiny.text_encoder_config("sd1", len(tokenizer)))
     encoder = CLIPTextModel(CLIPTextConfig(**config)).eval().requires_grad_(False)
     fn = TextEncoders([encoder], [tokenizer])
 
@@ -147,9 +171,9 @@ def run_rounds(rows: dict, rounds: int) -> dict:
     return times
 
 
-def report(times: dict, floor: str):
+def report(times: dict, floor: str, unit: str = "image"):
     for name, values in times.items():
-        line = f"{name:>10}: {statistics.median(values):.4f} s/image ({min(values):.4f}-{max(values):.4f})"
+        line = f"{name:>10}: {statistics.median(values):.4f} s/{unit} ({min(values):.4f}-{max(values):.4f})"
         if name != floor:
             ratios = [v / f for v, f in zip(values, times[floor])]
             line += f", {statistics.median(ratios):.3f}x the floor ({min(ratios):.3f}-{max(ratios):.3f})"
@@ -180,7 +204,8 @@ def first_epoch(images: Path, model: str, batch_size: int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["sd15", "tiny"], default="sd15")
+    p.add_argument("--model", choices=["sd15", "tiny", "stub"], default="sd15",
+                   help="the VAE: SD 1.5's, lora_sd.tiny's, or a stub (8x8 pooling: only the work around the VAE)")
     p.add_argument("--images", type=int, default=24)
     p.add_argument("--resolution", type=int, default=None, help="default 512 (sd15), 64 (tiny)")
     p.add_argument("--vae_batch_size", type=int, default=4)
@@ -192,7 +217,7 @@ def main(argv=None):
                    help="cProfile one pass of that row instead of timing (top 25 by cumulative time)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    res = args.resolution or (512 if args.model == "sd15" else 64)
+    res = args.resolution or (64 if args.model == "tiny" else 512)
     from lora_sd.data import dreambooth_dataset_config
     from lora_sd.data.index import build_index
     from lora_sd.data.latents import VaeEncoder
@@ -227,10 +252,11 @@ def main(argv=None):
         report(run_rounds({n: f for n, f in candidates.items() if n in wanted}, args.rounds), "floor")
         if args.text:
             captions = [f"a photo number {i}, bench, {random.Random(i).choice(['red', 'blue'])}"
-                        for i in range(args.images * 8)]
-            floor, ours = text_rows(captions, args.vae_batch_size)
-            print("text-encoder outputs (CLIP ViT-L config, random weights), s/caption:")
-            report(run_rounds({"te floor": floor, "te cache": ours}, args.rounds), "te floor")
+                        for i in range(args.images)]
+            floor, ours = text_rows(captions, args.vae_batch_size, args.model)
+            print(f"text-encoder outputs ({'CLIP ViT-L' if args.model == 'sd15' else 'tiny'} config, random "
+                  "weights):")
+            report(run_rounds({"te floor": floor, "te cache": ours}, args.rounds), "te floor", "caption")
         if args.first_epoch:
             first_epoch(images, args.model, args.vae_batch_size)
 

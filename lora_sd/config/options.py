@@ -166,6 +166,9 @@ class TrainConfig:
                            "copies the weights); false: ema_decay from the first step")
     ema_for_samples: bool = opt(False, "sample images with the EMA weights (needs ema_decay)")
     ema_for_validation: bool = opt(False, "compute the validation loss with the EMA weights (needs ema_decay)")
+    # --- issue 13: data path ---
+    channels_last: bool = opt(False, "the U-Net and its input latents in channels_last (NHWC) memory format: faster "
+                              "convolutions on CUDA GPUs in fp16/bf16, the same results (lora-sd's own option)")
     # --- resolved by load_config, not options
     datasets: list = field(default_factory=list, metadata={"internal": True})
     source: str = field(default="", metadata={"internal": True})
