@@ -102,3 +102,47 @@ def test_channels_last_trains_to_the_same_loss(assets, tmp_path, tiny_sd1):  # n
     loss = fixed_batch_loss(tiny_sd1, next((assets / "images").rglob("*.png")))
     assert loss(runs[True].unet) == pytest.approx(loss(runs[False].unet), abs=1e-5)
     assert abs(loss(runs[True].unet) - loss(tiny_sd1.unet)) > 1e-4  # the LoRA trained (7e-4 here)
+
+
+def test_caching_logs_its_speed_and_text_outputs_are_encoded_in_batches(tmp_path, caplog):
+    from lora_sd.training.text_cache import CachedTextEncoder
+    from tests.test_data_latents import CountingEncoder, build
+
+    calls = []
+
+    def encode(captions):  # a stand-in text encoder: [B, 3, 2] context from each caption's length
+        calls.append(len(captions))
+        return torch.tensor([float(len(c)) for c in captions])[:, None, None].expand(-1, 3, 2), None
+
+    with caplog.at_level("INFO"):
+        build(tmp_path, CountingEncoder())
+        cache = CachedTextEncoder(encode)
+        assert cache.fill([f"caption {i}" for i in range(10)], batch_size=4) == 10
+    assert calls == [4, 4, 2]
+    assert cache.cache["caption 3"][0].shape == (3, 2) and cache.cache["caption 3"][0].untyped_storage().nbytes() == 24
+    assert "cached 4 latents in " in caplog.text and "images/s)" in caplog.text
+    assert "cached 10 text-encoder outputs in " in caplog.text and "captions/s)" in caplog.text
+
+
+def test_cache_shards_hold_the_latents_exactly_in_bounded_chunks():
+    """Arrow lists have 32-bit offsets: a shard over 2**31 values goes in several chunks, each value kept."""
+    from lora_sd.data.latents import _float_lists
+
+    tensors = [torch.randn(2, 3), None, torch.randn(5), torch.randn(1, 4)]
+    chunked = _float_lists(tensors, max_values=6)
+    assert chunked.num_chunks == 3
+    assert chunked.to_pylist() == [t.flatten().tolist() if t is not None else [] for t in tensors]
+
+
+def test_batched_pixels_are_those_of_each_image():
+    """The cache's batch conversion gives bit for bit what training's per-image conversion gives."""
+    import numpy as np
+    from PIL import Image
+
+    from lora_sd.data.transforms import to_batch
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)) for _ in range(3)]
+    for image, pixels in zip(images, to_batch(images)):
+        want = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        assert torch.equal(pixels, want)
