@@ -146,3 +146,18 @@ def test_batched_pixels_are_those_of_each_image():
     for image, pixels in zip(images, to_batch(images)):
         want = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
         assert torch.equal(pixels, want)
+
+
+def test_cache_speed_benchmark_prints_its_table(capsys):
+    """benchmarks/cache_speed.py on the stub VAE: every row measured and compared with the floor."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cache_speed.py"
+    spec = importlib.util.spec_from_file_location("cache_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--model", "stub", "--images", "4", "--resolution", "64", "--rounds", "2", "--text"])
+    out = capsys.readouterr().out
+    for row in ("memory", "disk", "te cache"):
+        assert f"{row}: " in out and "x the floor (" in out.split(f"{row}: ")[1].splitlines()[0], out
