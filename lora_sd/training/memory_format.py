@@ -4,9 +4,9 @@ format.
 NVIDIA's tensor cores convolve NHWC natively, so on CUDA in fp16/bf16 the
 layout saves the transposes cuDNN otherwise does around each convolution
 (PyTorch's memory-format tutorial). On CPU, or in float32, it rarely helps.
-Only the layout changes: the values, the loss and the saved files are the same
-(saved tensors are made contiguous by safetensors). sd-scripts has no such
-option; `channels_last` is the name other PyTorch trainers use for it.
+Only the layout changes: the values and the loss are the same, and the saved
+LoRA too (the adapters keep their layout). sd-scripts has no such option;
+`channels_last` is the name other PyTorch trainers use for it.
 """
 
 import logging
