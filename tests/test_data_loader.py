@@ -125,6 +125,7 @@ def test_workers_and_flip_aug(tmp_path):
     img.save(folder / "half.png")
     cfg = config([{"image_dir": str(folder), "num_repeats": 8, "flip_aug": True}], batch_size=8)
     data = build_train_data(cfg, seed=0, max_data_loader_n_workers=1, persistent_data_loader_workers=True)
+    assert data.dataloader.persistent_workers  # a run with them: tests/test_speed_data.py
     (batch,) = batches(data)
     assert 0 < sum(batch["flipped"]) < 8
     for flipped, pixels in zip(batch["flipped"], batch["pixel_values"]):

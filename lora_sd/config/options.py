@@ -181,6 +181,9 @@ class TrainConfig:
     fused_backward_pass: bool = opt(False, "step the optimizer on each LoRA weight inside backward as soon as its "
                                     "gradient is ready, then free it (less memory; AdamW, SGDNesterov, Lion, "
                                     "Adafactor...; gradient_accumulation_steps 1, one process)")
+    # --- issue 13: data path ---
+    channels_last: bool = opt(False, "the U-Net and its input latents in channels_last (NHWC) memory format: faster "
+                              "convolutions on CUDA GPUs in fp16/bf16, the same results (lora-sd's own option)")
     # --- resolved by load_config, not options
     datasets: list = field(default_factory=list, metadata={"internal": True})
     source: str = field(default="", metadata={"internal": True})

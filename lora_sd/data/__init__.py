@@ -13,6 +13,7 @@ _EXPORTS = {
     "load_dataset_config": "lora_sd.data.dataset_config",
     "TrainData": "lora_sd.data.loader",
     "build_train_data": "lora_sd.data.loader",
+    "pinned_transfers": "lora_sd.data.loader",
 }
 __all__ = sorted(_EXPORTS)
 

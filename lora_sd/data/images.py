@@ -135,7 +135,8 @@ def open_rgb_alpha(path, alpha: bool = True) -> tuple[Image.Image, Image.Image |
         im.load()
         if im.mode in _HIGH_DEPTH_MODES or im.mode == "F":
             im = _to_8bit(im, path)
-        rgb = to_rgb(im, path)
+        # most files are RGB already: Pillow's convert("RGB") would copy every pixel for nothing
+        rgb = im if im.mode == "RGB" and "transparency" not in im.info else to_rgb(im, path)
         mask = alpha_of(im) if alpha else None
     if turn is not None:
         rgb, mask = rgb.transpose(turn), mask.transpose(turn) if mask is not None else None

@@ -18,18 +18,20 @@ Without `cache_latents_to_disk` the same entries live in memory for the run.
 
 import hashlib
 import logging
+import time
 import uuid
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from lora_sd.data.images import DECODING
 from lora_sd.data.masks import mask_key_parts
-from lora_sd.data.transforms import load_sample
+from lora_sd.data.transforms import load_sample_image, to_batch
 from lora_sd.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -166,6 +168,7 @@ class LatentCache:
         batches = [(flip, group[i:i + batch_size]) for (_, _, flip), group in by_bucket.items()
                    for i in range(0, len(group), batch_size)]
         new = {"key": [], "shape": [], "latents": [], "latents_flipped": [], "mask": []}
+        start = time.perf_counter()
         for flip, batch in tqdm(batches, desc="caching latents", smoothing=1):
             encoded = self._encode(batch, flip, encode_fn)
             for (key, _), (latents, latents_flipped, mask) in zip(batch, encoded):
@@ -174,12 +177,13 @@ class LatentCache:
                     continue
                 new["key"].append(key)
                 new["shape"].append(list(latents.shape))
-                new["latents"].append(latents.flatten().numpy())
-                new["latents_flipped"].append(
-                    latents_flipped.flatten().numpy() if latents_flipped is not None else np.zeros(0, np.float32))
-                new["mask"].append(mask.flatten().numpy() if mask is not None else np.zeros(0, np.float32))
+                new["latents"].append(latents)
+                new["latents_flipped"].append(latents_flipped)
+                new["mask"].append(mask)
         if self.root is not None:
             self._write_shard(new)
+        seconds = time.perf_counter() - start
+        logger.info("cached %d latents in %.1f s (%.2f images/s)", len(todo), seconds, len(todo) / max(seconds, 1e-9))
         return len(todo)
 
     @staticmethod
@@ -189,10 +193,10 @@ class LatentCache:
                 return encode_fn(pixels).detach().float().cpu()
 
         # each image is decoded once: load_sample flips after cropping, so the flipped crop is this one mirrored
-        samples = [load_sample(row["image_path"], (row["bucket_w"], row["bucket_h"]), (row["resized_w"],
-                               row["resized_h"]), mask_path=row.get("mask_path"), alpha_mask=row.get("alpha_mask"))
-                   for _, row in batch]
-        pixels = torch.stack([pixels for pixels, _, _ in samples])
+        samples = [load_sample_image(row["image_path"], (row["bucket_w"], row["bucket_h"]), (row["resized_w"],
+                                     row["resized_h"]), mask_path=row.get("mask_path"),
+                                     alpha_mask=row.get("alpha_mask")) for _, row in batch]
+        pixels = to_batch([image for image, _, _ in samples])
         latents = run(pixels)
         flipped = run(pixels.flip(-1)) if flip else [None] * len(batch)
         # the mask as the loss uses it: area-resized to the latents (mirroring commutes with it)
@@ -201,9 +205,34 @@ class LatentCache:
         return list(zip(latents, flipped, masks))
 
     def _write_shard(self, columns: dict):
-        shard = datasets.Dataset.from_dict(columns, features=_FEATURES)
+        # the float columns go to Arrow as one buffer each (offsets + values): from Python lists of arrays,
+        # `datasets` would encode every value on its own; the stored format is the same List(float32)
+        arrays = {name: _float_lists(columns[name]) for name in ("latents", "latents_flipped", "mask")}
+        shard = datasets.Dataset.from_dict({"key": columns["key"], "shape": columns["shape"], **arrays},
+                                           features=_FEATURES)
         target = self.root / f"shard-{uuid.uuid4().hex}"
         with atomic_path(target) as tmp:
             shard.save_to_disk(str(tmp))
         self._add_shard(datasets.load_from_disk(str(target)))
         logger.info("latent cache: %d new entries in %s", len(shard), target)
+
+
+def _float_lists(tensors: list, max_values: int = 2**31 - 1) -> pa.ChunkedArray:
+    """Tensors (None: an empty list) -> Arrow list<float32> of their flattened values, without converting value by
+    value; in chunks of at most `max_values` values (list<float32> has 32-bit offsets)."""
+    flat = [np.zeros(0, np.float32) if t is None else t.reshape(-1).numpy() for t in tensors]
+    chunks, current, size = [], [], 0
+    for f in flat:
+        if current and size + len(f) > max_values:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(f)
+        size += len(f)
+    chunks.append(current)
+
+    def lists(part):
+        offsets = np.concatenate([[0], np.cumsum([len(f) for f in part])]).astype(np.int32)
+        values = np.concatenate(part) if part else np.zeros(0, np.float32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
+
+    return pa.chunked_array([lists(part) for part in chunks], pa.list_(pa.float32()))

@@ -108,7 +108,8 @@ class TrainData:
     def validation_loader(self, batches: list) -> DataLoader:
         """A DataLoader over some of `validation_batches` (the same samples every time: fixed sample seeds)."""
         loader = self.dataloader
-        return DataLoader(loader.dataset, batch_sampler=batches, collate_fn=collate, num_workers=loader.num_workers)
+        return DataLoader(loader.dataset, batch_sampler=batches, collate_fn=collate, num_workers=loader.num_workers,
+                          pin_memory=loader.pin_memory)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -196,6 +197,16 @@ def _latent_cache(index_rows, configs, *, cache_latents, cache_latents_to_disk, 
     return cache, keys
 
 
+def pinned_transfers(accelerator) -> str:
+    """The training device's type, for build_train_data: on CUDA its batches are pinned (page-locked), and
+    accelerate copies them to the GPU without blocking (safe: only host -> device copies, ordered on the stream
+    before the step's kernels, from buffers the loader never reuses)."""
+    device_type = accelerator.device.type
+    if device_type == "cuda":
+        accelerator.dataloader_config.non_blocking = True  # read by accelerator.prepare(dataloader)
+    return device_type
+
+
 def default_workers() -> int:
     """sd-scripts' default max_data_loader_n_workers: min(8, cpus - 1)."""
     return max(0, min(8, (os.cpu_count() or 1) - 1))
@@ -206,7 +217,7 @@ def build_train_data(datasets, *, seed: int, prior_loss_weight: float = 1.0,
                      cache_latents: bool = False, cache_latents_to_disk: bool = False, encode_fn=None,
                      vae_id: str = "", cache_dir=None, vae_batch_size: int = 1,
                      skip_bad_images: bool = False, validation_split: float = 0.0,
-                     validation_seed: int | None = None) -> TrainData:
+                     validation_seed: int | None = None, device_type: str = "cpu") -> TrainData:
     """Index the images, bucket them, cache latents if asked, and make the DataLoader.
 
     `encode_fn(pixels [B,3,H,W] in [-1,1]) -> latents [B,4,H/8,W/8]` (unscaled) is
@@ -217,7 +228,8 @@ def build_train_data(datasets, *, seed: int, prior_loss_weight: float = 1.0,
     With several processes, build on the main process first
     (`accelerator.main_process_first()`) so the others find the disk cache filled.
     `validation_split` holds images out (index.split_validation, with `validation_seed`, default `seed`): they
-    are cached with the rest but never trained on.
+    are cached with the rest but never trained on. `device_type` is the training device's ("cuda": the
+    batches come in pinned memory, see `pinned_transfers`).
     """
     validation_seed = seed if validation_seed is None else validation_seed
     index = build_index(datasets, skip_bad_images=skip_bad_images, validation_split=validation_split,
@@ -234,7 +246,7 @@ def build_train_data(datasets, *, seed: int, prior_loss_weight: float = 1.0,
     validation = sampler_of([int(r["is_val"]) for r in rows], validation_seed).batches(0)
     workers = default_workers() if max_data_loader_n_workers is None else max_data_loader_n_workers
     dataloader = DataLoader(TrainImages(rows, datasets, prior_loss_weight, cache, keys), batch_sampler=sampler,
-                            collate_fn=collate, num_workers=workers,
+                            collate_fn=collate, num_workers=workers, pin_memory=device_type == "cuda",
                             persistent_workers=persistent_data_loader_workers and workers > 0)
     num_train = sum(r["num_repeats"] for r in rows if not r["is_reg"] and not r["is_val"])
     # sd-scripts reports reg images with their own repeats, before balancing

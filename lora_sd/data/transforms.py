@@ -33,8 +33,17 @@ def color_aug(image: Image.Image, rng: random.Random) -> Image.Image:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB image -> float tensor [3, H, W] in [-1, 1] (the VAE's input range)."""
-    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # [H, W, 3]
-    return arr.permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return to_batch([image])[0]
+
+
+def to_batch(images: list[Image.Image]) -> torch.Tensor:
+    """RGB images of one size -> float tensor [B, 3, H, W] in [-1, 1]: one uint8 -> float pass into the batch,
+    then the scaling in place (per-image tensors stacked afterwards cost two more copies of every pixel)."""
+    w, h = images[0].size
+    out = torch.empty(len(images), 3, h, w)
+    for i, image in enumerate(images):
+        out[i].numpy()[...] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # numpy: reads a read-only view
+    return out.div_(127.5).sub_(1.0)
 
 
 def load_pixels(path, bucket, resized, *, crop_rng: random.Random | None = None, flip: bool = False,
@@ -52,6 +61,15 @@ def load_sample(path, bucket, resized, *, mask_path=None, alpha_mask: bool = Fal
     """load_pixels' (pixels, crop box) and the loss mask [1, bucket_h, bucket_w] in [0, 1] (None without one):
     the red channel of `mask_path`, or the image's alpha with `alpha_mask`, resized, cropped and flipped exactly
     as the image (sd-scripts' conditioning images are always center-cropped; here they follow random_crop too)."""
+    image, box, mask = load_sample_image(path, bucket, resized, mask_path=mask_path, alpha_mask=alpha_mask,
+                                         crop_rng=crop_rng, flip=flip, color_rng=color_rng)
+    return to_tensor(image), box, mask
+
+
+def load_sample_image(path, bucket, resized, *, mask_path=None, alpha_mask: bool = False,
+                      crop_rng: random.Random | None = None, flip: bool = False,
+                      color_rng: random.Random | None = None):
+    """load_sample with the image still a Pillow image (the latent cache converts a whole batch at once)."""
     image, alpha = open_rgb_alpha(path, alpha=alpha_mask and not mask_path)
     mask = open_rgb(mask_path).getchannel("R") if mask_path else alpha
     image = resize_image(image, resized)
@@ -66,4 +84,4 @@ def load_sample(path, bucket, resized, *, mask_path=None, alpha_mask: bool = Fal
         mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mask is not None else None
     if mask is not None:
         mask = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]  # [1, H, W]
-    return to_tensor(image), box, mask
+    return image, box, mask

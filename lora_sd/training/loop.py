@@ -145,7 +145,7 @@ class LoraTraining(SavesAndEnd):
         self._setup_outputs()
 
     def _setup_data(self):
-        from lora_sd.data import build_train_data
+        from lora_sd.data import build_train_data, pinned_transfers
         from lora_sd.data.latents import VaeEncoder
 
         cfg = self.cfg
@@ -159,7 +159,7 @@ class LoraTraining(SavesAndEnd):
                                     cache_latents=cfg.cache_latents, cache_latents_to_disk=cfg.cache_latents_to_disk,
                                     encode_fn=encoder, vae_id=encoder.vae_id if encoder else "",
                                     vae_batch_size=cfg.vae_batch_size, validation_split=cfg.validation_split,
-                                    validation_seed=cfg.validation_seed)
+                                    validation_seed=cfg.validation_seed, device_type=pinned_transfers(self.accelerator))
 
     def _setup_schedule_length(self):
         """Optimizer steps per epoch and in all (max_train_epochs, when given, decides)."""

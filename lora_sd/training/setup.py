@@ -12,6 +12,7 @@ from lora_sd.demo import resolve_demo_path
 from lora_sd.errors import ConfigError
 from lora_sd.training.compile import check_compile
 from lora_sd.training.fused_backward import check_processes
+from lora_sd.training.memory_format import use_channels_last
 from lora_sd.training.network import (add_network, enable_gradient_checkpointing, set_attention, store_base_in_fp8,
                                       text_encoders)
 from lora_sd.training.precision import configure_run
@@ -67,6 +68,7 @@ def load_model(cfg, device):
         m.to(device, dtype=torch.float32 if m is model.vae else weight_dtype)
     set_attention(model.unet, cfg)
     add_network(model, cfg)
+    use_channels_last(model.unet, cfg.channels_last, device)  # after the adapters: their convolutions follow
     if cfg.fp8_base:
         store_base_in_fp8([model.unet, *text_encoders(model).values()])
     enable_gradient_checkpointing(model, cfg)

@@ -14,6 +14,7 @@ atomically; safetensors: no pickle is ever read.
 
 import hashlib
 import logging
+import time
 import uuid
 from pathlib import Path
 
@@ -82,21 +83,27 @@ class CachedTextEncoder:
         if not missing:
             return {}
         context, pooled = self.encode_fn(missing)
-        new = {c: (context[i].detach().float().cpu(), None if pooled is None else pooled[i].detach().float().cpu())
-               for i, c in enumerate(missing)}
+        # one device -> CPU transfer per batch, then a copy per caption (an entry must not keep the batch alive)
+        contexts = context.detach().float().cpu().unbind()
+        pooleds = [None] * len(missing) if pooled is None else pooled.detach().float().cpu().unbind()
+        new = {c: (ctx.clone(), None if p is None else p.clone()) for c, ctx, p in zip(missing, contexts, pooleds)}
         self.cache.update(new)
         return new
 
     @torch.no_grad()
     def fill(self, captions, batch_size: int = 8) -> int:
-        """Encode the captions not cached yet (and write them as one new disk shard); returns how many."""
+        """Encode the captions not cached yet, `batch_size` per call (and write them as one new disk shard);
+        returns how many."""
         todo = [c for c in dict.fromkeys(captions) if c not in self.cache]
         new = {}
+        start = time.perf_counter()
         for i in range(0, len(todo), batch_size):
             new.update(self._encode_missing(todo[i:i + batch_size]))
         if self.root is not None and new:
             self._write_shard(new)
-        logger.info("text-encoder output cache: %d caption(s) encoded, %d cached", len(new), len(self.cache))
+        seconds = time.perf_counter() - start
+        logger.info("cached %d text-encoder outputs in %.1f s (%.2f captions/s); %d cached in all", len(new), seconds,
+                    len(new) / max(seconds, 1e-9), len(self.cache))
         return len(new)
 
     def _write_shard(self, entries: dict):
