@@ -286,7 +286,7 @@ class LoraTraining(SavesAndEnd):
             self._check_loss(loss)
             acc.backward(loss)
             if acc.sync_gradients and cfg.max_grad_norm and not self.fused:  # fused: clipped, stepped and freed
-                acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                optim.clip_grad_norm(acc, self.params, cfg.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)

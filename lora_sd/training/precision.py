@@ -53,7 +53,7 @@ def allow_fp16_unscale(accelerator):
 
     torch's GradScaler.unscale_ refuses float16 gradients ("Attempting to unscale FP16 gradients"), a guard for
     runs meant to keep float32 master weights; with full_fp16 the weights themselves are float16. Gradient
-    clipping unscales (accelerate's clip_grad_norm_), so without this the first step fails. torch has no public
+    clipping unscales (optim.clip_grad_norm), so without this the first step fails. torch has no public
     switch: the scaler's private `_unscale_grads_` is wrapped on this instance only, with allow_fp16 forced on.
     """
     scaler = accelerator.scaler
