@@ -38,6 +38,12 @@ OPTIMIZERS = {
     "DAdaptAdam": ("dadaptation", "DAdaptAdam", "dadaptation", {}),
 }
 
+
+def optimizer_named(name: str) -> str | None:
+    """The OPTIMIZERS key `name` means (sd-scripts matches optimizer names case-insensitively); None if none."""
+    return {known.lower(): known for known in OPTIMIZERS}.get(name.lower())
+
+
 # option -> the values it may take (None: unset)
 CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from lora_sd import demo
-from lora_sd.config.choices import CHOICES, OPTIMIZERS
+from lora_sd.config.choices import CHOICES, OPTIMIZERS, optimizer_named
 from lora_sd.config.kv_args import parse_network_args, parse_optimizer_args
 from lora_sd.config.options import TrainConfig
 from lora_sd.errors import ConfigError, ConfigErrors
@@ -119,16 +119,11 @@ def _check_choices(cfg, errors):
         value = getattr(cfg, key)
         if value not in allowed:
             errors.add(key, f"must be one of {', '.join(str(a) for a in allowed if a is not None)}; got {value!r}")
-    lower = {o.lower(): o for o in OPTIMIZERS}
-    if _optimizer_name(cfg) is None:
+    if optimizer_named(cfg.optimizer_type) is None:
+        lower = {o.lower(): o for o in OPTIMIZERS}
         close = [lower[c] for c in difflib.get_close_matches(cfg.optimizer_type.lower(), list(lower), n=1, cutoff=0.4)]
         errors.add("optimizer_type", f"must be one of {', '.join(OPTIMIZERS)}; got {cfg.optimizer_type!r}"
                    + (f" (did you mean `{close[0]}`?)" if close else ""))
-
-
-def _optimizer_name(cfg) -> str | None:
-    """The known optimizer `optimizer_type` names (sd-scripts matches names case-insensitively); None if unknown."""
-    return {o.lower(): o for o in OPTIMIZERS}.get(cfg.optimizer_type.lower())
 
 
 def _check_ranges(cfg, errors):
@@ -243,7 +238,7 @@ def _check_precision(cfg, errors):
                        f"{cfg.mixed_precision!r}")
     if not cfg.full_fp16:
         return
-    name = _optimizer_name(cfg)
+    name = optimizer_named(cfg.optimizer_type)
     try:
         args = parse_optimizer_args(cfg.optimizer_args)
     except ConfigError:
@@ -253,6 +248,8 @@ def _check_precision(cfg, errors):
         errors.add("full_fp16", f"cannot train with {what}: it steps float16 weights in float16 (NaN or no "
                    "progress); use AdamW (fused, the default on CUDA), AdamW8bit, Lion, Adafactor or SGDNesterov, "
                    "or full_bf16")
+
+
 # sd-scripts' --dynamo_backend choices (library/train_util.py); lora_sd.training.compile checks that the one
 # chosen runs here
 DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
@@ -285,7 +282,7 @@ def _check_compile(cfg, errors):
     if cfg.gradient_accumulation_steps > 1:
         errors.add("fused_backward_pass", f"steps each weight inside backward, so it cannot sum gradients over "
                    f"`gradient_accumulation_steps` {cfg.gradient_accumulation_steps}: set it to 1 (as sd-scripts)")
-    name = _optimizer_name(cfg)
+    name = optimizer_named(cfg.optimizer_type)
     if name is not None and name not in PER_WEIGHT_OPTIMIZERS:
         errors.add("fused_backward_pass", f"steps one weight at a time, but {name} sets its step size from all "
                    f"weights' gradients together; use one of {', '.join(PER_WEIGHT_OPTIMIZERS)}")

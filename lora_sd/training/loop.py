@@ -133,6 +133,8 @@ class LoraTraining(SavesAndEnd):
         self.unet = self.model.unet
         self.encoders = text_encoders(self.model)  # {"text_encoder": te1, "text_encoder_2": te2 (SDXL)}
         self.trained = trained_parts(self.model, cfg)
+        spec = network_spec(cfg)  # without dropouts nothing in a step draws from the global RNG: no reseeding
+        self.draws_dropout = bool(spec.dropout or spec.rank_dropout or spec.module_dropout)
         for m in self.trained.values():
             m.train()
         self.data = self._setup_data()
@@ -279,7 +281,7 @@ class LoraTraining(SavesAndEnd):
         """One micro-batch: loss, backward and, once accumulation is complete, the optimizer step."""
         cfg, acc, progress = self.cfg, self.accelerator, self.progress
         generator = step_generator(cfg.seed, acc.process_index, progress.global_step, progress.batches_in_epoch)
-        rng = dropout_rng(generator.initial_seed() + 1, acc.device) if self._draws_dropout() else nullcontext()
+        rng = dropout_rng(generator.initial_seed() + 1, acc.device) if self.draws_dropout else nullcontext()
         with acc.accumulate(*self.models.values()), lora_strength(self.models.values(), self._strength(batch)), \
                 rng:  # another stream than the noise
             loss = self._loss(batch, cfg, generator)
@@ -293,14 +295,6 @@ class LoraTraining(SavesAndEnd):
             if acc.sync_gradients and cfg.scale_weight_norms:
                 self.max_norms = apply_max_norm(self.models.values(), cfg.scale_weight_norms)
         return loss.item()
-
-    def _draws_dropout(self) -> bool:
-        """Whether the LoRA draws dropouts from the global RNG; if not, dropout_rng's reseeding (torch.manual_seed,
-        a quarter to half a millisecond a step on CPU) is skipped: nothing else in a step draws from it."""
-        if not hasattr(self, "_dropout"):
-            spec = network_spec(self.cfg)
-            self._dropout = bool(spec.dropout or spec.rank_dropout or spec.module_dropout)
-        return self._dropout
 
     def _loss(self, batch, cfg, generator):
         """The loss of one batch (training, or validation with its own cfg and generator)."""

@@ -13,18 +13,20 @@ import logging
 
 import torch
 
-from lora_sd.config.choices import OPTIMIZERS  # name -> (module, class, pip package, default kwargs)
+# OPTIMIZERS: name -> (module, class, pip package, default kwargs)
+from lora_sd.config.choices import OPTIMIZERS, optimizer_named
 from lora_sd.config.kv_args import parse_optimizer_args
 from lora_sd.errors import ConfigError
 from lora_sd.training.precision import fused_adamw, params_device_type
 
 logger = logging.getLogger(__name__)
 
+
 def canonical_optimizer(name: str) -> str:
-    """sd-scripts matches optimizer names case-insensitively."""
-    for known in OPTIMIZERS:
-        if known.lower() == name.lower():
-            return known
+    """The OPTIMIZERS key of `name` (case-insensitive, as sd-scripts); ConfigError for an unknown one."""
+    known = optimizer_named(name)
+    if known is not None:
+        return known
     raise ConfigError(f"`optimizer_type` must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
 
 
